@@ -1,0 +1,72 @@
+#pragma once
+// Cache configuration: model shape, tier sizes and the per-layer rank schedule, with validation that
+// names every bad field.
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "spectralkv/error.hpp"
+
+namespace spectralkv {
+
+/// Truncation ranks of one layer: keys and values are compressed independently.
+struct LayerRanks {
+  int key = 16;    ///< r_K: rank of the key basis
+  int value = 32;  ///< r_V: rank of the value basis
+};
+
+/// Everything that fixes the cache's shapes. One config describes all layers of a model (or of one
+/// tensor-parallel shard: `num_q_heads` / `num_kv_heads` are the heads this cache holds).
+struct CacheConfig {
+  int num_layers = 1;
+  int num_q_heads = 32;   ///< query heads; a multiple of num_kv_heads (GQA group = q / kv)
+  int num_kv_heads = 8;
+  int head_dim = 128;     ///< D
+  int block_size = 512;   ///< L: tokens per compressed (cold) block
+  int hot_tokens = 64;    ///< newest tokens that always stay dense
+  int sink_tokens = 0;    ///< first tokens of a sequence kept dense forever (attention sinks)
+  bool mean_center = false;  ///< subtract the per-block, per-channel mean before the SVD; store it
+  /// Ranks per layer. Empty: `default_ranks` for every layer. Otherwise exactly num_layers entries.
+  std::vector<LayerRanks> layer_ranks;
+  LayerRanks default_ranks{};
+
+  int group_size() const { return num_q_heads / num_kv_heads; }
+  LayerRanks ranks(int layer) const {
+    return layer_ranks.empty() ? default_ranks : layer_ranks.at(static_cast<std::size_t>(layer));
+  }
+  /// Tail length at which the oldest block_size tail tokens are compressed.
+  int compress_threshold() const { return hot_tokens + block_size; }
+
+  /// Throws InvalidArgument naming the first bad field.
+  void validate() const {
+    constexpr const char* kWhat = "CacheConfig";
+    using detail::require;
+    require(num_layers > 0, kWhat, "num_layers", num_layers, "must be positive");
+    require(num_kv_heads > 0, kWhat, "num_kv_heads", num_kv_heads, "must be positive");
+    require(num_q_heads > 0, kWhat, "num_q_heads", num_q_heads, "must be positive");
+    require(num_q_heads % num_kv_heads == 0, kWhat, "num_q_heads", num_q_heads,
+            detail::concat("must be a multiple of num_kv_heads = ", num_kv_heads));
+    require(head_dim > 0, kWhat, "head_dim", head_dim, "must be positive");
+    require(block_size > 0, kWhat, "block_size", block_size, "must be positive");
+    require(hot_tokens >= 0, kWhat, "hot_tokens", hot_tokens, "must be non-negative");
+    require(sink_tokens >= 0, kWhat, "sink_tokens", sink_tokens, "must be non-negative");
+    require(layer_ranks.empty() || layer_ranks.size() == static_cast<std::size_t>(num_layers), kWhat,
+            "layer_ranks.size()", layer_ranks.size(),
+            detail::concat("must be 0 or num_layers = ", num_layers));
+    const int max_rank = std::min(block_size, head_dim);
+    auto check = [&](const LayerRanks& r, int layer) {
+      const std::string where = layer < 0 ? std::string("default_ranks")
+                                          : detail::concat("layer_ranks[", layer, "]");
+      require(r.key > 0 && r.key <= max_rank, kWhat, (where + ".key").c_str(), r.key,
+              detail::concat("must be in [1, min(block_size, head_dim) = ", max_rank, "]"));
+      require(r.value > 0 && r.value <= max_rank, kWhat, (where + ".value").c_str(), r.value,
+              detail::concat("must be in [1, min(block_size, head_dim) = ", max_rank, "]"));
+    };
+    if (layer_ranks.empty()) check(default_ranks, -1);
+    for (std::size_t l = 0; l < layer_ranks.size(); ++l) check(layer_ranks[l], static_cast<int>(l));
+  }
+};
+
+}  // namespace spectralkv
