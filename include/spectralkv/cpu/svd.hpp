@@ -1,6 +1,10 @@
 #pragma once
-// CPU truncated SVD of one block (the reference compression). Eigen's divide-and-conquer SVD in
-// double precision: accurate enough to serve as the oracle for the GPU kernels.
+// CPU truncated SVD of one block (the reference compression), in double precision through Eigen.
+// The right singular vectors come from the symmetric eigen-solver on the Gram XᵀX: in double the squared
+// condition number costs nothing at the ranks kept (their σ² sit far above 1e-16·σ₁²), it is 10× faster
+// than a Jacobi SVD at D = 128, and it is robust on degenerate blocks (Eigen 3.4's BDCSVD asserts on a
+// constant block). The singular values for the Eckart–Young checks come from a Jacobi SVD instead, an
+// independent algorithm.
 
 #include <Eigen/Dense>
 #include <cstdint>
@@ -40,9 +44,9 @@ FactoredBlock truncated_svd(const T* x, std::int64_t row_stride, int rows, int c
       m.col(d).array() -= out.mean[d];
     }
   }
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(m, Eigen::ComputeThinV);
-  const Eigen::MatrixXd& v = svd.matrixV();  // cols × min(rows, cols)
-  Eigen::MatrixXd basis = v.leftCols(rank).transpose();  // rank × cols
+  const Eigen::MatrixXd gram = m.transpose() * m;
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(gram);  // eigenvalues ascending
+  Eigen::MatrixXd basis = eig.eigenvectors().rightCols(rank).rowwise().reverse().transpose();  // rank × cols
   for (int j = 0; j < rank; ++j) {
     Eigen::Index arg = 0;
     basis.row(j).cwiseAbs().maxCoeff(&arg);
@@ -66,7 +70,7 @@ std::vector<double> singular_values(const T* x, std::int64_t row_stride, int row
   if (mean_center) {
     for (int d = 0; d < cols; ++d) m.col(d).array() -= static_cast<float>(Half(static_cast<float>(m.col(d).mean())));
   }
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(m);
+  Eigen::JacobiSVD<Eigen::MatrixXd> svd(m);
   const Eigen::VectorXd s = svd.singularValues();
   return std::vector<double>(s.data(), s.data() + s.size());
 }
