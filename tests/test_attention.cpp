@@ -175,5 +175,37 @@ TEST(CacheAttention, DenseOnlyCacheEqualsOracleWithGqa) {
   }
 }
 
+TEST(CacheAttention, LogitsCoverEveryTokenInPositionOrder) {
+  // Logits over sinks, cold blocks and tail, in position order: at full rank they equal q·k·scale of the
+  // original tokens up to the INT8/FP16 storage error.
+  CacheConfig c = small_config(2, false);
+  c.layer_ranks = {{32, 32}, {32, 32}};
+  SpectralCache<float> cache(c);
+  cache.add_sequence(0);
+  const std::int64_t n = 170;
+  const auto k = test::low_rank_tokens<float>(n, c.num_kv_heads, c.head_dim, 8, 33);
+  const auto q = test::normal_tokens<float>(1, c.num_q_heads, c.head_dim, 34);
+  cache.append(0, 0, test::view(k, n, c.num_kv_heads, c.head_dim), test::view(k, n, c.num_kv_heads, c.head_dim));
+  ASSERT_EQ(cache.state(0, 0).num_blocks, 2);
+  const auto logits = cache.logits(0, 0, test::view(q, 1, c.num_q_heads, c.head_dim), 0.5f);
+  ASSERT_EQ(logits.size(), static_cast<std::size_t>(c.num_q_heads));
+  for (int h = 0; h < c.num_q_heads; ++h) {
+    ASSERT_EQ(logits[h].size(), static_cast<std::size_t>(n));
+    std::vector<float> want;
+    for (std::int64_t t = 0; t < n; ++t) {
+      double acc = 0;
+      for (int d = 0; d < c.head_dim; ++d)
+        acc += static_cast<double>(q[static_cast<std::size_t>(h) * c.head_dim + d]) *
+               k[(static_cast<std::size_t>(t) * c.num_kv_heads + h / c.group_size()) * c.head_dim + d];
+      want.push_back(static_cast<float>(0.5 * acc));
+    }
+    // INT8 coefficients: relative error of a logit ~ 1/254 per rank column at worst; 1e-2 of the largest.
+    EXPECT_LE(test::max_rel_error(want, logits[h]), 1e-2) << "head " << h;
+    // Dense tiers (the 2 sinks and the tail) are exact up to FP32 rounding.
+    EXPECT_NEAR(logits[h][0], want[0], 1e-5 * std::fabs(want[0]) + 1e-6);
+    EXPECT_NEAR(logits[h][n - 1], want[n - 1], 1e-5 * std::fabs(want[n - 1]) + 1e-6);
+  }
+}
+
 }  // namespace
 }  // namespace spectralkv
