@@ -149,18 +149,24 @@ TEST(StoredBlock, ReconstructionWithinAnalyticBound) {
     const ColdBlockLayout lay = ColdBlockLayout::make(kL, dim, 1, rank, rank, centre);
     std::vector<std::uint8_t> slab(static_cast<std::size_t>(lay.block_bytes), 0xAB);
     const FactoredBlock f = cpu::truncated_svd(x.data(), dim, kL, dim, rank, centre);
-    store_factors(f, lay, Part::kKey, slab.data());
+    store_factors(x.data(), dim, f, lay, Part::kKey, slab.data());
     const StoredFactorView stored(lay, Part::kKey, slab.data());
     const double trunc = frobenius_error(x, reconstruct(FactoredBlockView(f)));
     const double err = frobenius_error(x, reconstruct(stored));
-    // ‖X − X̂‖ ≤ ‖X − CB‖ + ‖(C − Ĉ)B‖ + ‖Ĉ(B − B̂)‖ with ‖(C − Ĉ)B‖_F = ‖C − Ĉ‖_F ≤ ½·sqrt(L·Σ s_j²)
-    // (orthonormal B, half a step per entry) and ‖B − B̂‖_2 ≤ ‖B − B̂‖_F ≤ 2⁻¹¹·sqrt(r) (FP16 rounding).
-    double s2 = 0, chat = 0;
+    // With Ĉ ≈ C' = (X − m)·B̂ᵀ (projection on the stored FP16 basis B̂):
+    //   ‖X − m − ĈB̂‖ ≤ ‖(X − m)(I − BᵀB)‖ + ‖X − m‖·‖BᵀB − B̂ᵀB̂‖₂ + ‖C' − Ĉ‖_F·‖B̂‖₂,
+    // where ‖BᵀB − B̂ᵀB̂‖₂ ≤ 2‖B − B̂‖_F + ‖B − B̂‖_F² ≤ 2ε + ε² with ε = 2⁻¹¹·sqrt(r) (FP16 rounding of
+    // orthonormal rows), ‖B̂‖₂ ≤ 1 + ε, and ‖C' − Ĉ‖_F ≤ ½·sqrt(L·Σ s_j²) (half a step per entry).
+    double s2 = 0, centred = 0;
     const auto* scales = reinterpret_cast<const float*>(slab.data() + lay.scale_k);
     for (int j = 0; j < rank; ++j) s2 += static_cast<double>(scales[j]) * scales[j];
     for (int t = 0; t < kL; ++t)
-      for (int j = 0; j < rank; ++j) chat += static_cast<double>(stored.coeff(t, j)) * stored.coeff(t, j);
-    const double bound = trunc + 0.5 * std::sqrt(kL * s2) + std::sqrt(chat) * std::ldexp(1.0, -11) * std::sqrt(rank);
+      for (int d = 0; d < dim; ++d) {
+        const double e = x[static_cast<std::size_t>(t) * dim + d] - stored.mean(d);
+        centred += e * e;
+      }
+    const double eps = std::ldexp(1.0, -11) * std::sqrt(rank);
+    const double bound = trunc + std::sqrt(centred) * (2 * eps + eps * eps) + 0.5 * std::sqrt(kL * s2) * (1 + eps);
     EXPECT_LE(err, bound);
     EXPECT_GT(err, 0.0);
     // Orthonormal rows within FP16 rounding: each entry of B̂B̂ᵀ − I is at most 2·2⁻¹¹ < 1e-3.
@@ -182,7 +188,7 @@ TEST(StoredBlock, ZeroAndConstantBlocksStayFinite) {
     for (bool centre : {false, true}) {
       const FactoredBlock f = cpu::truncated_svd(x.data(), dim, kL, dim, rank, centre);
       std::vector<std::uint8_t> slab(static_cast<std::size_t>(lay.block_bytes), 0xFF);
-      store_factors(f, lay, Part::kValue, slab.data());
+      store_factors(x.data(), dim, f, lay, Part::kValue, slab.data());
       const auto rebuilt = reconstruct(StoredFactorView(lay, Part::kValue, slab.data()));
       for (std::size_t i = 0; i < rebuilt.size(); ++i) {
         ASSERT_TRUE(std::isfinite(rebuilt[i]));

@@ -430,9 +430,11 @@ class SpectralCache {
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       std::uint8_t* head = slab.data() + static_cast<std::size_t>(h) * static_cast<std::size_t>(lay.head_bytes);
       const std::int64_t off = static_cast<std::int64_t>(h) * config_.head_dim;
-      store_factors(cpu::truncated_svd(k + off, stride, lay.block_size, lay.head_dim, lay.rank_k, lay.has_mean), lay,
+      store_factors(k + off, stride,
+                    cpu::truncated_svd(k + off, stride, lay.block_size, lay.head_dim, lay.rank_k, lay.has_mean), lay,
                     Part::kKey, head);
-      store_factors(cpu::truncated_svd(v + off, stride, lay.block_size, lay.head_dim, lay.rank_v, lay.has_mean), lay,
+      store_factors(v + off, stride,
+                    cpu::truncated_svd(v + off, stride, lay.block_size, lay.head_dim, lay.rank_v, lay.has_mean), lay,
                     Part::kValue, head);
     }
     return slab;

@@ -58,19 +58,42 @@ inline PartOffsets part_offsets(const ColdBlockLayout& layout, Part part) {
              : PartOffsets{layout.rank_v, layout.basis_v, layout.mean_v, layout.scale_v, layout.coeff_v};
 }
 
-/// Writes `block` as part `part` of the head section that starts at `head` (a slab pointer plus
-/// h·layout.head_bytes): basis and mean rounded to FP16, coefficients quantised per column.
-inline void store_factors(const FactoredBlock& block, const ColdBlockLayout& layout, Part part,
-                          std::uint8_t* head) {
+/// Writes the factors of the block `x` (rows×cols, row t at x + t·row_stride) as part `part` of the head
+/// section that starts at `head` (a slab pointer plus h·layout.head_bytes). The basis and mean are
+/// rounded to FP16 first and the coefficients are computed against them, C = (X − mean)·B̂ᵀ, then
+/// quantised per column: the stored basis is exactly the one the coefficients were projected on. The
+/// CUDA compression kernel follows the same rule.
+template <class T>
+void store_factors(const T* x, std::int64_t row_stride, const FactoredBlock& block, const ColdBlockLayout& layout,
+                   Part part, std::uint8_t* head) {
   const PartOffsets o = part_offsets(layout, part);
+  const int rows = block.rows, cols = block.cols, rank = block.rank;
   auto* basis = reinterpret_cast<Half*>(head + o.basis);
-  for (std::size_t i = 0; i < block.basis.size(); ++i) basis[i] = Half(block.basis[i]);
+  std::vector<float> b(block.basis.size()), m(static_cast<std::size_t>(cols), 0.0f);
+  for (std::size_t i = 0; i < block.basis.size(); ++i) {
+    basis[i] = Half(block.basis[i]);
+    b[i] = static_cast<float>(basis[i]);
+  }
   if (layout.has_mean) {
     auto* mean = reinterpret_cast<Half*>(head + o.mean);
-    for (int d = 0; d < block.cols; ++d) mean[d] = Half(block.mean.empty() ? 0.0f : block.mean[d]);
+    for (int d = 0; d < cols; ++d) {
+      mean[d] = Half(block.mean.empty() ? 0.0f : block.mean[static_cast<std::size_t>(d)]);
+      m[static_cast<std::size_t>(d)] = static_cast<float>(mean[d]);
+    }
   }
-  quantize_columns(block.coeffs.data(), block.rows, block.rank,
-                   reinterpret_cast<std::int8_t*>(head + o.coeff), reinterpret_cast<float*>(head + o.scale));
+  std::vector<float> c(static_cast<std::size_t>(rows) * rank);
+  for (int t = 0; t < rows; ++t) {
+    for (int j = 0; j < rank; ++j) {
+      double acc = 0.0;
+      for (int d = 0; d < cols; ++d) {
+        acc += (static_cast<double>(to_float(x[t * row_stride + d])) - m[static_cast<std::size_t>(d)]) *
+               b[static_cast<std::size_t>(j) * cols + d];
+      }
+      c[static_cast<std::size_t>(t) * rank + j] = static_cast<float>(acc);
+    }
+  }
+  quantize_columns(c.data(), rows, rank, reinterpret_cast<std::int8_t*>(head + o.coeff),
+                   reinterpret_cast<float*>(head + o.scale));
 }
 
 /// Read access to stored factors of one part of one head of one cold block, dequantised to float.
