@@ -7,6 +7,7 @@
 #include "spectralkv/config.hpp"
 #include "spectralkv/error.hpp"
 #include "spectralkv/layout.cuh"
+#include "spectralkv/memory_stats.hpp"
 #include "spectralkv/metrics.hpp"
 #include "spectralkv/numeric.hpp"
 #include "spectralkv/tensor.hpp"

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "spectralkv/error.hpp"
 
@@ -21,7 +22,10 @@ struct TensorView {
   std::int64_t size() const { return tokens * heads * head_dim; }
   std::string shape() const { return detail::concat("[", tokens, ", ", heads, ", ", head_dim, "]"); }
 
-  operator TensorView<const T>() const { return {data, tokens, heads, head_dim}; }  // NOLINT
+  template <class U = T, std::enable_if_t<!std::is_const_v<U>, int> = 0>
+  operator TensorView<const U>() const {  // NOLINT: a mutable view is usable wherever a const one is
+    return {data, tokens, heads, head_dim};
+  }
 };
 
 namespace detail {
