@@ -1,0 +1,176 @@
+#pragma once
+// Batched truncated SVD + INT8 quantisation on the GPU: the compression path of the CUDA backend.
+//
+// One call compresses a whole batch of L×D blocks (every (layer, KV head, K/V) matrix whose block
+// filled, across sequences) and writes each result straight into its place in the cold layout
+// (ColdBlockLayout, layout.cuh). Jobs of one batch share L, D and the element type but each has its
+// own rank, mean-centring flag and output pointers, so keys (r_K) and values (r_V) of every layer go
+// into one launch sequence.
+//
+// Two algorithms share this interface:
+//  - kSubspaceIteration (the fast path): G = XᵀX on tensor cores (FP16/BF16 products are exact, FP32
+//    accumulation); `iterations` steps of block subspace iteration on G with ℓ = r + p columns (3×TF32
+//    tensor-core products, so FP32 accuracy, and modified Gram–Schmidt with completion of degenerate
+//    columns); Rayleigh–Ritz on span(Q) with a parallel cyclic Jacobi eigen-solve of the ℓ×ℓ
+//    projection; then C = (X − mean)·B_hᵀ against the stored FP16 basis B_h and the INT8 quantisation,
+//    fused in one kernel. Three kernels per run.
+//  - kCusolver (oracle in the tests and fallback): FP32 Gram by cuBLAS, cusolverDnXsyevBatched for the
+//    full eigen-decomposition of every Gram, the top r eigenvectors, then the same projection and
+//    quantisation kernel.
+//
+// Both follow the CPU reference rule (compress.hpp): basis rows sorted by decreasing σ², each signed so
+// that its entry of largest magnitude is positive; scale_j = max_t |C[t][j]| / 127 and
+// q = round-to-nearest-even(C / scale_j) (a zero column gets scale 0 and zeros), bit for bit on the
+// FP32 coefficients. The cuSOLVER path returns converged singular vectors. The fast path returns Ritz
+// vectors after at most `jacobi_sweeps` Jacobi sweeps: together they span the near-optimal rank-r
+// subspace (truncation error ≤ 1.01× the Eckart–Young optimum on every spectrum tested), and each of
+// them is a singular vector only where the singular values are well separated. The coefficients are
+// computed against the FP16 basis as stored, so dequantised reconstruction uses exactly the basis it
+// was projected on.
+//
+// Usage (CUTLASS-like): construct with the problem (validated, throws InvalidArgument naming the field),
+// query get_workspace_size(), allocate once, then run() any number of times on any stream. run() never
+// allocates.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "spectralkv/layout.cuh"
+
+namespace spectralkv::cuda {
+
+/// Element type of the blocks being compressed (the dense tiers of the cache).
+enum class ElementType : int { kHalf = 0, kBFloat16 = 1 };
+
+/// Which algorithm computes the basis.
+enum class CompressAlgorithm : int {
+  kSubspaceIteration = 0,  ///< the fast fused kernels (default)
+  kCusolver = 1,           ///< cuBLAS Gram + cusolverDnXsyevBatched: the oracle and fallback
+};
+
+/// One matrix to compress: an L×D block of one (layer, KV head, K or V) and where its factors go.
+///
+/// \param x              first element of row 0; row t starts at x + t·x_row_stride elements. Element
+///                       type = CompressProblem::element. Must be 16-byte aligned, and x_row_stride a
+///                       multiple of 8 elements and ≥ D (the kernels read rows with 16-byte loads).
+///                       For the cache's [tokens][heads][head_dim] tensors: x = base + (t0·H + h)·D and
+///                       x_row_stride = H·D.
+/// \param rank           r, 1 ≤ r ≤ min(CompressProblem::max_rank, D, L).
+/// \param mean_center    subtract the per-column mean (rounded to FP16, as stored) before the SVD.
+/// \param basis_out      [r][D] FP16, row j = j-th right singular vector (4-byte aligned).
+/// \param mean_out       [D] FP16, the stored mean; required when mean_center, ignored otherwise.
+/// \param scale_out      [r] FP32 per-column scales (4-byte aligned).
+/// \param coeff_out      [L][r] INT8 quantised coefficients of (X − mean)·basisᵀ.
+/// \param basis_f32_out  optional [r][D] FP32 basis before rounding to FP16 (diagnostics, tests).
+/// \param coeff_f32_out  optional [L][r] FP32 coefficients before quantisation (diagnostics, tests).
+/// \param eigenvalues_out optional [r] FP32 Ritz values σ_j² (squared singular values), descending.
+struct CompressJob {
+  const void* x = nullptr;
+  std::int64_t x_row_stride = 0;
+  int rank = 0;
+  bool mean_center = false;
+  __half* basis_out = nullptr;
+  __half* mean_out = nullptr;
+  float* scale_out = nullptr;
+  std::int8_t* coeff_out = nullptr;
+  float* basis_f32_out = nullptr;
+  float* coeff_f32_out = nullptr;
+  float* eigenvalues_out = nullptr;
+};
+
+/// Tuning of the subspace-iteration path (ignored by kCusolver). The defaults keep the truncation
+/// error within 1% of the Eckart–Young optimum on the hardest spectra measured (flat, power-law
+/// decay i^-0.25, iid columns with 100× outlier channels); see docs/PERFORMANCE-compress.md.
+struct CompressOptions {
+  /// Extra subspace columns p (ℓ = min(D, roundup8(r + p))). 0: automatic, p = max(8, r/2).
+  int oversample = 0;
+  /// Subspace-iteration steps (products with G), ≥ 1.
+  int iterations = 4;
+  /// Upper bound on cyclic Jacobi sweeps in the Rayleigh–Ritz step (stops early once converged), ≥ 1.
+  int jacobi_sweeps = 2;
+};
+
+/// The shape every job of a batch shares, and the capacity the workspace is sized for.
+struct CompressProblem {
+  ElementType element = ElementType::kHalf;
+  int rows = 512;      ///< L, tokens per block, ≥ 1
+  int head_dim = 128;  ///< D: 64 or 128
+  int max_jobs = 0;    ///< largest batch run() will be given, ≥ 1
+  int max_rank = 0;    ///< largest job rank, 1 ≤ max_rank ≤ min(D, L)
+  CompressAlgorithm algorithm = CompressAlgorithm::kSubspaceIteration;
+  CompressOptions options{};
+};
+
+/// Subspace width ℓ the fast path uses for a job of rank `rank` (shared by host sizing and kernels).
+SPECTRALKV_HD constexpr int compress_subspace_width(int rank, int head_dim, int oversample) {
+  const int p = oversample > 0 ? oversample : (rank / 2 > 8 ? rank / 2 : 8);
+  const int ell = (rank + p + 7) / 8 * 8;
+  return ell < head_dim ? ell : head_dim;
+}
+
+/// A job whose outputs are the K or V sections of one head of one cold block.
+/// \param layout     the layer's cold layout (its rank_k/rank_v/has_mean decide rank and centring)
+/// \param head_base  pool + block_id·layout.block_bytes + head·layout.head_bytes (device memory)
+/// \param value      false: the key sections; true: the value sections
+/// \param x, x_row_stride  the block's rows (see CompressJob)
+inline CompressJob make_cold_block_job(const ColdBlockLayout& layout, std::uint8_t* head_base, bool value,
+                                       const void* x, std::int64_t x_row_stride) {
+  CompressJob job;
+  job.x = x;
+  job.x_row_stride = x_row_stride;
+  job.rank = value ? layout.rank_v : layout.rank_k;
+  job.mean_center = layout.has_mean;
+  job.basis_out = reinterpret_cast<__half*>(head_base + (value ? layout.basis_v : layout.basis_k));
+  job.mean_out = layout.has_mean ? reinterpret_cast<__half*>(head_base + (value ? layout.mean_v : layout.mean_k))
+                                 : nullptr;
+  job.scale_out = reinterpret_cast<float*>(head_base + (value ? layout.scale_v : layout.scale_k));
+  job.coeff_out = reinterpret_cast<std::int8_t*>(head_base + (value ? layout.coeff_v : layout.coeff_k));
+  return job;
+}
+
+/// Batched compressor. Owns the cuBLAS/cuSOLVER handles of the fallback path (created in the
+/// constructor, never on the hot path); not thread-safe: one run() at a time per object.
+class BatchedCompressor {
+ public:
+  /// Throws InvalidArgument naming the first bad field of `problem` (D not 64/128, ranks out of range,
+  /// non-positive sizes or options).
+  static void can_implement(const CompressProblem& problem);
+
+  /// Throws InvalidArgument naming the first bad field of `jobs[i]` (null pointers, rank, alignment,
+  /// row stride). run_host_jobs() calls it; run() cannot (its jobs live on the device).
+  static void validate_jobs(const CompressProblem& problem, const CompressJob* jobs, int num_jobs);
+
+  explicit BatchedCompressor(const CompressProblem& problem);
+  ~BatchedCompressor();
+  BatchedCompressor(BatchedCompressor&&) noexcept;
+  BatchedCompressor& operator=(BatchedCompressor&&) noexcept;
+  BatchedCompressor(const BatchedCompressor&) = delete;
+  BatchedCompressor& operator=(const BatchedCompressor&) = delete;
+
+  const CompressProblem& problem() const;
+
+  /// Device bytes run() needs for up to problem().max_jobs jobs (256-byte aligned base required).
+  std::size_t get_workspace_size() const;
+
+  /// Compresses `num_jobs` jobs whose descriptors are already in device memory (e.g. built by a kernel
+  /// or uploaded once). Asynchronous on `stream`; inputs and outputs must stay valid until it completes.
+  /// The job descriptors must satisfy validate_jobs() (not re-checked on the device).
+  void run(const CompressJob* device_jobs, int num_jobs, void* workspace, std::size_t workspace_bytes,
+           cudaStream_t stream);
+
+  /// Validates host-side job descriptors, copies them into the workspace (cudaMemcpyAsync on `stream`;
+  /// from pageable memory the copy is staged before this returns, from pinned memory the array must
+  /// stay valid until the stream reaches the copy) and runs them.
+  void run_host_jobs(const CompressJob* host_jobs, int num_jobs, void* workspace, std::size_t workspace_bytes,
+                     cudaStream_t stream);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace spectralkv::cuda

@@ -1,0 +1,1255 @@
+// Batched truncated SVD + INT8 quantisation (see include/spectralkv/cuda/compress.cuh for the
+// interface and the algorithm overview). Three kernels per run on the fast path:
+//   gram_kernel     G = XᵀX (+ column sums), tensor cores, FP32 accumulation      → workspace
+//   eigen_kernel    centring, subspace iteration, Rayleigh–Ritz + Jacobi, basis   → basis_out, mean_out
+//   project_kernel  C = (X − mean)·B_hᵀ, per-column max, INT8 quantisation         → scale_out, coeff_out
+// The cuSOLVER path replaces the first two by gather + cuBLAS SGEMM + cusolverDnXsyevBatched + select.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "spectralkv/cuda/compress.cuh"
+#include "spectralkv/cuda/error.cuh"
+#include "spectralkv/error.hpp"
+
+namespace spectralkv::cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+: cp.async, ldmatrix, mma.sync)
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+/// 16-byte global→shared copy; `valid == false` writes zeros (rows past the end of a block).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+/// D += A·B for a 16×8×16 tile, FP32 accumulation. A/B fragments hold pairs of 16-bit values.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// D += A·B for a 16×8×8 TF32 tile.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// x = hi + lo with hi, lo TF32: the 3×TF32 products hi·hi + hi·lo + lo·hi carry ~FP32 accuracy,
+/// which the Gram's dynamic range (100× outlier channels → 10⁴ between eigenvalues) needs.
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+  unsigned h, l;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(h) : "f"(x));
+  const float rest = x - __uint_as_float(h);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(l) : "f"(rest));
+  hi = h;
+  lo = l;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/// Deterministic pseudo-random value in [-1, 1) of (i, j): start vectors and completion of
+/// degenerate columns. Same for every job, so results do not depend on batch composition.
+__device__ __forceinline__ float hash_unit(unsigned i, unsigned j) {
+  unsigned h = i * 0x9E3779B1u ^ (j + 0x7F4A7C15u) * 0x85EBCA77u;
+  h ^= h >> 15;
+  h *= 0x2C1B3C6Du;
+  h ^= h >> 12;
+  h *= 0x297A2D39u;
+  h ^= h >> 15;
+  return static_cast<float>(h >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+template <class T>
+__device__ __forceinline__ float2 to_float2(unsigned packed) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+  } else {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+  }
+}
+template <class T>
+__device__ __forceinline__ float to_float1(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+__device__ __forceinline__ unsigned pack_half2(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 1: Gram matrix G = XᵀX and column sums
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kChunkRows = 64;  // rows of X staged per pipeline step
+constexpr int kStages = 4;      // cp.async pipeline depth: ~48 KB in flight per CTA hides HBM latency
+
+template <int D>
+struct GramShape {
+  static constexpr int kWarps = D / 16;  // warp tile 32×(D/2): (D/32) × 2 warps
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kLd = D + 8;      // +16 bytes per row: the 8 rows of an ldmatrix hit 8 distinct bank groups
+  static constexpr int kNTiles = D / 16;  // n-tiles of 8 per warp
+  static constexpr std::size_t kSmemBytes = static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2;
+};
+
+/// One CTA per job. X streams through shared memory in 64-row chunks (cp.async double buffer); each
+/// warp owns a 32×(D/2) tile of G. Both mma operands come from Xᵀ via ldmatrix.trans. Products of
+/// 16-bit inputs are exact in FP32, so G is XᵀX up to FP32 accumulation.
+/// \param gram    [jobs][D][D] FP32 output (row-major)
+/// \param colsum  [jobs][D] FP32 column sums (written only for mean-centred jobs)
+template <class T, int D>
+__global__ void __launch_bounds__(GramShape<D>::kThreads) gram_kernel(const CompressJob* __restrict__ jobs, int rows,
+                                                                      float* __restrict__ gram,
+                                                                      float* __restrict__ colsum) {
+  using S = GramShape<D>;
+  extern __shared__ __align__(16) unsigned char gsmem[];
+  T* stage = reinterpret_cast<T*>(gsmem);  // [kStages][kChunkRows][kLd]
+  __shared__ float sum_part[2][D];
+
+  const CompressJob job = jobs[blockIdx.x];
+  const T* x = static_cast<const T*>(job.x);
+  const std::int64_t ld = job.x_row_stride;
+  const bool center = job.mean_center;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 1, wn = warp & 1;
+  const int chunks = (rows + kChunkRows - 1) / kChunkRows;
+
+  auto load_chunk = [&](int c, int buf) {
+    constexpr int kVecPerRow = D / 8;
+    for (int v = tid; v < kChunkRows * kVecPerRow; v += S::kThreads) {
+      const int r = v / kVecPerRow, cv = v % kVecPerRow;
+      const int t = c * kChunkRows + r;
+      const bool ok = t < rows;
+      const T* src = ok ? x + t * ld + cv * 8 : x;
+      cp_async16(&stage[(buf * kChunkRows + r) * S::kLd + cv * 8], src, ok);
+    }
+  };
+
+  float acc[2][S::kNTiles][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < S::kNTiles; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+  float csum = 0.0f;
+
+  // Multi-stage pipeline: one commit group per chunk (empty past the end), so wait_group<kStages−2>
+  // at iteration c means chunk c has landed. The stage refilled at iteration c was last read at c−1,
+  // which every thread finished before this iteration's barrier.
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < chunks) load_chunk(st, st);
+    cp_async_commit();
+  }
+  for (int c = 0; c < chunks; ++c) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (c + kStages - 1 < chunks) load_chunk(c + kStages - 1, (c + kStages - 1) % kStages);
+    cp_async_commit();
+    const T* s = stage + (c % kStages) * kChunkRows * S::kLd;
+    if (center) {  // 2 threads per column, 32 rows each (zero-filled rows add nothing)
+      const int col = tid % D, half = tid / D;
+#pragma unroll 8
+      for (int r = 0; r < kChunkRows / 2; ++r) csum += to_float1(s[(half * (kChunkRows / 2) + r) * S::kLd + col]);
+    }
+#pragma unroll
+    for (int ks = 0; ks < kChunkRows / 16; ++ks) {
+      const int k0 = ks * 16;
+      const int mat = lane >> 3;
+      unsigned a[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int m0 = wm * 32 + mi * 16;
+        const int row = k0 + (lane & 7) + ((mat >> 1) << 3);
+        const int col = m0 + ((mat & 1) << 3);
+        ldmatrix_x4_trans(a[mi], s + row * S::kLd + col);
+      }
+#pragma unroll
+      for (int np = 0; np < S::kNTiles / 2; ++np) {
+        const int n0 = wn * (D / 2) + np * 16;
+        const int row = k0 + (lane & 7) + ((mat & 1) << 3);
+        const int col = n0 + ((mat >> 1) << 3);
+        unsigned b[4];
+        ldmatrix_x4_trans(b, s + row * S::kLd + col);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          mma_16816<T>(acc[mi][2 * np], a[mi], b[0], b[1]);
+          mma_16816<T>(acc[mi][2 * np + 1], a[mi], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  float* g = gram + static_cast<std::int64_t>(blockIdx.x) * D * D;
+  const int gr = lane >> 2, gc = 2 * (lane & 3);
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < S::kNTiles; ++ni) {
+      const int row = wm * 32 + mi * 16 + gr;
+      const int col = wn * (D / 2) + ni * 8 + gc;
+      *reinterpret_cast<float2*>(&g[row * D + col]) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+      *reinterpret_cast<float2*>(&g[(row + 8) * D + col]) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+    }
+  if (center) {
+    sum_part[tid / D][tid % D] = csum;
+    __syncthreads();
+    if (tid < D) colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid] = sum_part[0][tid] + sum_part[1][tid];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 2: eigen-solve on the Gram (subspace iteration + Rayleigh–Ritz)
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kEigenThreads = 256;
+constexpr int kEigenWarps = kEigenThreads / 32;
+
+/// Shared-memory arrays of the eigen kernel hold "column-major" panels: row j of a [rows][D] array is
+/// column j of the D×ℓ matrix. Element (j, i) lives at j·D + (i ^ ((j & 7) << 2)): the XOR swizzle
+/// makes every mma fragment load/store and every per-column sweep bank-conflict free without padding
+/// (padding would push the kernel past two CTAs per SM).
+template <int D>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * D + (col ^ ((row & 7) << 2));
+}
+
+template <int D>
+struct EigenShape {
+  static constexpr int kMTiles = D / 16;
+  static constexpr int kWarpsPerMTile = kEigenWarps / kMTiles;          // 1 (D=128) or 2 (D=64)
+  static constexpr int kNTilesPerWarp = (D / 8) / kWarpsPerMTile;       // ℓ ≤ D
+  static constexpr int kPerLane = D / 32;                               // column elements per lane
+};
+
+/// Z = G·Q (D×ℓ) with 3×TF32 mma. Gs: [D][D] swizzled (symmetric); Q, Z: panels [ℓ][D].
+template <int D>
+__device__ void gemm_gq(const float* Gs, const float* Q, float* Z, int ell) {
+  using S = EigenShape<D>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = (warp % S::kMTiles) * 16;
+  const int slice = warp / S::kMTiles;
+  const int ntiles = ell / 8;
+  float acc[S::kNTilesPerWarp][4];
+#pragma unroll
+  for (int nn = 0; nn < S::kNTilesPerWarp; ++nn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
+
+#pragma unroll 2
+  for (int k0 = 0; k0 < D; k0 += 8) {
+    unsigned ah[4], al[4];
+    split_tf32(Gs[swz<D>(m0 + g, k0 + t)], ah[0], al[0]);
+    split_tf32(Gs[swz<D>(m0 + g + 8, k0 + t)], ah[1], al[1]);
+    split_tf32(Gs[swz<D>(m0 + g, k0 + t + 4)], ah[2], al[2]);
+    split_tf32(Gs[swz<D>(m0 + g + 8, k0 + t + 4)], ah[3], al[3]);
+#pragma unroll
+    for (int nn = 0; nn < S::kNTilesPerWarp; ++nn) {
+      const int nt = slice + nn * S::kWarpsPerMTile;
+      if (nt < ntiles) {  // uniform across the warp
+        const int n0 = nt * 8;
+        unsigned bh0, bl0, bh1, bl1;
+        split_tf32(Q[swz<D>(n0 + g, k0 + t)], bh0, bl0);
+        split_tf32(Q[swz<D>(n0 + g, k0 + t + 4)], bh1, bl1);
+        mma_tf32(acc[nn], al, bh0, bh1);
+        mma_tf32(acc[nn], ah, bl0, bl1);
+        mma_tf32(acc[nn], ah, bh0, bh1);
+      }
+    }
+  }
+#pragma unroll
+  for (int nn = 0; nn < S::kNTilesPerWarp; ++nn) {
+    const int nt = slice + nn * S::kWarpsPerMTile;
+    if (nt < ntiles) {
+      const int n0 = nt * 8;
+      Z[swz<D>(n0 + 2 * t, m0 + g)] = acc[nn][0];
+      Z[swz<D>(n0 + 2 * t + 1, m0 + g)] = acc[nn][1];
+      Z[swz<D>(n0 + 2 * t, m0 + g + 8)] = acc[nn][2];
+      Z[swz<D>(n0 + 2 * t + 1, m0 + g + 8)] = acc[nn][3];
+    }
+  }
+}
+
+/// H = Qᵀ·Z (ℓ×ℓ, plain row-major, stride ℓ) with 3×TF32 mma. Q rows ≥ ℓ (up to the 16-row tile)
+/// are zero, so padded tile rows are finite and discarded.
+template <int D>
+__device__ void gemm_qtz(const float* Q, const float* Z, float* H, int ell) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int mtiles = (ell + 15) / 16, ntiles = ell / 8;
+  for (int tile = warp; tile < mtiles * ntiles; tile += kEigenWarps) {
+    const int m0 = (tile / ntiles) * 16, n0 = (tile % ntiles) * 8;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int k0 = 0; k0 < D; k0 += 8) {
+      unsigned ah[4], al[4], bh0, bl0, bh1, bl1;
+      split_tf32(Q[swz<D>(m0 + g, k0 + t)], ah[0], al[0]);
+      split_tf32(Q[swz<D>(m0 + g + 8, k0 + t)], ah[1], al[1]);
+      split_tf32(Q[swz<D>(m0 + g, k0 + t + 4)], ah[2], al[2]);
+      split_tf32(Q[swz<D>(m0 + g + 8, k0 + t + 4)], ah[3], al[3]);
+      split_tf32(Z[swz<D>(n0 + g, k0 + t)], bh0, bl0);
+      split_tf32(Z[swz<D>(n0 + g, k0 + t + 4)], bh1, bl1);
+      mma_tf32(acc, al, bh0, bh1);
+      mma_tf32(acc, ah, bl0, bl1);
+      mma_tf32(acc, ah, bh0, bh1);
+    }
+    const int r0 = m0 + g, c0 = n0 + 2 * t;
+    if (r0 < ell) {
+      H[r0 * ell + c0] = acc[0];
+      H[r0 * ell + c0 + 1] = acc[1];
+    }
+    if (r0 + 8 < ell) {
+      H[(r0 + 8) * ell + c0] = acc[2];
+      H[(r0 + 8) * ell + c0 + 1] = acc[3];
+    }
+  }
+}
+
+/// Modified Gram–Schmidt on the ℓ columns of panel Z (in place), one __syncthreads per column.
+/// Column i belongs to warp i % 8. At step j every warp removes q_j from its columns > j: it loads all
+/// of them first and runs their butterfly reductions interleaved, so a step costs one reduction latency
+/// rather than one per column. The owner of column j+1 reduces ‖z‖² in the same butterfly and
+/// finalises the column at once: after removing q_j its norm² is ‖z‖² − (q_j·z)² (q_j is a unit
+/// vector); when that difference has cancelled to below 1e-3·‖z‖² the norm is recomputed directly.
+/// A column whose remaining norm is ≤ `ref` carries no information (rank-deficient or zero block, or
+/// FP32 noise): it is replaced by a pseudo-random vector orthogonalised twice against the finished
+/// columns, so the basis is always complete and orthonormal.
+template <int D>
+__device__ void mgs(float* Z, int ell, float ref, unsigned salt) {
+  using S = EigenShape<D>;
+  constexpr int kBatch = 8;  // columns per warp handled together (ℓ ≤ 64 needs one batch)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  // Slow path of a column (norm lost to cancellation, or degenerate). z: projected against q_0..q_{j-1}.
+  auto finish_slow = [&](int j, float(&z)[S::kPerLane]) {
+    float n2 = 0.0f;
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) n2 += z[e] * z[e];
+    n2 = warp_sum(n2);
+    if (!(sqrtf(n2) > ref)) {  // also true for NaN
+#pragma unroll
+      for (int e = 0; e < S::kPerLane; ++e) z[e] = hash_unit(lane + 32 * e, static_cast<unsigned>(j) + 977u * salt);
+      for (int pass = 0; pass < 2; ++pass) {
+        for (int m = 0; m < j; ++m) {
+          float d = 0.0f;
+#pragma unroll
+          for (int e = 0; e < S::kPerLane; ++e) d += Z[swz<D>(m, lane + 32 * e)] * z[e];
+          d = warp_sum(d);
+#pragma unroll
+          for (int e = 0; e < S::kPerLane; ++e) z[e] -= d * Z[swz<D>(m, lane + 32 * e)];
+        }
+      }
+      n2 = 0.0f;
+#pragma unroll
+      for (int e = 0; e < S::kPerLane; ++e) n2 += z[e] * z[e];
+      n2 = warp_sum(n2);
+    }
+    const float inv = 1.0f / sqrtf(n2);
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) Z[swz<D>(j, lane + 32 * e)] = z[e] * inv;
+  };
+
+  if (warp == 0) {
+    float z[S::kPerLane];
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) z[e] = Z[swz<D>(0, lane + 32 * e)];
+    finish_slow(0, z);
+  }
+  __syncthreads();
+  for (int j = 0; j + 1 < ell; ++j) {
+    float q[S::kPerLane];
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) q[e] = Z[swz<D>(j, lane + 32 * e)];
+    const int first = j + 1 + ((warp - (j + 1)) % kEigenWarps + kEigenWarps) % kEigenWarps;
+    const bool owner = first == j + 1;
+    for (int base = first; base < ell; base += kBatch * kEigenWarps) {  // warp-uniform
+      float z[kBatch][S::kPerLane];
+      float dot[kBatch];
+      float nrm = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kBatch; ++c) {
+        dot[c] = 0.0f;
+        const int i = base + c * kEigenWarps;
+        if (i < ell) {
+#pragma unroll
+          for (int e = 0; e < S::kPerLane; ++e) {
+            z[c][e] = Z[swz<D>(i, lane + 32 * e)];
+            dot[c] += q[e] * z[c][e];
+          }
+        }
+      }
+      const bool fin = owner && base == first;  // this batch starts with column j+1
+      if (fin) {
+#pragma unroll
+        for (int e = 0; e < S::kPerLane; ++e) nrm += z[0][e] * z[0][e];
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int c = 0; c < kBatch; ++c)
+          if (base + c * kEigenWarps < ell) dot[c] += __shfl_xor_sync(0xffffffffu, dot[c], o);
+        nrm += __shfl_xor_sync(0xffffffffu, nrm, o);
+      }
+#pragma unroll
+      for (int c = 0; c < kBatch; ++c) {
+        const int i = base + c * kEigenWarps;
+        if (i >= ell) continue;
+#pragma unroll
+        for (int e = 0; e < S::kPerLane; ++e) z[c][e] -= dot[c] * q[e];
+        if (c == 0 && fin) {
+          const float n2 = nrm - dot[0] * dot[0];
+          if (n2 > 1e-3f * nrm && sqrtf(n2) > ref) {
+            const float inv = 1.0f / sqrtf(n2);
+#pragma unroll
+            for (int e = 0; e < S::kPerLane; ++e) Z[swz<D>(i, lane + 32 * e)] = z[0][e] * inv;
+          } else {
+            finish_slow(i, z[0]);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < S::kPerLane; ++e) Z[swz<D>(i, lane + 32 * e)] = z[c][e];
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+/// Pair k of round s of the round-robin (circle) schedule on n indices: over n−1 rounds every pair
+/// (p, q) meets exactly once, and the n/2 pairs of a round are disjoint, so they rotate in parallel.
+__device__ __forceinline__ void jacobi_pair(int s, int k, int n, int& p, int& q) {
+  int a, b;
+  if (k == 0) {
+    a = s;
+    b = n - 1;
+  } else {
+    a = (s + k) % (n - 1);
+    b = (s - k + (n - 1)) % (n - 1);
+  }
+  p = min(a, b);
+  q = max(a, b);
+}
+
+/// Shared-memory layout of the eigen kernel, in floats. lp = ℓ_max rounded up to 16 (mma m-tiles).
+struct EigenSmem {
+  static constexpr int kMisc = 8;
+  SPECTRALKV_HD static constexpr std::size_t floats(int d, int lp) {
+    return static_cast<std::size_t>(d) * d + 2 * static_cast<std::size_t>(lp) * d + 4 * lp + kMisc;
+  }
+};
+
+/// One CTA per job: loads G, centres it, runs `iterations` subspace-iteration steps with ℓ columns,
+/// the Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the
+/// top-r Ritz vectors V = Q·W (sorted, sign-fixed) as the basis.
+template <int D>
+__global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJob* __restrict__ jobs, int rows,
+                                                              const float* __restrict__ gram,
+                                                              const float* __restrict__ colsum, int lp,
+                                                              CompressOptions opt) {
+  using S = EigenShape<D>;
+  extern __shared__ __align__(16) float smem[];
+  float* Gs = smem;
+  float* Qa = Gs + D * D;
+  float* Qb = Qa + lp * D;
+  float* cs = Qb + lp * D;                          // (cos, sin) of the ℓ/2 pairs of a round
+  int* pq = reinterpret_cast<int*>(cs + lp);        // (p, q) of the pairs
+  float* diag = reinterpret_cast<float*>(pq + lp);  // Ritz values
+  int* order = reinterpret_cast<int*>(diag + lp);   // indices of the top-r Ritz values, descending
+  float* misc = reinterpret_cast<float*>(order + lp);
+  int* flags = reinterpret_cast<int*>(misc + 2);
+
+  const CompressJob job = jobs[blockIdx.x];
+  const int r = job.rank;
+  const int ell = compress_subspace_width(r, D, opt.oversample);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float* g = gram + static_cast<std::int64_t>(blockIdx.x) * D * D;
+
+  // --- 1. G (symmetrised) into shared memory; centring with the stored FP16 mean -----------------
+  float* sum = Qa;  // scratch until the start vectors are written
+  float* mu = Qa + D;
+  if (job.mean_center) {
+    if (tid < D) {
+      const float sd = colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid];
+      const __half mh = __float2half_rn(sd / static_cast<float>(rows));
+      job.mean_out[tid] = mh;
+      sum[tid] = sd;
+      mu[tid] = __half2float(mh);
+    }
+    __syncthreads();
+  }
+  for (int e = tid; e < D * D; e += kEigenThreads) Gs[swz<D>(e / D, e % D)] = g[e];  // coalesced
+  __syncthreads();
+  for (int e = tid; e < D * D; e += kEigenThreads) {
+    const int i = e / D, k = e % D;
+    if (i > k) continue;
+    // Symmetrise: the two triangles come from different warps' accumulation orders.
+    double v = 0.5 * (static_cast<double>(Gs[swz<D>(i, k)]) + static_cast<double>(Gs[swz<D>(k, i)]));
+    if (job.mean_center) {
+      // (X − 1μᵀ)ᵀ(X − 1μᵀ) = XᵀX − μsᵀ − sμᵀ + L·μμᵀ, in double so the correction adds no rounding of
+      // its own (what remains is the FP32 rounding of XᵀX, relative to ‖X‖², see the docs).
+      v += -static_cast<double>(mu[i]) * sum[k] - static_cast<double>(sum[i]) * mu[k] +
+           static_cast<double>(rows) * mu[i] * mu[k];
+    }
+    Gs[swz<D>(i, k)] = static_cast<float>(v);
+    Gs[swz<D>(k, i)] = static_cast<float>(v);
+  }
+  if (tid == 0) misc[0] = 0.0f;
+  __syncthreads();
+  if (tid < 32) {
+    float tr = 0.0f;
+    for (int i = lane; i < D; i += 32) tr += fmaxf(Gs[swz<D>(i, i)], 0.0f);
+    tr = warp_sum(tr);
+    if (lane == 0) misc[0] = tr;
+  }
+  // --- 2. start block Ω (unit-norm on average) ----------------------------------------------------
+  const float omega_scale = sqrtf(3.0f / D);
+  for (int e = tid; e < lp * D; e += kEigenThreads) {
+    const int j = e / D, i = e % D;
+    Qa[swz<D>(j, i)] = j < ell ? hash_unit(i, j) * omega_scale : 0.0f;
+    Qb[swz<D>(j, i)] = 0.0f;
+  }
+  __syncthreads();
+  const float trace = misc[0];
+
+  // --- 3. subspace iteration: Q ← orth(G·Q) -------------------------------------------------------
+  float* Qc = Qa;
+  float* Zn = Qb;
+  // Directions with G·q below 1e-6·trace(G) (≥ 1e-6·λ_max) are FP32 noise: treated as degenerate.
+  const float ref = 1e-6f * trace;
+  if (trace > 0.0f) {
+    for (int it = 0; it < opt.iterations; ++it) {
+      gemm_gq<D>(Gs, Qc, Zn, ell);
+      __syncthreads();
+      mgs<D>(Zn, ell, ref, static_cast<unsigned>(it + 1));
+      float* tmp = Qc;
+      Qc = Zn;
+      Zn = tmp;
+    }
+  }
+  // Second Gram–Schmidt pass ("twice is enough"): orthonormal to FP32 precision. For a zero block it
+  // is the only pass and orthonormalises the start block itself.
+  mgs<D>(Qc, ell, 1e-3f, 101u);
+
+  // --- 4. Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (plain ℓ×ℓ), W = I into Zn -------------------------
+  float* H = Gs;
+  float* W = Zn;
+  if (trace > 0.0f) {
+    gemm_gq<D>(Gs, Qc, Zn, ell);
+    __syncthreads();
+    gemm_qtz<D>(Qc, Zn, H, ell);
+    __syncthreads();
+    for (int e = tid; e < ell * ell; e += kEigenThreads) {  // symmetrise (the two triangles differ by rounding)
+      const int i = e / ell, k = e % ell;
+      if (i < k) {
+        const float v = 0.5f * (H[i * ell + k] + H[k * ell + i]);
+        H[i * ell + k] = v;
+        H[k * ell + i] = v;
+      }
+    }
+  } else {
+    for (int e = tid; e < ell * ell; e += kEigenThreads) H[e] = 0.0f;
+  }
+  __syncthreads();
+  for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
+  if (tid == 0) flags[0] = 0;
+  __syncthreads();
+
+  // --- 5. parallel cyclic Jacobi on H, rotations accumulated in W ------------------------------
+  const int npairs = ell / 2;
+  if (trace > 0.0f) {
+    for (int sweep = 0; sweep < opt.jacobi_sweeps; ++sweep) {
+      for (int s = 0; s + 1 < ell; ++s) {
+        if (tid < npairs) {
+          int p, q;
+          jacobi_pair(s, tid, ell, p, q);
+          const float app = H[p * ell + p], aqq = H[q * ell + q], apq = H[p * ell + q];
+          float c = 1.0f, sn = 0.0f;
+          if (fabsf(apq) > 1e-7f * sqrtf(fabsf(app * aqq)) && apq != 0.0f) {
+            const float theta = (aqq - app) / (2.0f * apq);
+            const float at = fabsf(theta);
+            float tt = at > 1e15f ? 0.5f / at : 1.0f / (at + sqrtf(theta * theta + 1.0f));
+            if (theta < 0.0f) tt = -tt;
+            c = 1.0f / sqrtf(tt * tt + 1.0f);
+            sn = tt * c;
+            if (fabsf(apq) > 1e-6f * sqrtf(fabsf(app * aqq))) flags[sweep & 1] = 1;
+          }
+          cs[2 * tid] = c;
+          cs[2 * tid + 1] = sn;
+          pq[2 * tid] = p;
+          pq[2 * tid + 1] = q;
+        }
+        __syncthreads();
+        if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;  // every thread has read it by now
+        // H stays exactly symmetric: block (a, b), a ≤ b, is rotated once and mirrored into (b, a).
+        for (int idx = tid; idx < npairs * npairs; idx += kEigenThreads) {
+          const int a = idx / npairs, b = idx % npairs;
+          if (a > b) continue;
+          const int pa = pq[2 * a], qa = pq[2 * a + 1], pb = pq[2 * b], qb = pq[2 * b + 1];
+          const float ca = cs[2 * a], sa = cs[2 * a + 1], cb = cs[2 * b], sb = cs[2 * b + 1];
+          const float hpp = H[pa * ell + pb], hpq = H[pa * ell + qb], hqp = H[qa * ell + pb], hqq = H[qa * ell + qb];
+          const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
+          const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
+          const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
+          float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
+          if (a == b) npq = nqp = 0.5f * (npq + nqp);
+          H[pa * ell + pb] = npp;
+          H[pa * ell + qb] = npq;
+          H[qa * ell + pb] = nqp;
+          H[qa * ell + qb] = nqq;
+          if (a != b) {
+            H[pb * ell + pa] = npp;
+            H[qb * ell + pa] = npq;
+            H[pb * ell + qa] = nqp;
+            H[qb * ell + qa] = nqq;
+          }
+        }
+        for (int idx = tid; idx < ell * npairs; idx += kEigenThreads) {
+          const int xr = idx / npairs, b = idx % npairs;
+          const int pb = pq[2 * b], qb = pq[2 * b + 1];
+          const float cb = cs[2 * b], sb = cs[2 * b + 1];
+          const float wp = W[xr * ell + pb], wq = W[xr * ell + qb];
+          W[xr * ell + pb] = cb * wp - sb * wq;
+          W[xr * ell + qb] = sb * wp + cb * wq;
+        }
+        __syncthreads();
+      }
+      if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
+    }
+  }
+
+  // --- 6. top-r Ritz pairs, V = Q·W[:, order], sign fix, outputs ----------------------------------
+  if (tid < ell) diag[tid] = H[tid * ell + tid];
+  __syncthreads();
+  if (tid < ell) {
+    const float v = diag[tid];
+    int rank_of = 0;
+    for (int m = 0; m < ell; ++m) {
+      const float u = diag[m];
+      rank_of += (u > v) || (u == v && m < tid);
+    }
+    if (rank_of < r) order[rank_of] = tid;
+  }
+  __syncthreads();
+  float* V = Gs;  // [r][D] plain; H is no longer needed
+  for (int task = tid; task < D * ((r + 7) / 8); task += kEigenThreads) {
+    const int d = task % D, j0 = (task / D) * 8;  // a warp shares j0: the W reads are broadcasts
+    int col[8];
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      col[u] = j0 + u < r ? order[j0 + u] : 0;
+      v[u] = 0.0f;
+    }
+    for (int m = 0; m < ell; ++m) {
+      const float qv = Qc[swz<D>(m, d)];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] += qv * W[m * ell + col[u]];
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      if (j0 + u < r) V[(j0 + u) * D + d] = v[u];
+  }
+  __syncthreads();
+  for (int j = warp; j < r; j += kEigenWarps) {
+    float v[S::kPerLane];
+    float best = -1.0f;
+    int arg = D;
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) {
+      v[e] = V[j * D + lane + 32 * e];
+      const float a = fabsf(v[e]);
+      if (a > best) {  // e ascending: the first index wins ties within the lane
+        best = a;
+        arg = lane + 32 * e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {  // argmax of |v|, smallest index on ties (as Eigen's maxCoeff)
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      if (ob > best || (ob == best && oa < arg)) {
+        best = ob;
+        arg = oa;
+      }
+    }
+    const float sign = (arg < D && V[j * D + arg] < 0.0f) ? -1.0f : 1.0f;
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) {
+      const int d = lane + 32 * e;
+      job.basis_out[j * D + d] = __float2half_rn(sign * v[e]);
+      if (job.basis_f32_out != nullptr) job.basis_f32_out[j * D + d] = sign * v[e];
+    }
+    if (lane == 0 && job.eigenvalues_out != nullptr) job.eigenvalues_out[j] = diag[order[j]];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 3: C = (X − mean)·B_hᵀ and INT8 quantisation, fused
+// ------------------------------------------------------------------------------------------------
+
+template <int D>
+struct ProjectShape {
+  static constexpr int kThreads = 256;
+  static constexpr int kLd = D + 8;                 // shared row stride in 16-bit elements
+  static constexpr int kMaxNTilesPerWarp = D / 16;  // r ≤ D: (D/8) n-tiles over 2 warp groups
+  SPECTRALKV_HD static constexpr std::size_t bytes(int rpad) {
+    return static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2u  // X stages
+           + static_cast<std::size_t>(rpad) * kLd * 2u  // basis
+           + D * 4u                            // mean
+           + static_cast<std::size_t>(rpad) * 8u;       // column max bits + scales
+  }
+};
+
+/// One CTA per job, 8 warps: warp w owns rows 16·(w%4).. of every 64-row chunk and the n-tiles
+/// ≡ w/4 (mod 2). Pass 0 streams X and keeps the per-column max of |C|; pass 1 streams X again (L2
+/// resident by then), recomputes the identical FP32 values and quantises them, so the scale is the
+/// exact max of the values quantised. With a mean or BF16 input the A operand X − μ is formed in FP32
+/// and split into FP16 hi + lo (two mma), keeping the product exact to ~2^-22 against the FP16 basis.
+template <class T, int D>
+__global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(const CompressJob* __restrict__ jobs,
+                                                                            int rows) {
+  using S = ProjectShape<D>;
+  extern __shared__ __align__(16) unsigned char psmem[];
+  const CompressJob job = jobs[blockIdx.x];
+  const int r = job.rank;
+  const int rpad = (r + 15) / 16 * 16;
+  T* stage = reinterpret_cast<T*>(psmem);
+  __half* Bs = reinterpret_cast<__half*>(psmem + static_cast<std::size_t>(kStages) * kChunkRows * S::kLd * 2u);
+  float* mu = reinterpret_cast<float*>(Bs + rpad * S::kLd);
+  unsigned* amax = reinterpret_cast<unsigned*>(mu + D);
+  float* scale = reinterpret_cast<float*>(amax + rpad);
+
+  const T* x = static_cast<const T*>(job.x);
+  const std::int64_t ld = job.x_row_stride;
+  const bool center = job.mean_center;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int mt = warp & 3, ng = warp >> 2;
+  const int ntiles = (r + 7) / 8;
+  const int chunks = (rows + kChunkRows - 1) / kChunkRows;
+
+  auto load_chunk = [&](int c, int buf) {
+    constexpr int kVecPerRow = D / 8;
+    for (int v = tid; v < kChunkRows * kVecPerRow; v += S::kThreads) {
+      const int rr = v / kVecPerRow, cv = v % kVecPerRow;
+      const int row = c * kChunkRows + rr;
+      const bool ok = row < rows;
+      cp_async16(&stage[buf * kChunkRows * S::kLd + rr * S::kLd + cv * 8], ok ? x + row * ld + cv * 8 : x, ok);
+    }
+  };
+  const int total = 2 * chunks;  // pass 0 then pass 1 over the same chunks
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {  // same pipeline as gram_kernel
+    if (st < total) load_chunk(st % chunks, st);
+    cp_async_commit();
+  }
+
+  for (int e = tid; e < rpad * (D / 2); e += S::kThreads) {
+    const int j = e / (D / 2), c2 = e % (D / 2);
+    const unsigned v = j < r ? reinterpret_cast<const unsigned*>(job.basis_out)[j * (D / 2) + c2] : 0u;
+    *reinterpret_cast<unsigned*>(&Bs[j * S::kLd + 2 * c2]) = v;
+  }
+  for (int d = tid; d < D; d += S::kThreads) mu[d] = center ? __half2float(job.mean_out[d]) : 0.0f;
+  for (int j = tid; j < rpad; j += S::kThreads) amax[j] = 0u;
+
+  float cmax[S::kMaxNTilesPerWarp][2];
+#pragma unroll
+  for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) cmax[nn][0] = cmax[nn][1] = 0.0f;
+  const bool split = center || !std::is_same_v<T, __half>;
+
+  for (int it = 0; it < total; ++it) {
+    const int c = it % chunks, pass = it / chunks, buf = it % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages - 1 < total) load_chunk((it + kStages - 1) % chunks, (it + kStages - 1) % kStages);
+    cp_async_commit();
+    if (it == chunks) {  // pass boundary: publish column maxima, derive the scales
+#pragma unroll
+      for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
+        const int nt = ng + 2 * nn;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float m = cmax[nn][h];
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+          const int col = nt * 8 + 2 * t + h;
+          if (nt < ntiles && g == 0 && col < r) atomicMax(&amax[col], __float_as_uint(m));  // m ≥ 0: bits order as values
+        }
+      }
+      __syncthreads();
+      if (tid < r) {
+        const float sc = __uint_as_float(amax[tid]) / 127.0f;
+        scale[tid] = sc;
+        job.scale_out[tid] = sc;
+      }
+      __syncthreads();
+    }
+
+    const T* s = stage + buf * kChunkRows * S::kLd;
+    float acc[S::kMaxNTilesPerWarp][4];
+#pragma unroll
+    for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
+#pragma unroll 2
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      const int mat = lane >> 3;
+      unsigned a[4];
+      ldmatrix_x4(a, s + (mt * 16 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + k0 + ((mat >> 1) << 3));
+      unsigned alo[4];
+      if (split) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = k0 + 2 * t + ((e >> 1) << 3);  // a0,a1: cols k0+2t(+1); a2,a3: +8
+          const float2 f = to_float2<T>(a[e]);
+          const float v0 = f.x - mu[col], v1 = f.y - mu[col + 1];
+          const __half2 hi = __floats2half2_rn(v0, v1);
+          const float2 hf = __half22float2(hi);
+          a[e] = *reinterpret_cast<const unsigned*>(&hi);
+          alo[e] = pack_half2(v0 - hf.x, v1 - hf.y);
+        }
+      }
+#pragma unroll
+      for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
+        const int nt = ng + 2 * nn;
+        if (nt < ntiles) {
+          const __half* brow = Bs + (nt * 8 + g) * S::kLd + k0 + 2 * t;
+          const unsigned b0 = *reinterpret_cast<const unsigned*>(brow);
+          const unsigned b1 = *reinterpret_cast<const unsigned*>(brow + 8);
+          mma_16816<__half>(acc[nn], a, b0, b1);
+          if (split) mma_16816<__half>(acc[nn], alo, b0, b1);
+        }
+      }
+    }
+    const int row0 = c * kChunkRows + mt * 16 + g, row1 = row0 + 8;
+    const bool ok0 = row0 < rows, ok1 = row1 < rows;
+#pragma unroll
+    for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
+      const int nt = ng + 2 * nn;
+      if (nt >= ntiles) continue;
+      if (pass == 0) {
+        if (ok0) {
+          cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][0]));
+          cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][1]));
+        }
+        if (ok1) {
+          cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][2]));
+          cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][3]));
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = (e < 2) ? row0 : row1;
+          const int col = nt * 8 + 2 * t + (e & 1);
+          if (row < rows && col < r) {
+            const float v = acc[nn][e];
+            const float sc = scale[col];
+            // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the
+            // quotient rounds into [-127, 127].
+            const int qv = sc > 0.0f ? __float2int_rn(v / sc) : 0;
+            job.coeff_out[static_cast<std::int64_t>(row) * r + col] = static_cast<std::int8_t>(qv);
+            if (job.coeff_f32_out != nullptr) job.coeff_f32_out[static_cast<std::int64_t>(row) * r + col] = v;
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// ------------------------------------------------------------------------------------------------
+// cuSOLVER path: gather, top-r selection
+// ------------------------------------------------------------------------------------------------
+
+/// X (minus the FP16 mean, when centred) → FP32 packed [job][L][D], and the stored mean.
+template <class T>
+__global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, int rows, int dim,
+                              float* __restrict__ out) {
+  extern __shared__ float gmu[];
+  const CompressJob job = jobs[first + blockIdx.x];
+  const T* x = static_cast<const T*>(job.x);
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float m = 0.0f;
+    if (job.mean_center) {
+      double s = 0.0;
+      for (int t = 0; t < rows; ++t) s += to_float1(x[t * job.x_row_stride + d]);
+      const __half mh = __float2half_rn(static_cast<float>(s / rows));
+      job.mean_out[d] = mh;
+      m = __half2float(mh);
+    }
+    gmu[d] = m;
+  }
+  __syncthreads();
+  float* o = out + static_cast<std::int64_t>(blockIdx.x) * rows * dim;
+  for (int e = threadIdx.x; e < rows * dim; e += blockDim.x) {
+    const int t = e / dim, d = e % dim;
+    o[e] = to_float1(x[t * job.x_row_stride + d]) - gmu[d];
+  }
+}
+
+/// Top-r eigenvectors (columns D−1, D−2, … of cuSOLVER's ascending output) → basis rows, sign fixed.
+__global__ void select_kernel(const CompressJob* __restrict__ jobs, int first, int dim,
+                              const float* __restrict__ vecs, const float* __restrict__ vals) {
+  const CompressJob job = jobs[first + blockIdx.x];
+  const float* a = vecs + static_cast<std::int64_t>(blockIdx.x) * dim * dim;
+  const float* w = vals + static_cast<std::int64_t>(blockIdx.x) * dim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int j = warp; j < job.rank; j += nwarps) {
+    const float* v = a + static_cast<std::int64_t>(dim - 1 - j) * dim;
+    float best = -1.0f;
+    int arg = dim;
+    for (int d = lane; d < dim; d += 32) {
+      if (fabsf(v[d]) > best) {
+        best = fabsf(v[d]);
+        arg = d;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      if (ob > best || (ob == best && oa < arg)) {
+        best = ob;
+        arg = oa;
+      }
+    }
+    const float sign = (arg < dim && v[arg] < 0.0f) ? -1.0f : 1.0f;
+    for (int d = lane; d < dim; d += 32) {
+      job.basis_out[j * dim + d] = __float2half_rn(sign * v[d]);
+      if (job.basis_f32_out != nullptr) job.basis_f32_out[j * dim + d] = sign * v[d];
+    }
+    if (lane == 0 && job.eigenvalues_out != nullptr) job.eigenvalues_out[j] = w[dim - 1 - j];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: dispatch and workspace
+// ------------------------------------------------------------------------------------------------
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+/// Runtime head_dim → compile-time D. Unsupported values are rejected by can_implement first; the
+/// default branch still throws rather than silently doing nothing.
+template <class F>
+void dispatch_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 64:
+      f(std::integral_constant<int, 64>{});
+      return;
+    case 128:
+      f(std::integral_constant<int, 128>{});
+      return;
+    default:
+      detail::fail("BatchedCompressor", "head_dim", head_dim, "must be 64 or 128");
+  }
+}
+
+template <class F>
+void dispatch_element(ElementType e, F&& f) {
+  switch (e) {
+    case ElementType::kHalf:
+      f(TypeTag<__half>{});
+      return;
+    case ElementType::kBFloat16:
+      f(TypeTag<__nv_bfloat16>{});
+      return;
+    default:
+      detail::fail("BatchedCompressor", "element", static_cast<int>(e), "must be kHalf or kBFloat16");
+  }
+}
+
+constexpr std::size_t kAlign = 256;
+constexpr std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+constexpr int kCusolverChunk = 256;           // jobs per cuSOLVER call: bounds the FP32 copies of X
+constexpr std::size_t kCublasWorkspace = 4u << 20;
+
+int max_subspace_width(const CompressProblem& p) {
+  int ell = 8;
+  for (int r = 1; r <= p.max_rank; ++r)
+    ell = std::max(ell, compress_subspace_width(r, p.head_dim, p.options.oversample));
+  return ell;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+
+struct BatchedCompressor::Impl {
+  CompressProblem problem;
+  int lp = 16;  // ℓ_max rounded to 16
+  std::size_t eigen_smem = 0, project_smem = 0;
+  // Fast path workspace offsets.
+  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, total = 0;
+  // cuSOLVER path.
+  int chunk = 0;
+  std::size_t off_x32 = 0, off_vals = 0, off_info = 0, off_syev = 0, off_cublas = 0, syev_bytes = 0;
+  std::vector<unsigned char> syev_host;
+  cublasHandle_t cublas = nullptr;
+  cusolverDnHandle_t cusolver = nullptr;
+  cusolverDnParams_t params = nullptr;
+
+  ~Impl() {
+    if (params != nullptr) cusolverDnDestroyParams(params);
+    if (cusolver != nullptr) cusolverDnDestroy(cusolver);
+    if (cublas != nullptr) cublasDestroy(cublas);
+  }
+};
+
+void BatchedCompressor::can_implement(const CompressProblem& p) {
+  constexpr const char* kWhat = "BatchedCompressor";
+  using detail::require;
+  require(p.element == ElementType::kHalf || p.element == ElementType::kBFloat16, kWhat, "problem.element",
+          static_cast<int>(p.element), "must be kHalf or kBFloat16");
+  require(p.head_dim == 64 || p.head_dim == 128, kWhat, "problem.head_dim", p.head_dim, "must be 64 or 128");
+  require(p.rows >= 1, kWhat, "problem.rows", p.rows, "must be positive");
+  require(p.max_jobs >= 1, kWhat, "problem.max_jobs", p.max_jobs, "must be positive");
+  const int max_rank = std::min(p.head_dim, p.rows);
+  require(p.max_rank >= 1 && p.max_rank <= max_rank, kWhat, "problem.max_rank", p.max_rank,
+          detail::concat("must be in [1, min(head_dim, rows) = ", max_rank, "]"));
+  require(p.algorithm == CompressAlgorithm::kSubspaceIteration || p.algorithm == CompressAlgorithm::kCusolver, kWhat,
+          "problem.algorithm", static_cast<int>(p.algorithm), "must be kSubspaceIteration or kCusolver");
+  require(p.options.oversample >= 0, kWhat, "problem.options.oversample", p.options.oversample,
+          "must be non-negative (0: automatic)");
+  require(p.options.iterations >= 1 && p.options.iterations <= 64, kWhat, "problem.options.iterations",
+          p.options.iterations, "must be in [1, 64]");
+  require(p.options.jacobi_sweeps >= 1 && p.options.jacobi_sweeps <= 64, kWhat, "problem.options.jacobi_sweeps",
+          p.options.jacobi_sweeps, "must be in [1, 64]");
+}
+
+void BatchedCompressor::validate_jobs(const CompressProblem& p, const CompressJob* jobs, int num_jobs) {
+  constexpr const char* kWhat = "BatchedCompressor::run";
+  using detail::require;
+  require(num_jobs >= 0 && num_jobs <= p.max_jobs, kWhat, "num_jobs", num_jobs,
+          detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
+  require(num_jobs == 0 || jobs != nullptr, kWhat, "jobs", "nullptr", "must point to num_jobs descriptors");
+  const int max_rank = std::min({p.max_rank, p.head_dim, p.rows});
+  auto aligned = [](const void* ptr, std::uintptr_t a) { return reinterpret_cast<std::uintptr_t>(ptr) % a == 0; };
+  for (int i = 0; i < num_jobs; ++i) {
+    const CompressJob& j = jobs[i];
+    const std::string at = detail::concat("jobs[", i, "]");
+    auto field = [&](const char* name) { return at + "." + name; };
+    require(j.x != nullptr && aligned(j.x, 16), kWhat, field("x").c_str(), j.x, "must be non-null and 16-byte aligned");
+    require(j.x_row_stride >= p.head_dim && j.x_row_stride % 8 == 0, kWhat, field("x_row_stride").c_str(),
+            j.x_row_stride, detail::concat("must be a multiple of 8 and >= head_dim = ", p.head_dim));
+    require(j.rank >= 1 && j.rank <= max_rank, kWhat, field("rank").c_str(), j.rank,
+            detail::concat("must be in [1, min(max_rank, head_dim, rows) = ", max_rank, "]"));
+    require(j.basis_out != nullptr && aligned(j.basis_out, 4), kWhat, field("basis_out").c_str(),
+            static_cast<const void*>(j.basis_out), "must be non-null and 4-byte aligned");
+    require(j.scale_out != nullptr && aligned(j.scale_out, 4), kWhat, field("scale_out").c_str(),
+            static_cast<const void*>(j.scale_out), "must be non-null and 4-byte aligned");
+    require(j.coeff_out != nullptr, kWhat, field("coeff_out").c_str(), "nullptr", "must be non-null");
+    require(!j.mean_center || (j.mean_out != nullptr && aligned(j.mean_out, 2)), kWhat, field("mean_out").c_str(),
+            static_cast<const void*>(j.mean_out), "must be non-null and 2-byte aligned when mean_center is set");
+    require(aligned(j.basis_f32_out, 4) && aligned(j.coeff_f32_out, 4) && aligned(j.eigenvalues_out, 4), kWhat,
+            field("*_f32_out").c_str(), "misaligned", "optional FP32 outputs must be 4-byte aligned");
+  }
+}
+
+BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std::make_unique<Impl>()) {
+  can_implement(problem);
+  Impl& m = *impl_;
+  m.problem = problem;
+  const int d = problem.head_dim;
+  m.lp = (max_subspace_width(problem) + 15) / 16 * 16;
+  m.eigen_smem = EigenSmem::floats(d, m.lp) * sizeof(float);
+  const int rpad_max = (problem.max_rank + 15) / 16 * 16;
+  dispatch_dim(d, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    m.project_smem = ProjectShape<D>::bytes(rpad_max);
+  });
+
+  m.off_jobs = 0;
+  const std::size_t jobs_bytes = align_up(sizeof(CompressJob) * problem.max_jobs);
+  const std::size_t n = static_cast<std::size_t>(problem.max_jobs);
+  if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
+    m.off_gram = jobs_bytes;
+    m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
+    m.total = m.off_sum + align_up(n * d * sizeof(float));
+    dispatch_dim(d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      check(cudaFuncSetAttribute(eigen_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(m.eigen_smem)),
+            "cudaFuncSetAttribute(eigen_kernel)");
+      // Two eigen CTAs per SM need ~226 KB of the 228 KB: ask for the largest shared-memory carveout.
+      check(cudaFuncSetAttribute(eigen_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared),
+            "cudaFuncSetAttribute(eigen_kernel carveout)");
+    });
+  } else {
+    m.chunk = std::min(problem.max_jobs, kCusolverChunk);
+    const std::size_t c = static_cast<std::size_t>(m.chunk);
+    m.off_x32 = jobs_bytes;
+    m.off_gram = m.off_x32 + align_up(c * problem.rows * d * sizeof(float));
+    m.off_vals = m.off_gram + align_up(c * d * d * sizeof(float));
+    m.off_info = m.off_vals + align_up(c * d * sizeof(float));
+    m.off_cublas = m.off_info + align_up(c * sizeof(int));
+    m.off_syev = m.off_cublas + kCublasWorkspace;
+    check(cublasCreate(&m.cublas), "cublasCreate");
+    check(cublasSetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");  // true FP32, no TF32
+    check(cusolverDnCreate(&m.cusolver), "cusolverDnCreate");
+    check(cusolverDnCreateParams(&m.params), "cusolverDnCreateParams");
+    std::size_t dev_bytes = 0, host_bytes = 0;
+    check(cusolverDnXsyevBatched_bufferSize(m.cusolver, m.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, d,
+                                            CUDA_R_32F, nullptr, d, CUDA_R_32F, nullptr, CUDA_R_32F, &dev_bytes,
+                                            &host_bytes, m.chunk),
+          "cusolverDnXsyevBatched_bufferSize");
+    m.syev_bytes = dev_bytes;
+    m.syev_host.resize(std::max<std::size_t>(host_bytes, 1));
+    m.total = m.off_syev + align_up(std::max<std::size_t>(dev_bytes, 1));
+  }
+  dispatch_element(problem.element, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_dim(d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      check(cudaFuncSetAttribute(project_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(m.project_smem)),
+            "cudaFuncSetAttribute(project_kernel)");
+      check(cudaFuncSetAttribute(gram_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(GramShape<D>::kSmemBytes)),
+            "cudaFuncSetAttribute(gram_kernel)");
+    });
+  });
+}
+
+BatchedCompressor::~BatchedCompressor() = default;
+BatchedCompressor::BatchedCompressor(BatchedCompressor&&) noexcept = default;
+BatchedCompressor& BatchedCompressor::operator=(BatchedCompressor&&) noexcept = default;
+
+const CompressProblem& BatchedCompressor::problem() const { return impl_->problem; }
+std::size_t BatchedCompressor::get_workspace_size() const { return impl_->total; }
+
+void BatchedCompressor::run_host_jobs(const CompressJob* host_jobs, int num_jobs, void* workspace,
+                                      std::size_t workspace_bytes, cudaStream_t stream) {
+  validate_jobs(impl_->problem, host_jobs, num_jobs);
+  detail::require(workspace != nullptr && workspace_bytes >= impl_->total, "BatchedCompressor::run",
+                  "workspace_bytes", workspace_bytes,
+                  detail::concat("must be >= get_workspace_size() = ", impl_->total, " with a non-null workspace"));
+  if (num_jobs == 0) return;
+  auto* jobs_dev = reinterpret_cast<CompressJob*>(static_cast<unsigned char*>(workspace) + impl_->off_jobs);
+  check(cudaMemcpyAsync(jobs_dev, host_jobs, sizeof(CompressJob) * num_jobs, cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync(jobs)");
+  run(jobs_dev, num_jobs, workspace, workspace_bytes, stream);
+}
+
+void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* workspace,
+                            std::size_t workspace_bytes, cudaStream_t stream) {
+  Impl& m = *impl_;
+  const CompressProblem& p = m.problem;
+  constexpr const char* kWhat = "BatchedCompressor::run";
+  detail::require(num_jobs >= 0 && num_jobs <= p.max_jobs, kWhat, "num_jobs", num_jobs,
+                  detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
+  detail::require(workspace != nullptr && workspace_bytes >= m.total, kWhat, "workspace_bytes", workspace_bytes,
+                  detail::concat("must be >= get_workspace_size() = ", m.total, " with a non-null workspace"));
+  detail::require(reinterpret_cast<std::uintptr_t>(workspace) % kAlign == 0, kWhat, "workspace", workspace,
+                  "must be 256-byte aligned");
+  if (num_jobs == 0) return;
+  detail::require(device_jobs != nullptr, kWhat, "device_jobs", "nullptr", "must point to num_jobs descriptors");
+  auto* ws = static_cast<unsigned char*>(workspace);
+  auto* gram = reinterpret_cast<float*>(ws + m.off_gram);
+
+  dispatch_element(p.element, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_dim(p.head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if (p.algorithm == CompressAlgorithm::kSubspaceIteration) {
+        auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
+        gram_kernel<T, D><<<num_jobs, GramShape<D>::kThreads, GramShape<D>::kSmemBytes, stream>>>(device_jobs, p.rows,
+                                                                                                   gram, sums);
+        check_launch("gram_kernel");
+        eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, m.lp,
+                                                                           p.options);
+        check_launch("eigen_kernel");
+      } else {
+        auto* x32 = reinterpret_cast<float*>(ws + m.off_x32);
+        auto* vals = reinterpret_cast<float*>(ws + m.off_vals);
+        auto* info = reinterpret_cast<int*>(ws + m.off_info);
+        check(cublasSetStream(m.cublas, stream), "cublasSetStream");
+        check(cublasSetWorkspace(m.cublas, ws + m.off_cublas, kCublasWorkspace), "cublasSetWorkspace");
+        check(cusolverDnSetStream(m.cusolver, stream), "cusolverDnSetStream");
+        const float one = 1.0f, zero = 0.0f;
+        const long long x_stride = static_cast<long long>(p.rows) * D;
+        for (int first = 0; first < num_jobs; first += m.chunk) {
+          const int count = std::min(m.chunk, num_jobs - first);
+          gather_kernel<T><<<count, 256, D * sizeof(float), stream>>>(device_jobs, first, p.rows, D, x32);
+          check_launch("gather_kernel");
+          // Row-major [L][D] is column-major D×L with ld = D: G = Xc·Xcᵀ.
+          check(cublasSgemmStridedBatched(m.cublas, CUBLAS_OP_N, CUBLAS_OP_T, D, D, p.rows, &one, x32, D, x_stride,
+                                          x32, D, x_stride, &zero, gram, D, static_cast<long long>(D) * D, count),
+                "cublasSgemmStridedBatched(Gram)");
+          check(cusolverDnXsyevBatched(m.cusolver, m.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, D,
+                                       CUDA_R_32F, gram, D, CUDA_R_32F, vals, CUDA_R_32F, ws + m.off_syev,
+                                       m.syev_bytes, m.syev_host.data(), m.syev_host.size(), info, count),
+                "cusolverDnXsyevBatched");
+          select_kernel<<<count, 256, 0, stream>>>(device_jobs, first, D, gram, vals);
+          check_launch("select_kernel");
+        }
+      }
+      project_kernel<T, D><<<num_jobs, ProjectShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);
+      check_launch("project_kernel");
+    });
+  });
+}
+
+}  // namespace spectralkv::cuda

@@ -1,0 +1,663 @@
+// Accuracy tests of the batched GPU compression (kernels/compress.cu) against an FP64 CPU reference.
+//
+// Every batch mixes ranks, spectra and mean centring in one run, the way the cache calls it. Outputs
+// are poisoned (0xFF bytes: NaN for FP16/FP32, -1 for INT8) before each run, so anything the kernels
+// forget to write fails a check. Checks, per job:
+//  - optimality: ‖Xc − Xc·B32ᵀB32‖_F / sqrt(Σ_{i>r} σ_i²) ≤ 1.01, σ from Eigen's JacobiSVD in double
+//    (Xc = X minus the stored FP16 mean). The FP32 basis is used because the FP16 rounding of the basis
+//    (relative 2^-12 per entry) alone can cost more than 1% when the optimum is a small fraction of
+//    ‖X‖ (measured: up to 1.05 on a rank-8-plus-noise block); that rounding is a storage choice of the
+//    layout, checked separately through orthonormality and the end-to-end bound;
+//  - orthonormality of the FP16 basis (≤ 1e-3) and of the FP32 basis (≤ 1e-4);
+//  - the coefficients: FP32 values against (X − mean)·B_hᵀ in double, and the stored bytes exactly
+//    equal to the CPU rule (compress.hpp quantize_columns) applied to those FP32 values, which implies
+//    |C − scale·q| ≤ scale/2 (also checked);
+//  - finite outputs on zero, constant and rank-deficient blocks, with a complete orthonormal basis;
+//  - the subspace-iteration path against the cuSOLVER path (and the CPU reference) on gapped spectra.
+
+#include <gtest/gtest.h>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "spectralkv/compress.hpp"
+#include "spectralkv/cpu/svd.hpp"
+#include "spectralkv/cuda/compress.cuh"
+#include "spectralkv/cuda/error.cuh"
+#include "spectralkv/numeric.hpp"
+
+namespace {
+
+using spectralkv::BFloat16;
+using spectralkv::Half;
+using spectralkv::cuda::BatchedCompressor;
+using spectralkv::cuda::check;
+using spectralkv::cuda::CompressAlgorithm;
+using spectralkv::cuda::CompressJob;
+using spectralkv::cuda::CompressProblem;
+using spectralkv::cuda::ElementType;
+
+template <class T>
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(std::size_t n) : n_(n) {
+    check(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+  }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  T* get() const { return ptr_; }
+  std::size_t size() const { return n_; }
+  void poison() { check(cudaMemset(ptr_, 0xFF, n_ * sizeof(T)), "cudaMemset(poison)"); }
+  void upload(const std::vector<T>& h) {
+    check(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy(H2D)");
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n_);
+    check(cudaMemcpy(h.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy(D2H)");
+    return h;
+  }
+
+ private:
+  T* ptr_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+using Rng = std::mt19937_64;
+
+Eigen::MatrixXd gaussian(int rows, int cols, Rng& rng) {
+  std::normal_distribution<double> n(0.0, 1.0);
+  Eigen::MatrixXd m(rows, cols);
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < rows; ++i) m(i, j) = n(rng);
+  return m;
+}
+
+Eigen::RowVectorXd gaussian_row(int cols, Rng& rng) { return gaussian(1, cols, rng).row(0); }
+
+Eigen::MatrixXd orthonormal_columns(int rows, int cols, Rng& rng) {
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(gaussian(rows, cols, rng));
+  return qr.householderQ() * Eigen::MatrixXd::Identity(rows, cols);
+}
+
+/// L×D matrix U·diag(σ)·Vᵀ with random orthonormal U, V, scaled to unit RMS entry.
+Eigen::MatrixXd with_spectrum(int rows, int cols, const std::vector<double>& sigma, Rng& rng) {
+  const int k = static_cast<int>(sigma.size());
+  Eigen::VectorXd s(k);
+  for (int i = 0; i < k; ++i) s(i) = sigma[i];
+  Eigen::MatrixXd x = orthonormal_columns(rows, k, rng) * s.asDiagonal() * orthonormal_columns(cols, k, rng).transpose();
+  return x * (std::sqrt(static_cast<double>(rows) * cols) / x.norm());
+}
+
+std::vector<double> spectrum(int n, double (*f)(int)) {
+  std::vector<double> s(n);
+  for (int i = 0; i < n; ++i) s[i] = f(i + 1);
+  return s;
+}
+
+/// One matrix of a batch and its expectations.
+struct Case {
+  std::string name;
+  int rank;
+  bool mean_center;
+  Eigen::MatrixXd x;     // values as given to the GPU (already rounded to the element type)
+  bool gapped = false;   // a clear gap after σ_r: the top-r subspace is unique, paths must agree
+  bool zero_coeffs = false;  // (X − mean) is exactly zero: every scale and coefficient must be 0
+};
+
+template <class T>
+Eigen::MatrixXd round_to(const Eigen::MatrixXd& x) {
+  Eigen::MatrixXd r(x.rows(), x.cols());
+  for (int i = 0; i < x.rows(); ++i)
+    for (int j = 0; j < x.cols(); ++j) r(i, j) = static_cast<float>(T(static_cast<float>(x(i, j))));
+  return r;
+}
+
+/// Everything a run of one batch produced, on the host.
+struct Outputs {
+  std::vector<Half> basis, mean;
+  std::vector<float> scale, basis32, coeff32, eig;
+  std::vector<std::int8_t> coeff;
+};
+
+/// A batch: inputs in one device buffer (row stride D + 16 to exercise strided rows), outputs in
+/// per-kind buffers at per-job offsets.
+template <class T>
+class Batch {
+ public:
+  Batch(std::vector<Case> cases, int rows, int dim) : cases_(std::move(cases)), rows_(rows), dim_(dim) {
+    stride_ = dim + 16;
+    std::size_t rank_sum = 0;
+    for (const Case& c : cases_) {
+      basis_off_.push_back(rank_sum * dim);
+      scale_off_.push_back(rank_sum);
+      coeff_off_.push_back(rank_sum * rows);
+      rank_sum += c.rank;
+    }
+    x_.reset(new DeviceBuffer<T>(cases_.size() * rows * stride_));
+    basis_.reset(new DeviceBuffer<Half>(rank_sum * dim));
+    mean_.reset(new DeviceBuffer<Half>(cases_.size() * dim));
+    scale_.reset(new DeviceBuffer<float>(rank_sum));
+    coeff_.reset(new DeviceBuffer<std::int8_t>(rank_sum * rows));
+    basis32_.reset(new DeviceBuffer<float>(rank_sum * dim));
+    coeff32_.reset(new DeviceBuffer<float>(rank_sum * rows));
+    eig_.reset(new DeviceBuffer<float>(rank_sum));
+    std::vector<T> host(x_->size(), T(0.0f));
+    for (std::size_t b = 0; b < cases_.size(); ++b)
+      for (int t = 0; t < rows; ++t)
+        for (int d = 0; d < dim; ++d)
+          host[(b * rows + t) * stride_ + d] = T(static_cast<float>(cases_[b].x(t, d)));
+    x_->upload(host);
+  }
+
+  const std::vector<Case>& cases() const { return cases_; }
+  int max_rank() const {
+    int m = 1;
+    for (const Case& c : cases_) m = std::max(m, c.rank);
+    return m;
+  }
+
+  std::vector<CompressJob> jobs() const {
+    std::vector<CompressJob> jobs;
+    for (std::size_t b = 0; b < cases_.size(); ++b) {
+      CompressJob j;
+      j.x = x_->get() + b * rows_ * stride_;
+      j.x_row_stride = stride_;
+      j.rank = cases_[b].rank;
+      j.mean_center = cases_[b].mean_center;
+      j.basis_out = reinterpret_cast<__half*>(basis_->get() + basis_off_[b]);
+      j.mean_out = reinterpret_cast<__half*>(mean_->get() + b * dim_);
+      j.scale_out = scale_->get() + scale_off_[b];
+      j.coeff_out = coeff_->get() + coeff_off_[b];
+      j.basis_f32_out = basis32_->get() + basis_off_[b];
+      j.coeff_f32_out = coeff32_->get() + coeff_off_[b];
+      j.eigenvalues_out = eig_->get() + scale_off_[b];
+      jobs.push_back(j);
+    }
+    return jobs;
+  }
+
+  Outputs run(CompressAlgorithm algorithm, ElementType element, cudaStream_t stream) {
+    basis_->poison();
+    mean_->poison();
+    scale_->poison();
+    coeff_->poison();
+    basis32_->poison();
+    coeff32_->poison();
+    eig_->poison();
+    CompressProblem p;
+    p.element = element;
+    p.rows = rows_;
+    p.head_dim = dim_;
+    p.max_jobs = static_cast<int>(cases_.size());
+    p.max_rank = max_rank();
+    p.algorithm = algorithm;
+    BatchedCompressor comp(p);
+    DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
+    const std::vector<CompressJob> j = jobs();
+    comp.run_host_jobs(j.data(), static_cast<int>(j.size()), ws.get(), ws.size(), stream);
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    check(cudaGetLastError(), "compression kernels");
+    Outputs o;
+    o.basis = basis_->download();
+    o.mean = mean_->download();
+    o.scale = scale_->download();
+    o.coeff = coeff_->download();
+    o.basis32 = basis32_->download();
+    o.coeff32 = coeff32_->download();
+    o.eig = eig_->download();
+    return o;
+  }
+
+  // Per-job views of the outputs, in double.
+  Eigen::MatrixXd basis16(const Outputs& o, std::size_t b) const { return matrix(o.basis, basis_off_[b], cases_[b].rank, dim_); }
+  Eigen::MatrixXd basis32(const Outputs& o, std::size_t b) const { return matrix(o.basis32, basis_off_[b], cases_[b].rank, dim_); }
+  Eigen::MatrixXd coeff32(const Outputs& o, std::size_t b) const { return matrix(o.coeff32, coeff_off_[b], rows_, cases_[b].rank); }
+  Eigen::MatrixXd coeff8(const Outputs& o, std::size_t b) const { return matrix(o.coeff, coeff_off_[b], rows_, cases_[b].rank); }
+  Eigen::VectorXd scales(const Outputs& o, std::size_t b) const {
+    Eigen::VectorXd s(cases_[b].rank);
+    for (int j = 0; j < cases_[b].rank; ++j) s(j) = o.scale[scale_off_[b] + j];
+    return s;
+  }
+  Eigen::RowVectorXd mean(const Outputs& o, std::size_t b) const {
+    Eigen::RowVectorXd m = Eigen::RowVectorXd::Zero(dim_);
+    if (cases_[b].mean_center)
+      for (int d = 0; d < dim_; ++d) m(d) = static_cast<float>(o.mean[b * dim_ + d]);
+    return m;
+  }
+  std::size_t scale_offset(std::size_t b) const { return scale_off_[b]; }
+  std::size_t coeff_offset(std::size_t b) const { return coeff_off_[b]; }
+
+ private:
+  template <class V>
+  static Eigen::MatrixXd matrix(const std::vector<V>& v, std::size_t off, int rows, int cols) {
+    Eigen::MatrixXd m(rows, cols);
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) m(i, j) = static_cast<double>(static_cast<float>(v[off + static_cast<std::size_t>(i) * cols + j]));
+    return m;
+  }
+
+  std::vector<Case> cases_;
+  int rows_, dim_;
+  std::int64_t stride_;
+  std::vector<std::size_t> basis_off_, scale_off_, coeff_off_;
+  std::unique_ptr<DeviceBuffer<T>> x_;
+  std::unique_ptr<DeviceBuffer<Half>> basis_, mean_;
+  std::unique_ptr<DeviceBuffer<float>> scale_, basis32_, coeff32_, eig_;
+  std::unique_ptr<DeviceBuffer<std::int8_t>> coeff_;
+};
+
+bool all_finite(const Eigen::MatrixXd& m) { return m.allFinite(); }
+
+/// Eckart–Young optimum of a rank-r approximation of `xc`.
+double optimum(const Eigen::MatrixXd& xc, int r) {
+  Eigen::JacobiSVD<Eigen::MatrixXd> svd(xc);
+  const Eigen::VectorXd s = svd.singularValues();
+  double tail = 0.0;
+  for (int i = r; i < s.size(); ++i) tail += s(i) * s(i);
+  return std::sqrt(tail);
+}
+
+/// Checks every per-job property of one run; returns the optimality ratios (0 where undefined).
+template <class T>
+std::vector<double> check_outputs(const Batch<T>& batch, const Outputs& o, const char* path) {
+  std::vector<double> ratios;
+  const auto& cases = batch.cases();
+  for (std::size_t b = 0; b < cases.size(); ++b) {
+    const Case& c = cases[b];
+    SCOPED_TRACE(std::string(path) + " job " + std::to_string(b) + " (" + c.name + ", r=" + std::to_string(c.rank) +
+                 (c.mean_center ? ", centred" : "") + ")");
+    const Eigen::MatrixXd b16 = batch.basis16(o, b), b32 = batch.basis32(o, b), c32 = batch.coeff32(o, b);
+    const Eigen::MatrixXd q = batch.coeff8(o, b);
+    const Eigen::VectorXd s = batch.scales(o, b);
+    const Eigen::RowVectorXd mu = batch.mean(o, b);
+    if (!(all_finite(b16) && all_finite(b32) && all_finite(c32) && s.allFinite() && mu.allFinite())) {
+      ADD_FAILURE() << "an output is not finite (or was never written)";
+      ratios.push_back(0.0);
+      continue;
+    }
+
+    const int r = c.rank;
+    const Eigen::MatrixXd eye = Eigen::MatrixXd::Identity(r, r);
+    // FP16 basis: each entry rounds with relative error ≤ 2^-11, so |(B_h B_hᵀ − I)_ij| ≤ 2·2^-11 ≈ 9.8e-4.
+    EXPECT_LE((b16 * b16.transpose() - eye).cwiseAbs().maxCoeff(), 1e-3);
+    // FP32 basis: two Gram–Schmidt passes and ≤ 2·(ℓ−1)·ℓ/2 rotations, O(100·2^-24) ≈ 1e-5; ×10 margin.
+    EXPECT_LE((b32 * b32.transpose() - eye).cwiseAbs().maxCoeff(), 1e-4);
+
+    // Stored mean: the FP16 rounding of the column mean (the GPU sums in FP32, so a value on a rounding
+    // boundary may land one FP16 ulp away: tolerance 2^-10 relative).
+    if (c.mean_center) {
+      for (int d = 0; d < c.x.cols(); ++d) {
+        const double m = c.x.col(d).mean();
+        EXPECT_LE(std::fabs(mu(d) - m), std::ldexp(std::fabs(m), -10) + 1e-7) << "mean of column " << d;
+      }
+    }
+
+    const Eigen::MatrixXd xc = c.x.rowwise() - mu;
+    const double xnorm = xc.norm();
+    const double opt = optimum(xc, r);
+    const double err = (xc - xc * b32.transpose() * b32).norm();
+    double ratio = 0.0;
+    if (opt > 1e-6 * xnorm) {
+      ratio = err / opt;
+      EXPECT_LE(ratio, 1.01) << "truncation error " << err << " vs optimum " << opt;
+    } else {
+      // Exactly representable up to FP16 rounding (rank-deficient, zero or constant block): the captured
+      // subspace must hold the whole block, to the accuracy of an FP32 eigen-solve (~1e-6 relative).
+      EXPECT_LE(err, 1e-4 * xnorm + 1e-30) << "block of rank <= r not reproduced";
+    }
+    ratios.push_back(ratio);
+
+    // FP32 coefficients against (X − mean)·B_hᵀ in double: exact 16-bit products, FP32 accumulation
+    // over D terms, bound D·2^-24·Σ|x||b| ≈ 7.6e-6·Σ|x||b|; tolerance 1e-5·Σ|x||b|.
+    const Eigen::MatrixXd cref = xc * b16.transpose();
+    const Eigen::MatrixXd cabs = xc.cwiseAbs() * b16.cwiseAbs().transpose();
+    EXPECT_LE(((c32 - cref).cwiseAbs() - 1e-5 * cabs).maxCoeff(), 1e-30) << "FP32 coefficients";
+
+    // Quantisation: exactly the CPU rule on the same FP32 values, and its analytic bound.
+    std::vector<float> cf(static_cast<std::size_t>(c32.size()));
+    for (int t = 0; t < c32.rows(); ++t)
+      for (int j = 0; j < r; ++j) cf[static_cast<std::size_t>(t) * r + j] = static_cast<float>(c32(t, j));
+    std::vector<std::int8_t> qref(cf.size());
+    std::vector<float> sref(r);
+    spectralkv::quantize_columns(cf.data(), static_cast<int>(c32.rows()), r, qref.data(), sref.data());
+    for (int j = 0; j < r; ++j) EXPECT_EQ(static_cast<float>(s(j)), sref[j]) << "scale of column " << j;
+    int mismatches = 0;
+    double excess = 0.0;
+    for (int t = 0; t < c32.rows(); ++t)
+      for (int j = 0; j < r; ++j) {
+        mismatches += static_cast<int>(q(t, j)) != qref[static_cast<std::size_t>(t) * r + j];
+        // |c − scale·q| ≤ scale/2, plus one rounding of the FP32 quotient (≤ 127·2^-24·scale).
+        excess = std::max(excess, std::fabs(c32(t, j) - s(j) * q(t, j)) - s(j) * (0.5 + 1e-5));
+      }
+    EXPECT_EQ(mismatches, 0) << "INT8 coefficients differ from the CPU rule";
+    EXPECT_LE(excess, 0.0) << "|C - scale*q| exceeds scale/2";
+    if (c.zero_coeffs) {
+      EXPECT_EQ(s.cwiseAbs().maxCoeff(), 0.0);
+      EXPECT_EQ(q.cwiseAbs().maxCoeff(), 0.0);
+    }
+    // End to end (what the cache stores): ‖X − X̂_q‖ ≤ ‖Xc − C32·B_h‖ + ‖(C32 − S·Q)·B_h‖, the latter
+    // ≤ sqrt(Σ_j L·(scale_j/2)²)·‖B_h‖₂ with ‖B_h‖₂ ≤ 1 + 1e-3.
+    const Eigen::MatrixXd xq = (q * s.asDiagonal()) * b16;
+    double qbound = 0.0;
+    for (int j = 0; j < r; ++j) qbound += static_cast<double>(c32.rows()) * 0.25 * s(j) * s(j);
+    EXPECT_LE((xc - xq).norm(), (xc - c32 * b16).norm() + std::sqrt(qbound) * 1.001 + 1e-6 * xnorm);
+  }
+  return ratios;
+}
+
+class CompressGpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!spectralkv::cuda::device_available()) GTEST_SKIP() << "no CUDA device present";
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  }
+  void TearDown() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  cudaStream_t stream_ = nullptr;
+};
+
+constexpr int kRows = 512;
+
+double exp20(int i) { return std::exp(-i / 20.0); }
+double pow_half(int i) { return std::pow(i, -0.5); }
+double pow_quarter(int i) { return std::pow(i, -0.25); }
+
+/// The D=128 FP16 batch: every kind of block the task lists, mixed ranks, one launch.
+std::vector<Case> cases_d128(Rng& rng) {
+  const int D = 128;
+  std::vector<Case> cs;
+  auto add = [&](std::string name, int r, bool mc, const Eigen::MatrixXd& x) {
+    cs.push_back(Case{std::move(name), r, mc, round_to<Half>(x)});
+  };
+  for (int r : {16, 32}) add("decay exp(-i/20)", r, false, with_spectrum(kRows, D, spectrum(D, exp20), rng));
+  for (int r : {8, 16, 32, 64}) add("decay i^-0.5", r, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add("decay i^-0.25 (near flat)", 32, false, with_spectrum(kRows, D, spectrum(D, pow_quarter), rng));
+  for (int r : {16, 32}) {  // a cluster of 8 equal singular values straddling r
+    std::vector<double> s(D);
+    for (int i = 0; i < D; ++i) s[i] = i < r - 4 ? 3.0 - 0.05 * i : (i < r + 4 ? 1.0 : 0.3 * std::exp(-(i - r) / 10.0));
+    add("clustered at r", r, false, with_spectrum(kRows, D, s, rng));
+  }
+  for (int r : {16, 32}) {  // keys-like: decaying spectrum, three channels 100× the rest
+    Eigen::MatrixXd x = with_spectrum(kRows, D, spectrum(D, exp20), rng);
+    for (int ch : {3, 77, 100}) x.col(ch) *= 100.0;
+    add("outlier channels 100x", r, false, x);
+  }
+  {  // hardest measured: iid columns (flat Marchenko–Pastur spectrum) plus two 100× channels
+    Eigen::MatrixXd x = gaussian(kRows, D, rng);
+    x.col(5) *= 100.0;
+    x.col(90) *= 100.0;
+    add("iid + outlier channels", 32, false, x);
+  }
+  for (int r : {16, 32}) {  // gapped: the top-r subspace is well defined, fast and cuSOLVER paths must agree
+    std::vector<double> s(D);
+    for (int i = 0; i < D; ++i) s[i] = i < r ? 1.0 - 0.015 * i : 0.01 * std::exp(-(i - r) / 30.0);
+    add("gapped", r, false, with_spectrum(kRows, D, s, rng));
+    cs.back().gapped = true;
+  }
+  {  // mean-centred: per-channel offsets of ~5 standard deviations
+    Eigen::MatrixXd x = with_spectrum(kRows, D, spectrum(D, exp20), rng);
+    const Eigen::RowVectorXd off = 5.0 * gaussian_row(D, rng);
+    add("offsets, centred", 32, true, x.rowwise() + off);
+    add("offsets, centred", 16, true, with_spectrum(kRows, D, spectrum(D, pow_half), rng).rowwise() + off);
+  }
+  {  // rank-deficient, exact in FP16: integer left factor, multiples of 1/8 on the right
+    std::uniform_int_distribution<int> a(-3, 3), bq(-8, 8);
+    Eigen::MatrixXd A(kRows, 5), B(5, D);
+    for (int i = 0; i < A.size(); ++i) A.data()[i] = a(rng);
+    for (int i = 0; i < B.size(); ++i) B.data()[i] = bq(rng) / 8.0;
+    add("rank 5", 16, false, A * B);
+    add("rank 5, centred", 8, true, A * B);
+  }
+  add("zero", 16, false, Eigen::MatrixXd::Zero(kRows, D));
+  cs.back().zero_coeffs = true;
+  add("zero, centred", 32, true, Eigen::MatrixXd::Zero(kRows, D));
+  cs.back().zero_coeffs = true;
+  {
+    const Eigen::RowVectorXd row = gaussian_row(D, rng);
+    const Eigen::MatrixXd x = Eigen::MatrixXd::Ones(kRows, 1) * row;
+    add("constant rows", 16, false, x);
+    add("constant rows, centred", 16, true, x);
+    cs.back().zero_coeffs = true;  // the FP16 mean of identical FP16 values is the value itself
+  }
+  add("r close to D", 120, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  return cs;
+}
+
+TEST_F(CompressGpu, SubspaceIterationMatchesOptimumOnMixedBatchD128) {
+  Rng rng(20261129);
+  Batch<Half> batch(cases_d128(rng), kRows, 128);
+  const Outputs o = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const std::vector<double> ratios = check_outputs(batch, o, "subspace");
+  double worst = 0.0;
+  for (double r : ratios) worst = std::max(worst, r);
+  RecordProperty("worst_ratio", std::to_string(worst));
+  std::printf("[ info ] D=128 worst optimality ratio (subspace iteration): %.6f\n", worst);
+}
+
+TEST_F(CompressGpu, CusolverPathMatchesOptimumAndAgreesWithSubspaceIteration) {
+  Rng rng(20261129);
+  Batch<Half> batch(cases_d128(rng), kRows, 128);
+  const Outputs fast = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const Outputs cus = batch.run(CompressAlgorithm::kCusolver, ElementType::kHalf, stream_);
+  check_outputs(batch, cus, "cusolver");
+  for (std::size_t b = 0; b < batch.cases().size(); ++b) {
+    const Case& c = batch.cases()[b];
+    if (!c.gapped) continue;
+    SCOPED_TRACE(c.name + " r=" + std::to_string(c.rank));
+    const Eigen::MatrixXd bf = batch.basis32(fast, b), bc = batch.basis32(cus, b);
+    // Projectors onto the top-r subspace: perturbation theory gives sin θ ≤ ‖δG‖/gap with ‖δG‖ ≈ 1e-6·λ₁
+    // (FP32 Gram) and gap ≥ λ_r/2 here, so ~1e-5; tolerance 1e-4.
+    const Eigen::MatrixXd pf = bf.transpose() * bf, pc = bc.transpose() * bc;
+    EXPECT_LE((pf - pc).norm(), 1e-4) << "fast vs cuSOLVER subspace";
+    const Eigen::MatrixXd& xr = c.x;
+    std::vector<float> rowmajor(static_cast<std::size_t>(xr.size()));
+    for (int t = 0; t < xr.rows(); ++t)
+      for (int d = 0; d < xr.cols(); ++d) rowmajor[static_cast<std::size_t>(t) * xr.cols() + d] = static_cast<float>(xr(t, d));
+    const spectralkv::FactoredBlock cpu = spectralkv::cpu::truncated_svd(rowmajor.data(), xr.cols(), static_cast<int>(xr.rows()),
+                                                                         static_cast<int>(xr.cols()), c.rank, false);
+    Eigen::MatrixXd bcpu(c.rank, xr.cols());
+    for (int j = 0; j < c.rank; ++j)
+      for (int d = 0; d < xr.cols(); ++d) bcpu(j, d) = cpu.basis[static_cast<std::size_t>(j) * xr.cols() + d];
+    const Eigen::MatrixXd pcpu = bcpu.transpose() * bcpu;
+    EXPECT_LE((pf - pcpu).norm(), 1e-4) << "fast vs CPU double subspace";
+    EXPECT_LE((pc - pcpu).norm(), 1e-4) << "cuSOLVER vs CPU double subspace";
+    // The fast path's Ritz values come out of at most `jacobi_sweeps` (2) Jacobi sweeps: individually
+    // they are converged only where the eigenvalues are well separated (here they are 3% apart), but
+    // they are sorted, and their sum is the energy ‖X·B32ᵀ‖² the basis captures, which must equal
+    // Σ_{j≤r} σ_j² up to the FP32 Gram (relative ~1e-6; tolerance 1e-5).
+    const std::vector<double> sv = spectralkv::cpu::singular_values(rowmajor.data(), xr.cols(), static_cast<int>(xr.rows()),
+                                                                     static_cast<int>(xr.cols()), false);
+    double captured = 0.0, optimal = 0.0;
+    for (int j = 0; j < c.rank; ++j) {
+      const double lam = fast.eig[batch.scale_offset(b) + j];
+      captured += lam;
+      optimal += sv[j] * sv[j];
+      if (j > 0) EXPECT_LE(lam, fast.eig[batch.scale_offset(b) + j - 1]) << "Ritz values not descending at " << j;
+    }
+    EXPECT_NEAR(captured, optimal, 1e-5 * optimal) << "energy captured by the top-r Ritz vectors";
+    // cuSOLVER's eigenvalues are converged individually.
+    for (int j = 0; j < c.rank; ++j)
+      EXPECT_NEAR(cus.eig[batch.scale_offset(b) + j], sv[j] * sv[j], 1e-5 * sv[0] * sv[0]) << "eigenvalue " << j;
+  }
+}
+
+TEST_F(CompressGpu, HeadDim64WithRankUpToD) {
+  Rng rng(7);
+  const int D = 64;
+  std::vector<Case> cs;
+  auto add = [&](std::string name, int r, bool mc, const Eigen::MatrixXd& x) {
+    cs.push_back(Case{std::move(name), r, mc, round_to<Half>(x)});
+  };
+  add("decay i^-0.5", 8, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add("decay i^-0.5", 32, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add("decay exp(-i/20), centred", 16, true,
+      with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + 3.0 * gaussian_row(D, rng));
+  add("r close to D", 56, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add("r = D", 64, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add("zero", 64, false, Eigen::MatrixXd::Zero(kRows, D));
+  cs.back().zero_coeffs = true;
+  Batch<Half> batch(cs, kRows, D);
+  for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
+    const Outputs o = batch.run(a, ElementType::kHalf, stream_);
+    check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver D=64" : "subspace D=64");
+  }
+}
+
+TEST_F(CompressGpu, BFloat16InputAndShortBlock) {
+  Rng rng(11);
+  const int D = 128, rows = 200;  // a block length that is not a multiple of the 64-row chunks
+  std::vector<Case> cs;
+  auto add = [&](std::string name, int r, bool mc, const Eigen::MatrixXd& x) {
+    cs.push_back(Case{std::move(name), r, mc, round_to<BFloat16>(x)});
+  };
+  add("decay exp(-i/20)", 16, false, with_spectrum(rows, D, spectrum(D, exp20), rng));
+  add("decay i^-0.5", 32, false, with_spectrum(rows, D, spectrum(D, pow_half), rng));
+  add("offsets, centred", 32, true, with_spectrum(rows, D, spectrum(D, exp20), rng).rowwise() + 4.0 * gaussian_row(D, rng));
+  Batch<BFloat16> batch(cs, rows, D);
+  for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
+    const Outputs o = batch.run(a, ElementType::kBFloat16, stream_);
+    check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver bf16" : "subspace bf16");
+  }
+}
+
+TEST_F(CompressGpu, WritesIntoTheColdLayout) {
+  // K and V of two heads of one block through make_cold_block_job: every byte of the sections must be
+  // written (the slab is poisoned), and nothing outside them.
+  Rng rng(3);
+  const int D = 128, H = 2;
+  const spectralkv::ColdBlockLayout layout = spectralkv::ColdBlockLayout::make(kRows, D, H, 16, 32, true);
+  DeviceBuffer<std::uint8_t> slab(static_cast<std::size_t>(layout.block_bytes));
+  DeviceBuffer<Half> kv(static_cast<std::size_t>(2) * kRows * H * D);  // K then V, [t][h][d]
+  std::vector<Half> host(kv.size());
+  std::vector<Eigen::MatrixXd> mats;
+  for (int m = 0; m < 2 * H; ++m) {
+    const Eigen::MatrixXd x = round_to<Half>(with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() +
+                                             2.0 * gaussian_row(D, rng));
+    mats.push_back(x);
+    const int part = m / H, h = m % H;
+    for (int t = 0; t < kRows; ++t)
+      for (int d = 0; d < D; ++d)
+        host[static_cast<std::size_t>(part) * kRows * H * D + (static_cast<std::size_t>(t) * H + h) * D + d] =
+            Half(static_cast<float>(x(t, d)));
+  }
+  kv.upload(host);
+  std::vector<std::uint8_t> sentinel(slab.size(), 0xA5);
+  slab.upload(sentinel);
+  std::vector<CompressJob> jobs;
+  for (int m = 0; m < 2 * H; ++m) {
+    const int part = m / H, h = m % H;
+    jobs.push_back(spectralkv::cuda::make_cold_block_job(
+        layout, slab.get() + h * layout.head_bytes, part == 1,
+        kv.get() + static_cast<std::size_t>(part) * kRows * H * D + h * D, static_cast<std::int64_t>(H) * D));
+  }
+  CompressProblem p;
+  p.rows = kRows;
+  p.head_dim = D;
+  p.max_jobs = 4;
+  p.max_rank = 32;
+  BatchedCompressor comp(p);
+  DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
+  comp.run_host_jobs(jobs.data(), 4, ws.get(), ws.size(), stream_);
+  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  const std::vector<std::uint8_t> bytes = slab.download();
+  for (int h = 0; h < H; ++h) {
+    const std::uint8_t* head = bytes.data() + h * layout.head_bytes;
+    for (int part = 0; part < 2; ++part) {
+      SCOPED_TRACE("head " + std::to_string(h) + (part ? " V" : " K"));
+      const spectralkv::StoredFactorView view(layout, part ? spectralkv::Part::kValue : spectralkv::Part::kKey, head);
+      const std::vector<float> rec = spectralkv::reconstruct(view);
+      const Eigen::MatrixXd& x = mats[part * H + h];
+      double err2 = 0.0;
+      for (int t = 0; t < kRows; ++t)
+        for (int d = 0; d < D; ++d) {
+          ASSERT_TRUE(std::isfinite(rec[static_cast<std::size_t>(t) * D + d]));
+          err2 += std::pow(rec[static_cast<std::size_t>(t) * D + d] - x(t, d), 2);
+        }
+      // exp(-i/20) spectrum: the optimum at r=16 / 32 is ~35% / 20% of ‖X‖; INT8 adds ~1% of ‖C‖. The bound
+      // 1.1×optimum + 2% of ‖X‖ only catches a wrong section or layout, accuracy is checked above.
+      const Eigen::MatrixXd xc = x.rowwise() - x.colwise().mean();
+      const double opt = optimum(xc, part ? 32 : 16);
+      EXPECT_LE(std::sqrt(err2), 1.1 * opt + 0.02 * x.norm());
+    }
+    // Alignment padding between sections (and after the last one) must be untouched.
+    const std::int64_t start[] = {layout.basis_k, layout.basis_v, layout.mean_k,  layout.mean_v,
+                                  layout.scale_k, layout.scale_v, layout.coeff_k, layout.coeff_v,
+                                  layout.head_bytes};
+    const std::int64_t size[] = {2 * 16 * D, 2 * 32 * D, 2 * D, 2 * D, 4 * 16, 4 * 32, kRows * 16, kRows * 32};
+    for (int i = 0; i < 8; ++i)
+      for (std::int64_t at = start[i] + size[i]; at < start[i + 1]; ++at)
+        EXPECT_EQ(head[at], 0xA5) << "padding byte " << at << " of head " << h;
+  }
+}
+
+TEST_F(CompressGpu, RejectsBadProblemsAndJobs) {
+  CompressProblem p;
+  p.max_jobs = 4;
+  p.max_rank = 32;
+  EXPECT_NO_THROW(BatchedCompressor::can_implement(p));
+  CompressProblem bad = p;
+  bad.head_dim = 96;
+  EXPECT_THROW(BatchedCompressor::can_implement(bad), spectralkv::InvalidArgument);
+  bad = p;
+  bad.max_rank = 129;
+  EXPECT_THROW(BatchedCompressor::can_implement(bad), spectralkv::InvalidArgument);
+  bad = p;
+  bad.max_jobs = 0;
+  EXPECT_THROW(BatchedCompressor::can_implement(bad), spectralkv::InvalidArgument);
+  bad = p;
+  bad.options.iterations = 0;
+  EXPECT_THROW(BatchedCompressor::can_implement(bad), spectralkv::InvalidArgument);
+  try {
+    bad = p;
+    bad.head_dim = 96;
+    BatchedCompressor::can_implement(bad);
+    FAIL() << "no exception";
+  } catch (const spectralkv::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("head_dim"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("96"), std::string::npos) << e.what();
+  }
+
+  DeviceBuffer<Half> x(512 * 128);
+  DeviceBuffer<Half> basis(32 * 128), mean(128);
+  DeviceBuffer<float> scale(32);
+  DeviceBuffer<std::int8_t> coeff(512 * 32);
+  CompressJob j;
+  j.x = x.get();
+  j.x_row_stride = 128;
+  j.rank = 32;
+  j.basis_out = reinterpret_cast<__half*>(basis.get());
+  j.scale_out = scale.get();
+  j.coeff_out = coeff.get();
+  EXPECT_NO_THROW(BatchedCompressor::validate_jobs(p, &j, 1));
+  CompressJob b = j;
+  b.rank = 33;
+  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  b = j;
+  b.x_row_stride = 130;
+  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  b = j;
+  b.x = x.get() + 1;  // 2-byte aligned only
+  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  b = j;
+  b.mean_center = true;  // no mean_out
+  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  b = j;
+  b.coeff_out = nullptr;
+  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &j, 5), spectralkv::InvalidArgument);
+
+  BatchedCompressor comp(p);
+  DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
+  EXPECT_THROW(comp.run_host_jobs(&j, 1, ws.get(), ws.size() - 1, stream_), spectralkv::InvalidArgument);
+  EXPECT_NO_THROW(comp.run_host_jobs(&j, 0, ws.get(), ws.size(), stream_));
+}
+
+}  // namespace
