@@ -12,7 +12,9 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <random>
@@ -52,6 +54,13 @@ CacheConfig scenario_config(int sinks, bool centre) {
   c.mean_center = centre;
   c.layer_ranks = {{16, 32}, {8, 16}};
   return c;
+}
+
+/// Steps of the random scenarios; SPECTRALKV_SCENARIO_STEPS scales them down for runs under
+/// compute-sanitizer, which are two orders of magnitude slower.
+int scenario_steps(int full) {
+  const char* env = std::getenv("SPECTRALKV_SCENARIO_STEPS");
+  return env ? std::max(1, std::min(full, std::atoi(env))) : full;
 }
 
 float half_ulp(float x, bool bf16) { return std::ldexp(std::fabs(x), bf16 ? -8 : -11); }
@@ -161,9 +170,10 @@ TYPED_TEST(DeviceCache, SynchronousMatchesCpuAtEveryStep) {
       SCOPED_TRACE(::testing::Message() << "sinks " << sinks << " centre " << centre);
       int compared = 0;
       std::int64_t pending = 0;
-      run_scenario<TypeParam>(scenario_config(sinks, centre), skc::CompressionMode::kSynchronous, 600,
+      const int steps = scenario_steps(600);
+      run_scenario<TypeParam>(scenario_config(sinks, centre), skc::CompressionMode::kSynchronous, steps,
                               static_cast<std::uint32_t>(17 + sinks + centre), &compared, &pending);
-      EXPECT_GT(compared, 600);
+      EXPECT_GT(compared, steps);  // two layers per step, a few steps have no batch
       EXPECT_EQ(pending, 0);  // synchronous mode never leaves a block pending
     }
   }
@@ -173,9 +183,11 @@ TYPED_TEST(DeviceCache, AsyncDefersCompressionAndMatchesAfterFlush) {
   SKIP_WITHOUT_GPU();
   int compared = 0;
   std::int64_t pending = 0;
-  run_scenario<TypeParam>(scenario_config(4, false), skc::CompressionMode::kAsync, 1200, 5, &compared, &pending);
-  EXPECT_GT(compared, 100);
-  EXPECT_GT(pending, 0);  // blocks were attended densely while their compression was in flight
+  const int steps = scenario_steps(1200);
+  run_scenario<TypeParam>(scenario_config(4, false), skc::CompressionMode::kAsync, steps, 5, &compared, &pending);
+  EXPECT_GT(compared, steps / 10);
+  // Blocks were attended densely while their compression was in flight (needs enough steps to fill one).
+  if (steps >= 200) EXPECT_GT(pending, 0);
 }
 
 TEST(DeviceCacheMemory, NoLeakAndCapacityErrorsChangeNothing) {
