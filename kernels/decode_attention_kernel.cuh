@@ -1,0 +1,1089 @@
+#pragma once
+// The decode-attention kernel template shared by DecodeAttention (cold blocks + dense tiers),
+// DenseDecodeAttention (RK = RV = 0) and DecompressThenAttend. Private to the kernel library: the
+// instantiation files (decode_spectral_*.cu, decode_dense.cu) include it, the public API is
+// spectralkv/cuda/decode_attention.cuh.
+//
+// One CTA = 8 warps. The grid has one CTA per SM and every CTA takes an equal, contiguous share of the
+// flattened item list (sequence-major, then KV head, then item). Items are:
+//   - a cold block: all sections of one KV head of one block: the bases by 16-byte cp.async into padded
+//     rows (8 consecutive rows hit distinct banks), the scales and coefficients (~2/3 of the bytes,
+//     contiguous) by one bulk copy of the copy engine completing on the stage's mbarrier;
+//   - a dense chunk: up to 64 consecutive tokens of one dense tier, K rows then V rows, padded, by 16-byte
+//     cp.async (rows past the tier's end zero-filled).
+// Each thread owns one 16-byte column of every 16th (head_dim 128) or 32nd row, so a row copy costs one
+// address add. Measured on an H200: one bulk copy per 256-byte row starves the copy engine, and 16-byte
+// copies with general index arithmetic cost ~57 instructions each; this split avoids both.
+// Stages form a ring S deep (2..4 by shared memory), so S-1 items are in flight while one is computed.
+//
+// Cold block (GQA group of g <= 16 query heads packed as the 16 rows of the MMA tiles, so every INT8
+// coefficient is loaded and converted once per group):
+//   W = q·B_Kᵀ            m16n8k16 over head_dim, q as FP16 (power-of-two normalised), B_K from smem;
+//   W *= scale_k · scale  FP32, then split W = W_hi + W_lo (two FP16 halves, ~22 significant bits);
+//   s = W·C_Kᵀ (+ q·mean_k) m16n8k16 with C_K converted to FP16 exactly (int8 -> half by byte permutes);
+//   p = exp2(s - m)       FP32 online softmax per warp over its tokens;
+//   PC += p·C_V           m16n8k16 with P in FP16 and C_V exact;
+//   warp partials (m, l, PC) merged through shared memory, PC *= scale_v, split hi/lo, and
+//   o_slice += PC·B_V (+ l·mean_v), each warp owning head_dim/8 output columns of the CTA's state.
+// Dense chunk: each warp scores its 8 tokens (m16n8k16 in T) and accumulates P·V (m16n8k8) into a
+// warp-private state over all head_dim columns; warp states merge into the CTA state when a (sequence,
+// head) segment ends.
+// A segment that is the whole (sequence, head) writes the output; otherwise it writes a partial (m, l, o)
+// and the last CTA of that (sequence, head) to finish, found by an atomic counter, merges all of them.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "decode_kernel_args.cuh"
+#include "spectralkv/cuda/error.cuh"
+
+namespace spectralkv::cuda::kernel {
+
+// ---------------------------------------------------------------------------------------------------
+// PTX wrappers.
+
+__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Stage barriers: one mbarrier per stage, one arrival (warp 0's lane 0, with the expected byte count) per
+// use; the bulk copies complete the transaction bytes.
+__device__ __forceinline__ void mbar_init(std::uint32_t bar, std::uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(std::uint32_t bar, std::uint32_t parity) {
+  std::uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+/// Bulk copy global -> shared by the copy engine (16-byte aligned addresses, size a multiple of 16); one
+/// instruction per contiguous run instead of one 16-byte copy per thread.
+__device__ __forceinline__ void bulk_load(std::uint32_t dst, const void* src, std::uint32_t bytes, std::uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+/// 16-byte copy global -> shared. src-size 0 zero-fills the destination: rows past a tier's end must read
+/// as 0, not stale bytes (a stale NaN times p = 0 would still be NaN).
+__device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait(int newest_pending) {
+  switch (newest_pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+  }
+}
+/// Orders ordinary shared-memory accesses (made visible by a barrier) before later bulk copies into the
+/// same memory.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+/// 2^x with the hardware approximation (relative error ~2^-22); exp2(-inf) = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void ldsm_x4(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x2_t(std::uint32_t addr, std::uint32_t& r0, std::uint32_t& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x1_t(std::uint32_t addr, std::uint32_t& r0) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r0) : "r"(addr) : "memory");
+}
+
+// D(16x8, f32) += A(16x16) * B(16x8). A regs: (row g, k 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..);
+// B regs: (k 2t..2t+1, col g), (k 2t+8.., col g); C: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1),
+// with g = lane / 4 and t = lane % 4.
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+// D(16x8) += A(16x8) * B(8x8). A regs: (g, 2t..2t+1), (g+8, 2t..); B reg: (k 2t..2t+1, col g).
+template <class T>
+__device__ __forceinline__ void mma1688(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t b0) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+}
+
+template <class T>
+__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
+  std::uint32_t u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    std::memcpy(&u, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    std::memcpy(&u, &v, 4);
+  }
+  return u;
+}
+template <class T>
+__device__ __forceinline__ float2 unpack2(std::uint32_t u) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v;
+    std::memcpy(&v, &u, 4);
+    return __bfloat1622float2(v);
+  } else {
+    __half2 v;
+    std::memcpy(&v, &u, 4);
+    return __half22float2(v);
+  }
+}
+/// x = hi + lo with both halves FP16: the pair carries ~22 significant bits into an FP16 MMA.
+__device__ __forceinline__ void split_half2(float x0, float x1, std::uint32_t& hi, std::uint32_t& lo) {
+  hi = pack2<__half>(x0, x1);
+  const float2 h = unpack2<__half>(hi);
+  lo = pack2<__half>(x0 - h.x, x1 - h.y);
+}
+
+/// (half2 bits) - (1152, 1152).
+__device__ __forceinline__ std::uint32_t sub_1152(std::uint32_t x) {
+  std::uint32_t r;
+  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(0x64806480u));
+  return r;
+}
+/// Four signed bytes -> half2(b0, b1), half2(b2, b3), exactly: with the sign bit flipped a byte u is the
+/// mantissa of the half 1024 + u, and 1024 + (b + 128) - 1152 = b.
+__device__ __forceinline__ void i8x4_to_half2(std::uint32_t w, std::uint32_t& lo, std::uint32_t& hi) {
+  const std::uint32_t u = w ^ 0x80808080u;
+  lo = sub_1152(__byte_perm(u, 0x64646464u, 0x4140));
+  hi = sub_1152(__byte_perm(u, 0x64646464u, 0x4342));
+}
+/// half2(byte i of a, byte i of b), exactly (same trick; i is a compile-time constant after unrolling).
+__device__ __forceinline__ std::uint32_t i8pair_to_half2(std::uint32_t a, std::uint32_t b, int i) {
+  const std::uint32_t sel = static_cast<std::uint32_t>(i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12));
+  const std::uint32_t x = (__byte_perm(a, b, sel) & 0x00FF00FFu) ^ 0x64806480u;
+  return sub_1152(x);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+/// Reference point for exp2 when the running max is still -inf (nothing seen yet): any finite value works
+/// since every term is then exp2(-inf) = 0, and it avoids inf - inf.
+__device__ __forceinline__ float finite_or_zero(float m) { return m == -INFINITY ? 0.0f : m; }
+
+/// Loads RK/4 (or RV/8) bytes, 1..16, as up to four words (zero-extended when narrower than a word).
+template <int kBytes>
+__device__ __forceinline__ void load_bytes(const unsigned char* p, std::uint32_t (&w)[(kBytes + 3) / 4]) {
+  if constexpr (kBytes == 1) {
+    w[0] = *p;
+  } else if constexpr (kBytes == 2) {
+    w[0] = *reinterpret_cast<const unsigned short*>(p);
+  } else if constexpr (kBytes == 4) {
+    w[0] = *reinterpret_cast<const std::uint32_t*>(p);
+  } else if constexpr (kBytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    static_assert(kBytes == 16, "coefficient rows are 1, 2, 4, 8 or 16 bytes per lane");
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+template <class T, int D, int RK, int RV>
+struct DecodeTraits {
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+  static_assert(RK == 0 || RK == 8 || RK == 16 || RK == 32 || RK == 64, "rank_k 8, 16, 32 or 64");
+  static_assert(RV == 0 || RV == 8 || RV == 16 || RV == 32 || RV == 64, "rank_v 8, 16, 32 or 64");
+  static constexpr bool kCold = RK > 0;
+  static constexpr int kRow = 2 * D + 16;    ///< padded smem row: 8 consecutive rows hit distinct banks
+  static constexpr int kKd = D / 16;         ///< MMA k-steps over head_dim
+  static constexpr int kDTiles = D / 8;      ///< MMA n-tiles over head_dim
+  static constexpr int kSlice = kDTiles / kWarps;  ///< n-tiles of the CTA state each warp owns
+  static constexpr int kKT = kCold ? RK / 8 : 1;   ///< n-tiles of W
+  static constexpr int kVT = kCold ? RV / 8 : 1;   ///< n-tiles of PC
+  static constexpr int kRKs = RK >= 16 ? RK / 16 : 1;  ///< k-steps of the score MMA (RK 8: one m16n8k8)
+  static constexpr int kRVs = RV >= 16 ? RV / 16 : 1;  ///< k-steps of the projection MMA
+  static constexpr int kKBytes = kCold ? RK / 4 : 4;   ///< C_K bytes a lane loads per token row
+  static constexpr int kVBytes = kCold ? RV / 8 : 4;   ///< C_V bytes a lane loads per token row
+  static constexpr int kBaseRows = RK + RV + 2;        ///< B_K, B_V, mean_k, mean_v
+  static_assert(kSlice >= 1, "each warp owns at least one n-tile of the output");
+
+  /// Basis row of B_K stored in smem slot 8*nt + n: the MMA producing W reads n-tile nt from 8 contiguous
+  /// slots (conflict-free), and its accumulator lands where the score MMA's A operand needs it:
+  /// lane (g, t) ends up holding W[g][RK/4*t + 4*ks + 0..3] for score k-step ks, which is exactly the byte
+  /// range of C_K row it loads with one RK/4-byte access.
+  __host__ __device__ static constexpr int sigma(int nt, int n) {
+    return RK == 8 ? n : (RK / 4) * (n >> 1) + 4 * (nt >> 1) + 2 * (nt & 1) + (n & 1);
+  }
+};
+
+template <class T, int D, int RK, int RV>
+__global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __grid_constant__ KernelArgs a) {
+  using Tr = DecodeTraits<T, D, RK, RV>;
+  constexpr int kRow = Tr::kRow;
+  constexpr int kKd = Tr::kKd;
+  constexpr int kDTiles = Tr::kDTiles;
+  constexpr int kSlice = Tr::kSlice;
+  constexpr bool kCold = Tr::kCold;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  SeqInfo* seqs = reinterpret_cast<SeqInfo*>(smem + a.smem_seq);
+  int* prefix = reinterpret_cast<int*>(smem + a.smem_prefix);
+  uint4* qf = reinterpret_cast<uint4*>(smem + a.smem_qf);  // FP16 q fragments (normalised), cold path
+  uint4* qt = reinterpret_cast<uint4*>(smem + a.smem_qt);  // T q fragments, dense path
+  float* work = reinterpret_cast<float*>(smem + a.smem_work);
+  float* misc = reinterpret_cast<float*>(smem + a.smem_misc);
+  unsigned char* stage0 = smem + a.smem_stage;
+  const std::uint32_t bar0 = smem_u32(smem + a.smem_bar);  // stage s's barrier at bar0 + 8 s
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  const int B = a.batch;
+  const int H = a.num_kv_heads;
+  const int g = a.group;
+  const int S = a.stages;
+  const bool hi_rows = g > 8;  // rows 8..15 of the MMA tiles hold query heads (else they are padding)
+
+  if (tid == 0) {
+    for (int st = 0; st < S; ++st) mbar_init(bar0 + 8 * st, 1);
+    fence_mbar_init();  // visible to the copy engine before any bulk copy completes on them
+  }
+
+  // ---- Items per sequence, and their prefix sums (sequence-major order). --------------------------
+  for (int b = tid; b < B; b += kThreads) {
+    SeqInfo si;
+    si.block_begin = 0;
+    si.ncold = 0;
+    if (kCold && a.block_offsets != nullptr) {
+      si.block_begin = a.block_offsets[b];
+      si.ncold = a.block_offsets[b + 1] - si.block_begin;
+    }
+    int n = si.ncold;
+#pragma unroll
+    for (int t = 0; t < kNumTiers; ++t) {
+      si.len[t] = a.tiers[t].lengths != nullptr ? a.tiers[t].lengths[b] : 0;
+      n += (si.len[t] + kChunk - 1) / kChunk;
+    }
+    seqs[b] = si;
+    prefix[b + 1] = n > 0 ? n : 1;  // an empty sequence still owns one (null) item, whose CTA writes zeros
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int per = (B + 31) / 32;
+    const int lo = lane * per;
+    const int hi = min(B, lo + per);
+    int sum = 0;
+    for (int i = lo; i < hi; ++i) sum += prefix[i + 1];
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int run = incl - sum;
+    for (int i = lo; i < hi; ++i) {
+      run += prefix[i + 1];
+      prefix[i + 1] = run;
+    }
+    if (lane == 0) prefix[0] = 0;
+  }
+  __syncthreads();
+
+  const long long total = static_cast<long long>(H) * prefix[B];
+  const long long G = gridDim.x;
+  const long long x0 = static_cast<long long>(blockIdx.x) * total / G;
+  const long long x1 = static_cast<long long>(blockIdx.x + 1) * total / G;
+  if (x0 >= x1) return;
+  auto cta_of = [&](long long x) -> long long { return ((x + 1) * G - 1) / total; };
+
+  // Cursor over the flattened item list: sequence b, head h, index `local` of n items of (b, h).
+  struct Cursor {
+    int b, h, local, n;
+  };
+  auto locate = [&](long long x) {
+    int lo = 0, hi = B - 1;
+    while (lo < hi) {  // largest b with H * prefix[b] <= x
+      const int mid = (lo + hi + 1) >> 1;
+      if (static_cast<long long>(H) * prefix[mid] <= x) lo = mid; else hi = mid - 1;
+    }
+    Cursor c;
+    c.b = lo;
+    c.n = prefix[lo + 1] - prefix[lo];
+    const long long rel = x - static_cast<long long>(H) * prefix[lo];
+    c.h = static_cast<int>(rel / c.n);
+    c.local = static_cast<int>(rel % c.n);
+    return c;
+  };
+  auto advance = [&](Cursor& c) {
+    if (++c.local == c.n) {
+      c.local = 0;
+      if (++c.h == H) {
+        c.h = 0;
+        ++c.b;
+        if (c.b < B) c.n = prefix[c.b + 1] - prefix[c.b];
+      }
+    }
+  };
+  // Item kind: 0 cold block (idx = block index), 1 dense chunk (tier, idx = chunk), 2 null item.
+  struct Item {
+    int kind, tier, idx;
+  };
+  auto decode = [&](const Cursor& c) {
+    const SeqInfo& si = seqs[c.b];
+    Item it{2, 0, 0};
+    if (c.local < si.ncold) {
+      it.kind = 0;
+      it.idx = c.local;
+      return it;
+    }
+    int r = c.local - si.ncold;
+#pragma unroll
+    for (int t = 0; t < kNumTiers; ++t) {
+      const int chunks = (si.len[t] + kChunk - 1) / kChunk;
+      if (it.kind == 2) {
+        if (r < chunks) {
+          it.kind = 1;
+          it.tier = t;
+          it.idx = r;
+        } else {
+          r -= chunks;
+        }
+      }
+    }
+    return it;
+  };
+  auto tier_base = [&](int t, int b, bool value) -> const char* {
+    const TierArgs& ta = a.tiers[t];
+    if (ta.k_ptrs != nullptr) return static_cast<const char*>(value ? ta.v_ptrs[b] : ta.k_ptrs[b]);
+    return (value ? ta.v_base : ta.k_base) + static_cast<long long>(b) * ta.seq_stride_bytes;
+  };
+
+  // ---- Loader: copies of one item into a stage, S-1 items ahead of the compute. --------------------
+  // Rows (bases, dense tokens) go by 16-byte cp.async from every thread: each thread owns one 16-byte column
+  // of every kRowsPerPass-th row, so a copy costs one address add. The scales-and-coefficients region of a
+  // cold block (most of its bytes, contiguous) goes by one bulk copy that completes on the stage barrier.
+  constexpr int kCpr = D / 8;                     // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kCpr;   // rows one pass of the CTA covers
+  const int my_ch = tid % kCpr;
+  const int my_row = tid / kCpr;
+  Cursor lc = locate(x0);
+  long long lx = x0;  // next item to load
+  int ls = 0;         // its stage
+  int l_block = 0;    // its block id when cold, fetched one issue ahead
+  // Base pointers of the loader sequence's tiers. Scalars, not an array indexed by the tier, so they stay
+  // in registers.
+  const char *l_k0 = nullptr, *l_k1 = nullptr, *l_k2 = nullptr;
+  const char *l_v0 = nullptr, *l_v1 = nullptr, *l_v2 = nullptr;
+  auto load_seq_pointers = [&](int b) {
+    const SeqInfo& si = seqs[b];
+    l_k0 = si.len[0] > 0 ? tier_base(0, b, false) : nullptr;
+    l_v0 = si.len[0] > 0 ? tier_base(0, b, true) : nullptr;
+    l_k1 = si.len[1] > 0 ? tier_base(1, b, false) : nullptr;
+    l_v1 = si.len[1] > 0 ? tier_base(1, b, true) : nullptr;
+    l_k2 = si.len[2] > 0 ? tier_base(2, b, false) : nullptr;
+    l_v2 = si.len[2] > 0 ? tier_base(2, b, true) : nullptr;
+  };
+  auto prefetch_block = [&]() {
+    if (kCold && lx < x1 && lc.local < seqs[lc.b].ncold)
+      l_block = __ldg(a.block_table + seqs[lc.b].block_begin + lc.local);
+  };
+  load_seq_pointers(lc.b);
+  prefetch_block();
+
+  // Called by every thread, for lx < x1. Thread 0 arrives once per use of the stage barrier (with the
+  // region's bytes for a cold block).
+  auto issue = [&]() {
+    const std::uint32_t sdst = smem_u32(stage0) + static_cast<std::uint32_t>(ls * a.stage_bytes);
+    const std::uint32_t bar = bar0 + 8 * ls;
+    constexpr int kRowBytes = 2 * D;
+    const Item it = decode(lc);
+    if (kCold && it.kind == 0) {
+      const unsigned char* src = a.pool + static_cast<long long>(l_block) * a.block_bytes +
+                                 static_cast<long long>(lc.h) * a.head_bytes;
+      if (tid == 0) {
+        fence_proxy_async();
+        mbar_arrive_expect_tx(bar, a.region_bytes);
+        bulk_load(sdst + Tr::kBaseRows * kRow, src + a.off_region, a.region_bytes, bar);
+      }
+      const int rows = RK + RV + (a.has_mean ? 2 : 0);
+      for (int r = my_row; r < rows; r += kRowsPerPass) {
+        long long off;  // B_K rows in the sigma order the W MMA reads
+        if (r < RK) {
+          off = a.off_basis_k + static_cast<long long>(Tr::sigma(r >> 3, r & 7)) * kRowBytes;
+        } else if (r < RK + RV) {
+          off = a.off_basis_v + static_cast<long long>(r - RK) * kRowBytes;
+        } else {
+          off = r == RK + RV ? a.off_mean_k : a.off_mean_v;
+        }
+        cp_async_16(sdst + r * kRow + my_ch * 16, src + off + my_ch * 16, true);
+      }
+    } else if (it.kind == 1) {
+      const int len = seqs[lc.b].len[it.tier];
+      const int tok0 = it.idx * kChunk;
+      const int nv = len - tok0;  // valid rows of this chunk (may exceed kChunk)
+      const long long row_bytes = static_cast<long long>(H) * kRowBytes;
+      const long long col = static_cast<long long>(lc.h) * kRowBytes + my_ch * 16 + tok0 * row_bytes;
+      const char* kp = (it.tier == 0 ? l_k0 : (it.tier == 1 ? l_k1 : l_k2)) + col;
+      const char* vp = (it.tier == 0 ? l_v0 : (it.tier == 1 ? l_v1 : l_v2)) + col;
+#pragma unroll
+      for (int r = my_row; r < kChunk; r += kRowsPerPass) {
+        const bool valid = r < nv;
+        cp_async_16(sdst + r * kRow + my_ch * 16, valid ? kp + r * row_bytes : static_cast<const char*>(a.q), valid);
+        cp_async_16(sdst + (kChunk + r) * kRow + my_ch * 16, valid ? vp + r * row_bytes : static_cast<const char*>(a.q),
+                    valid);
+      }
+      if (tid == 0) mbar_arrive(bar);
+    } else if (tid == 0) {
+      mbar_arrive(bar);  // null item: nothing to copy, the phase completes at once
+    }
+    const int old_b = lc.b;
+    advance(lc);
+    ++lx;
+    if (++ls == S) ls = 0;
+    if (lx < x1 && lc.b != old_b) load_seq_pointers(lc.b);
+    prefetch_block();
+  };
+
+  // ---- State. ----------------------------------------------------------------------------------------
+  // CTA state over this warp's slice of head_dim (rows gid and gid + 8 of the group).
+  float o_c[kSlice][4];
+  float m_c[2], l_c[2];
+  // Warp-private dense state over all of head_dim.
+  float o_d[kDTiles][4];
+  float m_d[2], l_d[2];
+  float qscale = 0.0f;  // score_scale * 2^e: undoes the normalisation of the FP16 query
+  auto reset_state = [&]() {
+#pragma unroll
+    for (int i = 0; i < kSlice; ++i) o_c[i][0] = o_c[i][1] = o_c[i][2] = o_c[i][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) o_d[i][0] = o_d[i][1] = o_d[i][2] = o_d[i][3] = 0.0f;
+    m_c[0] = m_c[1] = m_d[0] = m_d[1] = -INFINITY;
+    l_c[0] = l_c[1] = l_d[0] = l_d[1] = 0.0f;
+  };
+
+  // Query fragments of (b, h): A operands of m16n8k16, entry [kd][lane] = rows gid/gid+8, columns
+  // 16kd + 2tig (+1) and +8 (+9). Rows >= g are zero.
+  auto begin_segment = [&](int b, int h) {
+    float v[8];
+    std::uint32_t raw[4] = {0u, 0u, 0u, 0u};
+    float mx = 0.0f;
+    const bool builder = tid < 32 * kKd;
+    if (builder) {
+      const int kd = tid / 32, ln = tid % 32;
+      const int r0 = ln >> 2, c0 = 16 * kd + 2 * (ln & 3);
+      const std::uint32_t* qp = static_cast<const std::uint32_t*>(a.q);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int r = r0 + 8 * (k & 1);
+        const int col = c0 + 8 * (k >> 1);
+        if (r < g) {
+          const long long e = ((static_cast<long long>(b) * H + h) * g + r) * D + col;
+          raw[k] = __ldg(qp + e / 2);
+        }
+        const float2 f = unpack2<T>(raw[k]);
+        v[2 * k] = f.x;
+        v[2 * k + 1] = f.y;
+        mx = fmaxf(mx, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    }
+    if constexpr (kCold) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      if (lane == 0) misc[warp] = mx;
+      __syncthreads();
+      mx = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, misc[w]);
+      // Power-of-two normalisation: exact, and keeps a BF16 query inside FP16's range.
+      const int e = mx > 0.0f ? ilogbf(mx) : 0;
+      qscale = ldexpf(a.score_scale, e);
+      if (builder) {
+        uint4 f;
+        f.x = pack2<__half>(ldexpf(v[0], -e), ldexpf(v[1], -e));
+        f.y = pack2<__half>(ldexpf(v[2], -e), ldexpf(v[3], -e));
+        f.z = pack2<__half>(ldexpf(v[4], -e), ldexpf(v[5], -e));
+        f.w = pack2<__half>(ldexpf(v[6], -e), ldexpf(v[7], -e));
+        qf[tid] = f;
+      }
+    }
+    if (builder) qt[tid] = make_uint4(raw[0], raw[1], raw[2], raw[3]);
+    reset_state();
+    __syncthreads();
+  };
+
+  // One row of an online-softmax update: two new logits of this lane, the running max and sum.
+  // Returns the factor the old accumulators are to be scaled by; p receives the weights.
+  auto softmax_row = [](float s0, float s1, float& m, float& l, float& p0, float& p1) {
+    const float mx = quad_max(fmaxf(s0, s1));
+    const float mn = fmaxf(m, mx);
+    const float mu = finite_or_zero(mn);
+    const float alpha = fast_exp2(m - mu);
+    p0 = fast_exp2(s0 - mu);
+    p1 = fast_exp2(s1 - mu);
+    l = l * alpha + p0 + p1;
+    m = mn;
+    return alpha;
+  };
+
+  // ---- Dense chunk: this warp's 8 tokens, warp-private online softmax. -----------------------------
+  auto dense_item = [&](const unsigned char* st, int nvalid) {
+    const std::uint32_t sk = smem_u32(st);
+    const std::uint32_t sv = sk + kChunk * kRow;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int kd2 = 0; kd2 < kKd / 2; ++kd2) {
+      std::uint32_t r[4];
+      ldsm_x4(sk + (8 * warp + (lane & 7)) * kRow + (4 * kd2 + (lane >> 3)) * 16, r);
+      const uint4 q0 = qt[(2 * kd2) * 32 + lane];
+      const uint4 q1 = qt[(2 * kd2 + 1) * 32 + lane];
+      mma16816<T>(s, q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
+      mma16816<T>(s, q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
+    }
+    const int tok = 8 * warp + 2 * tig;
+    const bool v0 = tok < nvalid, v1 = tok + 1 < nvalid;
+    float p[4] = {0.0f, 0.0f, 0.0f, 0.0f}, al[2] = {1.0f, 1.0f};
+    al[0] = softmax_row(v0 ? s[0] * a.score_scale : -INFINITY, v1 ? s[1] * a.score_scale : -INFINITY, m_d[0],
+                        l_d[0], p[0], p[1]);
+    if (hi_rows)
+      al[1] = softmax_row(v0 ? s[2] * a.score_scale : -INFINITY, v1 ? s[3] * a.score_scale : -INFINITY, m_d[1],
+                          l_d[1], p[2], p[3]);
+    const std::uint32_t a0 = pack2<T>(p[0], p[1]);
+    const std::uint32_t a1 = pack2<T>(p[2], p[3]);
+    std::uint32_t a0l = 0, a1l = 0;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // BF16 keeps 8 bits of p; the remainder as a second BF16 operand brings P to ~16 bits.
+      const float2 h0 = unpack2<T>(a0), h1 = unpack2<T>(a1);
+      a0l = pack2<T>(p[0] - h0.x, p[1] - h0.y);
+      a1l = pack2<T>(p[2] - h1.x, p[3] - h1.y);
+    }
+    // The running max rarely moves after the first chunks: skip the rescale when no lane needs it.
+    if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
+#pragma unroll
+      for (int n = 0; n < kDTiles; ++n) {
+        o_d[n][0] *= al[0];
+        o_d[n][1] *= al[0];
+        o_d[n][2] *= al[1];
+        o_d[n][3] *= al[1];
+      }
+    }
+#pragma unroll
+    for (int n4 = 0; n4 < kDTiles / 4; ++n4) {
+      std::uint32_t r[4];
+      ldsm_x4_t(sv + (8 * warp + (lane & 7)) * kRow + (4 * n4 + (lane >> 3)) * 16, r);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        mma1688<T>(o_d[4 * n4 + i], a0, a1, r[i]);
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) mma1688<T>(o_d[4 * n4 + i], a0l, a1l, r[i]);
+      }
+    }
+  };
+
+  // ---- Cold block: dual-spectral attention for the whole group, state update on this warp's slice. --
+  auto cold_item = [&](const unsigned char* st) {
+    if constexpr (kCold) {
+      constexpr int kKT = Tr::kKT, kVT = Tr::kVT, kRKs = Tr::kRKs, kRVs = Tr::kRVs;
+      constexpr int kRVP = RV + 8;  // partial-PC row stride (floats), staggers banks across rows
+      const std::uint32_t sb = smem_u32(st);
+      const unsigned char* reg = st + Tr::kBaseRows * kRow;
+      const float* scale_k = reinterpret_cast<const float*>(reg);
+      const float* scale_v = reinterpret_cast<const float*>(reg + a.reg_scale_v);
+      const unsigned char* ck = reg + a.reg_coeff_k;
+      const unsigned char* cv = reg + a.reg_coeff_v;
+      const bool has_mean = a.has_mean != 0;
+
+      // (A) W = q·B_Kᵀ (and q·mean_k), accumulators in the layout the score MMA takes as A.
+      float wk[kKT][4];
+      float wm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int nt = 0; nt < kKT; ++nt) wk[nt][0] = wk[nt][1] = wk[nt][2] = wk[nt][3] = 0.0f;
+#pragma unroll
+      for (int kd2 = 0; kd2 < kKd / 2; ++kd2) {
+        const uint4 q0 = qf[(2 * kd2) * 32 + lane];
+        const uint4 q1 = qf[(2 * kd2 + 1) * 32 + lane];
+        const int col = (4 * kd2 + (lane >> 3)) * 16;
+#pragma unroll
+        for (int nt = 0; nt < kKT; ++nt) {
+          std::uint32_t r[4];
+          ldsm_x4(sb + (8 * nt + (lane & 7)) * kRow + col, r);
+          mma16816<__half>(wk[nt], q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
+          mma16816<__half>(wk[nt], q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
+        }
+        if (has_mean) {
+          std::uint32_t r[4];
+          ldsm_x4(sb + (RK + RV) * kRow + col, r);  // every row address is the mean row
+          mma16816<__half>(wm, q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
+          mma16816<__half>(wm, q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
+        }
+      }
+      std::uint32_t wa_hi[kRKs][4], wa_lo[kRKs][4];
+#pragma unroll
+      for (int nt = 0; nt < kKT; ++nt) {
+        const float s0 = scale_k[Tr::sigma(nt, 2 * tig)] * qscale;
+        const float s1 = scale_k[Tr::sigma(nt, 2 * tig + 1)] * qscale;
+        const int ks = RK == 8 ? 0 : nt >> 1;
+        const int e = RK == 8 ? 0 : nt & 1;
+        split_half2(wk[nt][0] * s0, wk[nt][1] * s1, wa_hi[ks][2 * e], wa_lo[ks][2 * e]);
+        split_half2(wk[nt][2] * s0, wk[nt][3] * s1, wa_hi[ks][2 * e + 1], wa_lo[ks][2 * e + 1]);
+      }
+      const float qm0 = has_mean ? wm[0] * qscale : 0.0f;
+      const float qm1 = has_mean ? wm[2] * qscale : 0.0f;
+
+      // (B-D) scores, softmax, PC = P·C_V over this warp's 16-token steps ks = warp, warp + 8, ...
+      float pc[kVT][4];
+#pragma unroll
+      for (int i = 0; i < kVT; ++i) pc[i][0] = pc[i][1] = pc[i][2] = pc[i][3] = 0.0f;
+      float mw[2] = {-INFINITY, -INFINITY}, lw[2] = {0.0f, 0.0f};
+      const int L = a.block_size;
+      const int nks = (L + 15) / 16;
+      for (int ks0 = warp; ks0 < nks; ks0 += kWarps * kKStepsPerGroup) {
+        float s[kKStepsPerGroup][2][4];
+#pragma unroll
+        for (int u = 0; u < kKStepsPerGroup; ++u) {
+          const int ks = ks0 + kWarps * u;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            s[u][e][0] = s[u][e][1] = s[u][e][2] = s[u][e][3] = -INFINITY;
+            if (ks < nks) {
+              float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+              // n-tile column n holds token 16ks + 8e + 4(n&1) + (n>>1): then the C_V loads below read
+              // 4 consecutive rows per instruction (conflict-free).
+              const int row = 16 * ks + 8 * e + 4 * (gid & 1) + (gid >> 1);
+              std::uint32_t w[(Tr::kKBytes + 3) / 4];
+              load_bytes<Tr::kKBytes>(ck + row * RK + Tr::kKBytes * tig, w);
+              if constexpr (RK == 8) {
+                std::uint32_t b0, unused;
+                i8x4_to_half2(w[0], b0, unused);
+                mma1688<__half>(acc, wa_hi[0][0], wa_hi[0][1], b0);
+                mma1688<__half>(acc, wa_lo[0][0], wa_lo[0][1], b0);
+              } else {
+#pragma unroll
+                for (int kk = 0; kk < kRKs; ++kk) {
+                  std::uint32_t b0, b1;
+                  i8x4_to_half2(w[kk], b0, b1);
+                  mma16816<__half>(acc, wa_hi[kk][0], wa_hi[kk][1], wa_hi[kk][2], wa_hi[kk][3], b0, b1);
+                  mma16816<__half>(acc, wa_lo[kk][0], wa_lo[kk][1], wa_lo[kk][2], wa_lo[kk][3], b0, b1);
+                }
+              }
+              const int tok = 16 * ks + 8 * e + tig;
+              if (tok < L) {
+                s[u][e][0] = acc[0] + qm0;
+                s[u][e][2] = acc[2] + qm1;
+              }
+              if (tok + 4 < L) {
+                s[u][e][1] = acc[1] + qm0;
+                s[u][e][3] = acc[3] + qm1;
+              }
+            }
+          }
+        }
+        float mu[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          if (ri == 1 && !hi_rows) break;
+          float mx = -INFINITY;
+#pragma unroll
+          for (int u = 0; u < kKStepsPerGroup; ++u)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) mx = fmaxf(mx, fmaxf(s[u][e][2 * ri], s[u][e][2 * ri + 1]));
+          mx = quad_max(mx);
+          const float mn = fmaxf(mw[ri], mx);
+          mu[ri] = finite_or_zero(mn);
+          const float al = fast_exp2(mw[ri] - mu[ri]);
+          mw[ri] = mn;
+          if (ks0 != warp) {  // accumulators are still zero in the first group
+            lw[ri] *= al;
+#pragma unroll
+            for (int i = 0; i < kVT; ++i) {
+              pc[i][2 * ri] *= al;
+              pc[i][2 * ri + 1] *= al;
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kKStepsPerGroup; ++u) {
+          const int ks = ks0 + kWarps * u;
+          if (ks < nks) {
+            float p[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              p[e][0] = fast_exp2(s[u][e][0] - mu[0]);
+              p[e][1] = fast_exp2(s[u][e][1] - mu[0]);
+              if (hi_rows) {
+                p[e][2] = fast_exp2(s[u][e][2] - mu[1]);
+                p[e][3] = fast_exp2(s[u][e][3] - mu[1]);
+              }
+            }
+            lw[0] += (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+            lw[1] += (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
+            const std::uint32_t pa0 = pack2<__half>(p[0][0], p[0][1]);
+            const std::uint32_t pa1 = pack2<__half>(p[0][2], p[0][3]);
+            const std::uint32_t pa2 = pack2<__half>(p[1][0], p[1][1]);
+            const std::uint32_t pa3 = pack2<__half>(p[1][2], p[1][3]);
+            // k-slot 2t+j (j = 0, 1) is token 16ks + 4j + t; k-slot 2t+8+j is token 16ks + 8 + 4j + t.
+            std::uint32_t w[2][2][(Tr::kVBytes + 3) / 4];
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+#pragma unroll
+              for (int j = 0; j < 2; ++j)
+                load_bytes<Tr::kVBytes>(cv + (16 * ks + 8 * e + 4 * j + tig) * RV + Tr::kVBytes * gid, w[e][j]);
+#pragma unroll
+            for (int i = 0; i < kVT; ++i) {
+              const std::uint32_t b0 = i8pair_to_half2(w[0][0][i / 4], w[0][1][i / 4], i % 4);
+              const std::uint32_t b1 = i8pair_to_half2(w[1][0][i / 4], w[1][1][i / 4], i % 4);
+              mma16816<__half>(pc[i], pa0, pa1, pa2, pa3, b0, b1);
+            }
+          }
+        }
+      }
+
+      // (E) Warp partials -> shared memory. PC column n of n-tile i is rank j = n * RV/8 + i.
+      lw[0] = quad_sum(lw[0]);
+      if (hi_rows) lw[1] = quad_sum(lw[1]);
+      float2* wml = reinterpret_cast<float2*>(work);  // [kWarps][16]: (max, sum) per warp and row
+      float* wpc = work + 2 * kWarps * kMaxGroup;      // [kWarps][g][kRVP]
+      float* pcm = wpc + kWarps * g * kRVP;            // [g][RV]: merged PC, times scale_v
+      float2* mlb = reinterpret_cast<float2*>(pcm + g * RV);  // [16]: merged (max, sum)
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int r = gid + 8 * ri;
+        if (r < g) {
+          float* dst = wpc + (warp * g + r) * kRVP;
+#pragma unroll
+          for (int i = 0; i < kVT; ++i) {
+            dst[(2 * tig) * Tr::kVBytes + i] = pc[i][2 * ri];
+            dst[(2 * tig + 1) * Tr::kVBytes + i] = pc[i][2 * ri + 1];
+          }
+          if (tig == 0) wml[warp * kMaxGroup + r] = make_float2(mw[ri], lw[ri]);
+        }
+      }
+      __syncthreads();
+      // (F) Merge: one thread per (row, rank) sums the 8 warps' partials.
+      for (int t = tid; t < g * RV; t += kThreads) {
+        const int r = t / RV, j = t % RV;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) m = fmaxf(m, wml[w * kMaxGroup + r].x);
+        const float mref = finite_or_zero(m);
+        float acc = 0.0f, l = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float2 ml = wml[w * kMaxGroup + r];
+          const float f = fast_exp2(ml.x - mref);
+          acc += f * wpc[(w * g + r) * kRVP + j];
+          l += f * ml.y;
+        }
+        pcm[t] = acc * scale_v[j];
+        if (j == 0) mlb[r] = make_float2(m, l);
+      }
+      __syncthreads();
+      // PC rows gid (and gid + 8) as FP16 hi + lo A operands of the projection.
+      std::uint32_t pa_hi[kRVs][4], pa_lo[kRVs][4];
+#pragma unroll
+      for (int kp = 0; kp < kRVs; ++kp)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa_hi[kp][i] = pa_lo[kp][i] = 0u;
+      float mb[2] = {-INFINITY, -INFINITY}, lb[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int r = gid + 8 * ri;
+        if (r < g) {
+          const float2 ml = mlb[r];
+          mb[ri] = ml.x;
+          lb[ri] = ml.y;
+#pragma unroll
+          for (int kp = 0; kp < kRVs; ++kp) {
+#pragma unroll
+            for (int hh = 0; hh < (RV == 8 ? 1 : 2); ++hh) {
+              const int j = 16 * kp + 8 * hh + 2 * tig;
+              const float2 v = *reinterpret_cast<const float2*>(pcm + r * RV + j);
+              const int slot = RV == 8 ? ri : 2 * hh + ri;
+              split_half2(v.x, v.y, pa_hi[kp][slot], pa_lo[kp][slot]);
+            }
+          }
+        }
+      }
+
+      // (G) o_slice = α·o_slice + β·(PC·B_V + l·mean_v).
+      float al[2], be[2];
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const float mn = fmaxf(m_c[ri], mb[ri]);
+        const float mu = finite_or_zero(mn);
+        al[ri] = fast_exp2(m_c[ri] - mu);
+        be[ri] = fast_exp2(mb[ri] - mu);
+        l_c[ri] = al[ri] * l_c[ri] + be[ri] * lb[ri];
+        m_c[ri] = mn;
+      }
+#pragma unroll
+      for (int sl = 0; sl < kSlice; ++sl) {
+        const int dt = warp * kSlice + sl;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kp = 0; kp < kRVs; ++kp) {
+          if constexpr (RV == 8) {
+            std::uint32_t b0;
+            ldsm_x1_t(sb + (RK + (lane & 7)) * kRow + dt * 16, b0);
+            mma1688<__half>(acc, pa_hi[0][0], pa_hi[0][1], b0);
+            mma1688<__half>(acc, pa_lo[0][0], pa_lo[0][1], b0);
+          } else {
+            std::uint32_t b0, b1;
+            ldsm_x2_t(sb + (RK + 16 * kp + (lane & 15)) * kRow + dt * 16, b0, b1);
+            mma16816<__half>(acc, pa_hi[kp][0], pa_hi[kp][1], pa_hi[kp][2], pa_hi[kp][3], b0, b1);
+            mma16816<__half>(acc, pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], b0, b1);
+          }
+        }
+        if (has_mean) {
+          const __half2 mv2 = *reinterpret_cast<const __half2*>(st + (RK + RV + 1) * kRow + (8 * dt + 2 * tig) * 2);
+          const float2 mv = __half22float2(mv2);
+          acc[0] += lb[0] * mv.x;
+          acc[1] += lb[0] * mv.y;
+          acc[2] += lb[1] * mv.x;
+          acc[3] += lb[1] * mv.y;
+        }
+        o_c[sl][0] = al[0] * o_c[sl][0] + be[0] * acc[0];
+        o_c[sl][1] = al[0] * o_c[sl][1] + be[0] * acc[1];
+        o_c[sl][2] = al[1] * o_c[sl][2] + be[1] * acc[2];
+        o_c[sl][3] = al[1] * o_c[sl][3] + be[1] * acc[3];
+      }
+    }
+  };
+
+  // ---- End of a (sequence, head) segment: merge warp states, write the output or a partial. --------
+  auto finalize = [&](int b, int h, int n_items) {
+    const long long p = static_cast<long long>(b) * H + h;
+    const long long start = static_cast<long long>(H) * prefix[b] + static_cast<long long>(h) * n_items;
+    const long long first = cta_of(start);
+    // With at least one item per CTA the CTAs holding this list are contiguous; with fewer items than
+    // CTAs each item has its own CTA and the CTAs in between hold nothing.
+    const bool every_cta_busy = total >= G;
+    const long long nseg = every_cta_busy ? cta_of(start + n_items - 1) - first + 1 : n_items;
+    auto segment_slot = [&](long long s) { return (every_cta_busy ? first + s : cta_of(start + s)) + p; };
+    const long long slot = static_cast<long long>(blockIdx.x) + p;  // distinct per (CTA, pair), < G + pairs
+
+    l_d[0] = quad_sum(l_d[0]);
+    l_d[1] = quad_sum(l_d[1]);
+    float2* wml = reinterpret_cast<float2*>(work);  // [kWarps][16]
+    float* wo = work + 2 * kWarps * kMaxGroup;       // [kWarps][g][D]
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = gid + 8 * ri;
+      if (r < g) {
+#pragma unroll
+        for (int n = 0; n < kDTiles; ++n)
+          *reinterpret_cast<float2*>(wo + (warp * g + r) * D + 8 * n + 2 * tig) =
+              make_float2(o_d[n][2 * ri], o_d[n][2 * ri + 1]);
+      }
+      if (tig == 0) wml[warp * kMaxGroup + r] = make_float2(m_d[ri], l_d[ri]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = gid + 8 * ri;
+      if (r >= g) continue;
+      float m = m_c[ri];
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) m = fmaxf(m, wml[w * kMaxGroup + r].x);
+      const float mref = finite_or_zero(m);
+      const float fc = fast_exp2(m_c[ri] - mref);
+      float f[kWarps];
+      float l = l_c[ri] * fc;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float2 ml = wml[w * kMaxGroup + r];
+        f[w] = fast_exp2(ml.x - mref);
+        l += f[w] * ml.y;
+      }
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+      for (int sl = 0; sl < kSlice; ++sl) {
+        const int d = 8 * (warp * kSlice + sl) + 2 * tig;
+        float2 acc = make_float2(o_c[sl][2 * ri] * fc, o_c[sl][2 * ri + 1] * fc);
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float2 v = *reinterpret_cast<const float2*>(wo + (w * g + r) * D + d);
+          acc.x += f[w] * v.x;
+          acc.y += f[w] * v.y;
+        }
+        acc.x *= inv;
+        acc.y *= inv;
+        if (nseg == 1) {
+          const long long e = ((static_cast<long long>(b) * H + h) * g + r) * D + d;
+          static_cast<std::uint32_t*>(a.out)[e / 2] = pack2<T>(acc.x, acc.y);
+        } else {
+          *reinterpret_cast<float2*>(a.partial_o + (slot * g + r) * D + d) = acc;
+        }
+      }
+      if (nseg > 1 && warp == 0 && tig == 0) a.partial_ml[slot * g + r] = make_float2(m, l);
+    }
+    if (nseg > 1) {
+      __threadfence();
+      __syncthreads();
+      int* flag = reinterpret_cast<int*>(misc + kWarps);
+      if (tid == 0) *flag = atomicAdd(a.counters + p, 1u) == static_cast<unsigned>(nseg - 1);
+      __syncthreads();
+      if (*flag) {
+        __threadfence();
+        for (int e = tid; e < g * (D / 2); e += kThreads) {
+          const int r = e / (D / 2);
+          const int d = 2 * (e % (D / 2));
+          float m = -INFINITY;
+          for (long long s = 0; s < nseg; ++s) m = fmaxf(m, __ldcg(a.partial_ml + segment_slot(s) * g + r).x);
+          const float mref = finite_or_zero(m);
+          float l = 0.0f;
+          float2 acc = make_float2(0.0f, 0.0f);
+          for (long long s = 0; s < nseg; ++s) {
+            const long long ss = segment_slot(s);
+            const float2 ml = __ldcg(a.partial_ml + ss * g + r);
+            const float w = ml.y * fast_exp2(ml.x - mref);
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r) * D + d));
+            l += w;
+            acc.x += w * v.x;
+            acc.y += w * v.y;
+          }
+          const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+          const long long oe = ((static_cast<long long>(b) * H + h) * g + r) * D + d;
+          static_cast<std::uint32_t*>(a.out)[oe / 2] = pack2<T>(acc.x * inv, acc.y * inv);
+        }
+        if (tid == 0) a.counters[p] = 0u;  // ready for the next launch with this workspace
+      }
+    }
+  };
+
+  // ---- Main loop. -----------------------------------------------------------------------------------
+  for (int s = 0; s < S - 1; ++s) {
+    if (lx < x1) issue();
+    cp_async_commit();
+  }
+  Cursor cc = locate(x0);
+  begin_segment(cc.b, cc.h);
+  int cs = 0;              // stage of item x
+  std::uint32_t cpar = 0;  // parity of its barrier phase
+  for (long long x = x0; x < x1; ++x) {
+    cp_async_wait(S - 2);  // this thread's copies of item x have landed
+    __syncthreads();       // ... every thread's; and every warp is done with item x - 1, whose stage is refilled next
+    if (lx < x1) issue();
+    cp_async_commit();
+    if (x != x0 && cc.local == 0) {  // a new (sequence, head) starts
+      Cursor prev = cc;
+      if (prev.h == 0) {
+        prev.b -= 1;
+        prev.h = H - 1;
+      } else {
+        prev.h -= 1;
+      }
+      prev.n = prefix[prev.b + 1] - prefix[prev.b];
+      finalize(prev.b, prev.h, prev.n);
+      __syncthreads();
+      begin_segment(cc.b, cc.h);
+    }
+    const unsigned char* st = stage0 + cs * a.stage_bytes;
+    mbar_wait(bar0 + 8 * cs, cpar);
+    const Item it = decode(cc);
+    if (it.kind == 0) {
+      cold_item(st);
+    } else if (it.kind == 1) {
+      const int len = seqs[cc.b].len[it.tier];
+      dense_item(st, min(kChunk, len - it.idx * kChunk));
+    }
+    advance(cc);
+    if (++cs == S) {
+      cs = 0;
+      cpar ^= 1u;
+    }
+  }
+  cp_async_wait(0);
+  __syncthreads();
+  {
+    const Cursor last = locate(x1 - 1);
+    finalize(last.b, last.h, last.n);
+  }
+}
+
+/// Definition of the launcher declared in decode_kernel_args.cuh; the instantiation files instantiate it.
+template <class T, int D, int RK, int RV>
+void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_t stream) {
+  auto* fn = decode_attention_kernel<T, D, RK, RV>;
+  // The attribute is per function and device; setting it is cheap next to a launch but not free, so it is
+  // raised only when a call needs more than any earlier one on this device.
+  static int raised[64] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 64 && raised[device] < smem_bytes) {
+    const cudaError_t st = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (st != cudaSuccess) {
+      cudaGetLastError();
+      check(st, "cudaFuncSetAttribute(decode_attention_kernel)");
+    }
+    raised[device] = smem_bytes;
+  }
+  fn<<<grid, kThreads, smem_bytes, stream>>>(args);
+  check_launch("decode_attention_kernel");
+}
+
+}  // namespace spectralkv::cuda::kernel

@@ -1,0 +1,483 @@
+// GPU decode attention against the CPU reference.
+//
+// DecodeAttention: a SpectralCache<T> is built on the CPU (real SVD compression of low-rank-plus-noise
+// tokens), its pool bytes, block tables and dense tiers are uploaded as they are, and the kernel's output
+// is compared with SpectralCache::attend (q_len = 1, double accumulation). Every type, head_dim and
+// (rank_k, rank_v) pair runs, each with its own random shape: ragged batch, lengths that are no multiple
+// of the block, a sequence with no cold block, one with only cold blocks (tail as short as the policy
+// allows), sinks and mean-centering on or off, group sizes 1..16, two layers with swapped ranks.
+// DenseDecodeAttention is compared with dense_attend_one, DecompressThenAttend with attend().
+//
+// Tolerance: |gpu - ref| <= 2e-3 * max|ref| over the head's output row + half an ulp of T at |ref|.
+// The kernels accumulate in FP32; their tensor-core operands are exact (INT8 coefficients, FP16 bases,
+// the query) or split into FP16 high + low halves (~2^-22 relative); the softmax weights enter the P·V
+// products rounded to FP16 (2^-11 relative, averaging out over tokens), as in every flash-attention
+// kernel. That leaves errors near 1e-4 of the row's scale, under the 2e-3 budget; the output itself is
+// stored in T, whose rounding (half an ulp: 2^-11 relative for FP16, 2^-8 for BF16) comes on top.
+// Outputs are poisoned with NaN bytes before each launch, so an unwritten element fails.
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../test_util.hpp"
+#include "spectralkv/cuda/decode_attention.cuh"
+#include "spectralkv/cuda/error.cuh"
+#include "spectralkv/spectralkv.hpp"
+
+namespace {
+
+using namespace spectralkv;
+namespace skc = spectralkv::cuda;
+
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(std::size_t bytes) : bytes_(bytes) {
+    skc::check(cudaMalloc(&ptr_, bytes > 0 ? bytes : 16), "cudaMalloc");
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  void* get() const { return ptr_; }
+  std::size_t bytes() const { return bytes_; }
+  template <class U>
+  U* as() const {
+    return static_cast<U*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+template <class U>
+std::unique_ptr<DeviceBuffer> upload(const U* data, std::size_t count) {
+  auto b = std::make_unique<DeviceBuffer>(count * sizeof(U));
+  if (count > 0) skc::check(cudaMemcpy(b->get(), data, count * sizeof(U), cudaMemcpyHostToDevice), "cudaMemcpy");
+  return b;
+}
+template <class U>
+std::unique_ptr<DeviceBuffer> upload(const std::vector<U>& v) {
+  return upload(v.data(), v.size());
+}
+template <class U>
+std::vector<U> download(const DeviceBuffer& b, std::size_t count) {
+  std::vector<U> v(count);
+  skc::check(cudaMemcpy(v.data(), b.get(), count * sizeof(U), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  return v;
+}
+
+template <class T>
+skc::DataType dtype_of() {
+  return std::is_same_v<T, BFloat16> ? skc::DataType::kBFloat16 : skc::DataType::kHalf;
+}
+
+/// Half an ulp of T at magnitude x: the rounding of the stored output.
+template <class T>
+double half_ulp(double x) {
+  const int mantissa = std::is_same_v<T, BFloat16> ? 7 : 10;
+  const double min_normal = std::is_same_v<T, BFloat16> ? std::ldexp(1.0, -126) : std::ldexp(1.0, -14);
+  const double a = std::max(std::fabs(x), min_normal);
+  return 0.5 * std::ldexp(1.0, static_cast<int>(std::floor(std::log2(a))) - mantissa);
+}
+
+/// Compares [rows][dim] outputs; returns the number of mismatches (NaN counts as one) and reports a few.
+template <class T>
+int compare(const std::vector<float>& ref, const std::vector<T>& got, std::int64_t rows, int dim, double rel,
+            const std::string& what) {
+  int bad = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double scale = 0.0;
+    for (int d = 0; d < dim; ++d) scale = std::max(scale, std::fabs(static_cast<double>(ref[r * dim + d])));
+    for (int d = 0; d < dim; ++d) {
+      const double want = ref[r * dim + d];
+      const double have = to_float(got[r * dim + d]);
+      const double tol = rel * scale + half_ulp<T>(want);
+      if (!(std::fabs(have - want) <= tol)) {
+        if (++bad <= 5)
+          ADD_FAILURE() << what << ": row " << r << " dim " << d << ": gpu " << have << " vs cpu " << want
+                        << " (tolerance " << tol << ")";
+      }
+    }
+  }
+  return bad;
+}
+
+/// One layer of a CPU cache, uploaded byte for byte, with DecodeAttentionParams pointing at it.
+struct UploadedLayer {
+  std::unique_ptr<DeviceBuffer> pool, table, offsets, dense, ptrs, lens;
+  skc::DecodeAttentionParams params{};
+  std::vector<std::int64_t> cold, sink, tail;  // per sequence, for bytes_moved
+};
+
+template <class T>
+UploadedLayer upload_layer(const SpectralCache<T>& cache, int layer, const std::vector<SequenceId>& ids) {
+  const CacheConfig& cfg = cache.config();
+  const ColdBlockLayout& lay = cache.layout(layer);
+  const int batch = static_cast<int>(ids.size());
+  const std::size_t row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  UploadedLayer u;
+  u.pool = upload(cache.pool(layer), static_cast<std::size_t>(cache.pool_blocks(layer) * lay.block_bytes));
+  std::vector<std::int32_t> table, offsets{0};
+  std::vector<T> dense;
+  std::vector<std::size_t> at(4 * static_cast<std::size_t>(batch));  // element offsets: sink k, sink v, tail k, tail v
+  std::vector<std::int32_t> lens(2 * static_cast<std::size_t>(batch));
+  for (int b = 0; b < batch; ++b) {
+    const auto s = cache.state(ids[static_cast<std::size_t>(b)], layer);
+    table.insert(table.end(), s.blocks, s.blocks + s.num_blocks);
+    offsets.push_back(static_cast<std::int32_t>(table.size()));
+    const T* parts[4] = {s.sink_k, s.sink_v, s.tail_k, s.tail_v};
+    const std::int64_t n[4] = {s.sink_len, s.sink_len, s.tail_len, s.tail_len};
+    for (int p = 0; p < 4; ++p) {
+      at[static_cast<std::size_t>(p * batch + b)] = dense.size();
+      dense.insert(dense.end(), parts[p], parts[p] + n[p] * static_cast<std::int64_t>(row));
+    }
+    lens[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(s.sink_len);
+    lens[static_cast<std::size_t>(batch + b)] = static_cast<std::int32_t>(s.tail_len);
+    u.cold.push_back(s.num_blocks);
+    u.sink.push_back(s.sink_len);
+    u.tail.push_back(s.tail_len);
+  }
+  if (table.empty()) table.push_back(0);
+  u.table = upload(table);
+  u.offsets = upload(offsets);
+  u.dense = upload(dense);
+  std::vector<const void*> ptrs(at.size());
+  for (std::size_t i = 0; i < at.size(); ++i) ptrs[i] = u.dense->as<T>() + at[i];
+  u.ptrs = upload(ptrs);
+  u.lens = upload(lens);
+
+  skc::DecodeAttentionParams& p = u.params;
+  p.dtype = dtype_of<T>();
+  p.batch = batch;
+  p.num_q_heads = cfg.num_q_heads;
+  p.layout = lay;
+  p.pool = u.pool->as<std::uint8_t>();
+  p.block_table = u.table->as<std::int32_t>();
+  p.block_table_offsets = u.offsets->as<std::int32_t>();
+  const void* const* pa = u.ptrs->as<const void*>();
+  p.sink = {pa, pa + batch, u.lens->as<std::int32_t>()};
+  p.tail = {pa + 2 * batch, pa + 3 * batch, u.lens->as<std::int32_t>() + batch};
+  return u;
+}
+
+struct Combo {
+  bool bf16;
+  int head_dim, rank_k, rank_v;
+};
+
+std::vector<Combo> all_combos() {
+  std::vector<Combo> c;
+  for (bool bf16 : {false, true})
+    for (int d : {64, 128})
+      for (int rk : {8, 16, 32, 64})
+        for (int rv : {8, 16, 32, 64}) c.push_back({bf16, d, rk, rv});
+  return c;
+}
+
+std::string combo_name(const ::testing::TestParamInfo<Combo>& info) {
+  const Combo& c = info.param;
+  return detail::concat(c.bf16 ? "bf16" : "f16", "_d", c.head_dim, "_k", c.rank_k, "_v", c.rank_v);
+}
+
+/// Runs DecodeAttention on one uploaded layer and returns the output (poisoned first).
+template <class T>
+std::vector<T> run_decode(skc::DecodeAttentionParams p, const std::vector<T>& q, std::size_t out_elems) {
+  auto dq = upload(q);
+  DeviceBuffer out(out_elems * sizeof(T));
+  skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+  p.q = dq->get();
+  p.out = out.get();
+  const skc::Status st = skc::DecodeAttention::can_implement(p);
+  EXPECT_TRUE(st.ok) << st.message;
+  DeviceBuffer ws(skc::DecodeAttention::get_workspace_size(p));
+  skc::DecodeAttention::initialize_workspace(p, ws.get(), nullptr);
+  skc::DecodeAttention::run(p, ws.get(), ws.bytes(), nullptr);
+  skc::check(cudaDeviceSynchronize(), "DecodeAttention");
+  std::vector<T> first = download<T>(out, out_elems);
+  // Again with the same workspace: the split-merge counters must have been left at zero, and the result
+  // must not depend on the run (no races, fixed merge order).
+  skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+  skc::DecodeAttention::run(p, ws.get(), ws.bytes(), nullptr);
+  skc::check(cudaDeviceSynchronize(), "DecodeAttention (second run)");
+  std::vector<T> second = download<T>(out, out_elems);
+  EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * sizeof(T))) << "second run differs";
+  return first;
+}
+
+template <class T>
+void spectral_case(const Combo& c, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  auto pick = [&rng](std::initializer_list<int> xs) { return *(xs.begin() + rng() % xs.size()); };
+  CacheConfig cfg;
+  cfg.num_layers = 2;
+  cfg.num_kv_heads = pick({1, 2, 3});
+  cfg.num_q_heads = cfg.num_kv_heads * pick({1, 2, 3, 4, 8, 16});
+  cfg.head_dim = c.head_dim;
+  const int max_rank = std::max(c.rank_k, c.rank_v);
+  cfg.block_size = max_rank + pick({0, 8, 24});
+  cfg.hot_tokens = pick({0, 3, 16});
+  cfg.sink_tokens = (seed & 1) ? pick({1, 4}) : 0;
+  cfg.mean_center = (seed >> 1) & 1;
+  cfg.layer_ranks = {{c.rank_v, c.rank_k}, {c.rank_k, c.rank_v}};  // per-layer ranks, chosen per call
+  SpectralCache<T> cache(cfg);
+
+  const int L = cfg.block_size, hot = cfg.hot_tokens, sink = cfg.sink_tokens;
+  const std::vector<std::int64_t> lengths = {
+      1 + static_cast<std::int64_t>(rng() % 5),           // sinks / tail only
+      sink + hot + L - 1,                                   // one token short of the first cold block
+      sink + hot + 2LL * L,                                 // cold blocks and the shortest tail the policy allows
+      sink + hot + 3LL * L + 1 + static_cast<std::int64_t>(rng() % (L - 1 > 0 ? L - 1 : 1)),  // ragged
+  };
+  std::vector<SequenceId> ids;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    const SequenceId id = static_cast<SequenceId>(10 + i);
+    ids.push_back(id);
+    cache.add_sequence(id);
+    const auto k = test::low_rank_tokens<T>(lengths[i], cfg.num_kv_heads, cfg.head_dim, 6, seed * 31 + 2 * i);
+    const auto v = test::low_rank_tokens<T>(lengths[i], cfg.num_kv_heads, cfg.head_dim, 6, seed * 31 + 2 * i + 1);
+    for (int layer = 0; layer < cfg.num_layers; ++layer)
+      cache.append(layer, id, test::view(k, lengths[i], cfg.num_kv_heads, cfg.head_dim),
+                   test::view(v, lengths[i], cfg.num_kv_heads, cfg.head_dim));
+  }
+  if (hot == 0) {
+    ASSERT_EQ(cache.state(ids[2], 1).tail_len, 0) << "the policy leaves no tail here: only cold blocks";
+  }
+  ASSERT_EQ(cache.state(ids[1], 1).num_blocks, 0);
+
+  const auto batch = static_cast<std::int64_t>(ids.size());
+  const auto q = test::normal_tokens<T>(batch, cfg.num_q_heads, cfg.head_dim, seed + 77);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  const std::size_t out_elems = static_cast<std::size_t>(batch) * cfg.num_q_heads * cfg.head_dim;
+  for (int layer = 0; layer < cfg.num_layers; ++layer) {
+    std::vector<float> ref(out_elems);
+    cache.attend(layer, ids, std::vector<std::int64_t>(ids.size(), 1), test::view(q, batch, cfg.num_q_heads, cfg.head_dim),
+                 test::view(ref, batch, cfg.num_q_heads, cfg.head_dim), scale);
+    UploadedLayer u = upload_layer(cache, layer, ids);
+    u.params.scale = scale;
+    const std::vector<T> got = run_decode(u.params, q, out_elems);
+    const std::string what = detail::concat("layer ", layer, " (H=", cfg.num_kv_heads, " g=", cfg.group_size(),
+                                            " L=", L, " hot=", hot, " sink=", sink, " mean=", cfg.mean_center, ")");
+    EXPECT_EQ(0, compare(ref, got, batch * cfg.num_q_heads, cfg.head_dim, 2e-3, what));
+  }
+}
+
+class SpectralDecodeTest : public ::testing::TestWithParam<Combo> {
+ protected:
+  void SetUp() override {
+    if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  }
+};
+
+TEST_P(SpectralDecodeTest, MatchesCpuAttend) {
+  const Combo c = GetParam();
+  const std::uint32_t seed = static_cast<std::uint32_t>(c.head_dim * 1000 + c.rank_k * 10 + c.rank_v + (c.bf16 ? 7 : 0));
+  if (c.bf16) {
+    spectral_case<BFloat16>(c, seed);
+  } else {
+    spectral_case<Half>(c, seed);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllShapes, SpectralDecodeTest, ::testing::ValuesIn(all_combos()), combo_name);
+
+/// Long sequences: each CTA processes several items of one (sequence, head) and segments cross from
+/// one (sequence, head) to the next, so the multi-item pipeline and partial merges both run.
+TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  CacheConfig cfg;
+  cfg.num_q_heads = 8;
+  cfg.num_kv_heads = 2;
+  cfg.head_dim = 128;
+  cfg.block_size = 32;
+  cfg.hot_tokens = 8;
+  cfg.sink_tokens = 2;
+  cfg.default_ranks = {16, 32};
+  SpectralCache<Half> cache(cfg);
+  const std::vector<std::int64_t> lengths = {3001, 1700, 2222};
+  std::vector<SequenceId> ids;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    ids.push_back(static_cast<SequenceId>(i));
+    cache.add_sequence(ids.back());
+    const auto k = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 500 + 2 * static_cast<std::uint32_t>(i));
+    const auto v = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 501 + 2 * static_cast<std::uint32_t>(i));
+    cache.append(0, ids.back(), test::view(k, lengths[i], 2, 128), test::view(v, lengths[i], 2, 128));
+  }
+  const auto q = test::normal_tokens<Half>(3, 8, 128, 9);
+  std::vector<float> ref(3 * 8 * 128);
+  cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
+  UploadedLayer u = upload_layer(cache, 0, ids);
+  u.params.scale = 0.0884f;
+  const auto got = run_decode(u.params, q, ref.size());
+  EXPECT_EQ(0, compare(ref, got, 3 * 8, 128, 2e-3, "long sequences"));
+}
+
+// ---- Dense kernel ----------------------------------------------------------------------------------------
+
+template <class T>
+void dense_case(int head_dim, int group, std::uint32_t seed) {
+  const int batch = 6, heads = 2, q_heads = heads * group;
+  const std::int64_t max_len = 700;
+  const std::vector<std::int32_t> lens = {1, 63, 64, 65, 700, 0};  // 0: empty sequence, output is zero
+  const auto k = test::normal_tokens<T>(batch * max_len, heads, head_dim, seed);
+  const auto v = test::normal_tokens<T>(batch * max_len, heads, head_dim, seed + 1);
+  const auto q = test::normal_tokens<T>(batch, q_heads, head_dim, seed + 2);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const std::size_t row = static_cast<std::size_t>(heads) * head_dim;
+  std::vector<float> ref(static_cast<std::size_t>(batch) * q_heads * head_dim, 0.0f), qf(static_cast<std::size_t>(head_dim));
+  for (int b = 0; b < batch; ++b) {
+    if (lens[static_cast<std::size_t>(b)] == 0) continue;
+    for (int h = 0; h < q_heads; ++h) {
+      for (int d = 0; d < head_dim; ++d) qf[static_cast<std::size_t>(d)] = to_float(q[(static_cast<std::size_t>(b) * q_heads + h) * head_dim + d]);
+      const std::size_t base = static_cast<std::size_t>(b) * max_len * row + static_cast<std::size_t>(h / group) * head_dim;
+      dense_attend_one(k.data() + base, v.data() + base, static_cast<std::int64_t>(row), lens[static_cast<std::size_t>(b)] - 1,
+                       qf.data(), head_dim, scale, ref.data() + (static_cast<std::size_t>(b) * q_heads + h) * head_dim);
+    }
+  }
+  auto dk = upload(k), dv = upload(v), dq = upload(q), dl = upload(lens);
+  DeviceBuffer out(ref.size() * sizeof(T));
+  skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+  skc::DenseDecodeParams p;
+  p.dtype = dtype_of<T>();
+  p.batch = batch;
+  p.num_q_heads = q_heads;
+  p.num_kv_heads = heads;
+  p.head_dim = head_dim;
+  p.scale = scale;
+  p.q = dq->get();
+  p.out = out.get();
+  p.k = dk->get();
+  p.v = dv->get();
+  p.max_len = max_len;
+  p.seq_lens = dl->as<std::int32_t>();
+  const skc::Status st = skc::DenseDecodeAttention::can_implement(p);
+  ASSERT_TRUE(st.ok) << st.message;
+  DeviceBuffer ws(skc::DenseDecodeAttention::get_workspace_size(p));
+  skc::DenseDecodeAttention::initialize_workspace(p, ws.get(), nullptr);
+  skc::DenseDecodeAttention::run(p, ws.get(), ws.bytes(), nullptr);
+  skc::check(cudaDeviceSynchronize(), "DenseDecodeAttention");
+  const auto got = download<T>(out, ref.size());
+  EXPECT_EQ(0, compare(ref, got, static_cast<std::int64_t>(batch) * q_heads, head_dim, 2e-3,
+                       detail::concat("dense d", head_dim, " g", group)));
+}
+
+TEST(DenseDecode, MatchesCpuDense) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  std::uint32_t seed = 1;
+  for (int d : {64, 128}) {
+    for (int g : {1, 4, 16}) {
+      dense_case<Half>(d, g, seed++);
+      dense_case<BFloat16>(d, g, seed++);
+    }
+  }
+}
+
+// ---- Decompress then attend --------------------------------------------------------------------------------
+
+TEST(DecompressThenAttend, MatchesCpuAttend) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  for (bool mean : {false, true}) {
+    CacheConfig cfg;
+    cfg.num_q_heads = 8;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 128;
+    cfg.block_size = 48;
+    cfg.hot_tokens = 8;
+    cfg.sink_tokens = 3;
+    cfg.mean_center = mean;
+    cfg.default_ranks = {16, 32};
+    SpectralCache<Half> cache(cfg);
+    const std::vector<std::int64_t> lengths = {5, 300, 170};
+    std::vector<SequenceId> ids;
+    for (std::size_t i = 0; i < lengths.size(); ++i) {
+      ids.push_back(static_cast<SequenceId>(i));
+      cache.add_sequence(ids.back());
+      const auto k = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 900 + 2 * static_cast<std::uint32_t>(i));
+      const auto v = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 901 + 2 * static_cast<std::uint32_t>(i));
+      cache.append(0, ids.back(), test::view(k, lengths[i], 2, 128), test::view(v, lengths[i], 2, 128));
+    }
+    const auto q = test::normal_tokens<Half>(3, 8, 128, 13);
+    std::vector<float> ref(3 * 8 * 128);
+    cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
+    UploadedLayer u = upload_layer(cache, 0, ids);
+    u.params.scale = 0.0884f;
+    auto dq = upload(q);
+    DeviceBuffer out(ref.size() * 2);
+    skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+    u.params.q = dq->get();
+    u.params.out = out.get();
+    skc::DecompressParams p{u.params, 0};
+    for (auto n : u.cold) p.max_cold_blocks = std::max(p.max_cold_blocks, n);
+    skc::DecompressThenAttend op;
+    DeviceBuffer ws(skc::DecompressThenAttend::get_workspace_size(p));
+    skc::DecompressThenAttend::initialize_workspace(p, ws.get(), nullptr);
+    op.run(p, ws.get(), ws.bytes(), nullptr);
+    skc::check(cudaDeviceSynchronize(), "DecompressThenAttend");
+    const auto got = download<Half>(out, ref.size());
+    // The rebuilt K and V and the dequantised coefficients are stored in FP16 (2^-11 relative each), and
+    // logits of size ~5 turn that into ~3e-3 relative changes of the weights: 1e-2 bounds it.
+    EXPECT_EQ(0, compare(ref, got, 3 * 8, 128, 1e-2, detail::concat("decompress mean=", mean)));
+  }
+}
+
+// ---- Argument checks -----------------------------------------------------------------------------------
+
+TEST(DecodeAttentionArguments, NamesTheBadArgument) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  skc::DecodeAttentionParams p;
+  p.batch = 1;
+  p.num_q_heads = 8;
+  p.layout = ColdBlockLayout::make(64, 128, 2, 16, 32, false);
+  p.scale = 0.1f;
+  int dummy[4];
+  p.q = dummy;
+  p.out = dummy;
+  EXPECT_TRUE(skc::DecodeAttention::can_implement(p).ok);
+
+  auto expect_bad = [](skc::DecodeAttentionParams bad, const std::string& name) {
+    const skc::Status st = skc::DecodeAttention::can_implement(bad);
+    EXPECT_FALSE(st.ok) << name;
+    EXPECT_NE(st.message.find(name), std::string::npos) << st.message;
+    EXPECT_THROW(skc::DecodeAttention::run(bad, nullptr, 0, nullptr), InvalidArgument) << name;
+  };
+  auto bad = p;
+  bad.layout = ColdBlockLayout::make(64, 128, 2, 12, 32, false);
+  expect_bad(bad, "layout.rank_k");
+  bad = p;
+  bad.layout = ColdBlockLayout::make(64, 96, 2, 16, 32, false);
+  expect_bad(bad, "layout.head_dim");
+  bad = p;
+  bad.num_q_heads = 2 * 17;
+  expect_bad(bad, "num_q_heads");
+  bad = p;
+  bad.num_q_heads = 7;
+  expect_bad(bad, "num_q_heads");
+  bad = p;
+  bad.layout.coeff_v += 16;
+  expect_bad(bad, "layout");
+  bad = p;
+  bad.scale = NAN;
+  expect_bad(bad, "scale");
+  bad = p;
+  bad.q = nullptr;
+  expect_bad(bad, "q");
+  bad = p;
+  int32_t offsets[2] = {0, 0};
+  bad.block_table_offsets = offsets;
+  expect_bad(bad, "pool");
+  bad = p;
+  bad.tail.lengths = offsets;
+  expect_bad(bad, "tail.k");
+  // A workspace smaller than get_workspace_size() is refused before anything is launched.
+  EXPECT_GT(skc::DecodeAttention::get_workspace_size(p), 0u);
+  EXPECT_THROW(skc::DecodeAttention::run(p, nullptr, 0, nullptr), InvalidArgument);
+}
+
+}  // namespace
