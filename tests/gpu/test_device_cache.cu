@@ -92,7 +92,7 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, int steps, st
       gpu.add_sequence(next_id);
       live.push_back(next_id++);
     }
-    if (live.size() > 1 && gen() % 40 == 0) {
+    if (!live.empty() && gen() % 20 == 0) {  // short lives keep the CPU reference fast
       const std::size_t i = gen() % live.size();
       cpu.remove_sequence(live[i]);
       gpu.remove_sequence(live[i]);
@@ -104,7 +104,7 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, int steps, st
     for (SequenceId id : live) {
       if (gen() % 5 == 0) continue;
       ids.push_back(id);
-      counts.push_back(gen() % 6 == 0 ? 1 + static_cast<std::int64_t>(gen() % 160) : 1);
+      counts.push_back(gen() % 10 == 0 ? 1 + static_cast<std::int64_t>(gen() % 160) : 1);
     }
     if (ids.empty()) continue;
     std::int64_t total = 0;
