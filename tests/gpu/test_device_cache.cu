@@ -2,12 +2,18 @@
 // chunks and decode steps, ragged lengths) driven through both backends, outputs compared at every step;
 // pool back to empty at the end; no device memory leaked; capacity errors leave every sequence intact.
 //
-// Tolerance: |gpu − cpu| ≤ 2e-3·max|cpu row| + half an ulp of T. Both sides attend over the same tokens
-// with FP32 (GPU) or double (CPU) accumulation; the GPU output is rounded to T. The two backends
-// compress each block independently (CPU: FP64 eigen-solver; GPU: the batched kernel), so their bases
-// agree only up to the data's noise floor: the tokens are rank 8 (≤ every rank used) plus noise of 1e-3,
-// which keeps that legitimate difference far below the tolerance, so the comparison measures the
-// cache (tiers, block tables, positions, retirement), not the choice of directions inside the noise.
+// Two references at every step:
+//  - exact: the CPU attention (attention.hpp, double accumulation) over the GPU cache's own state,
+//    downloaded (sink rows, dense rows, retired blocks' bytes). |gpu − ref| ≤ 2e-3·max|ref row| + half
+//    an ulp of T: the kernels accumulate in FP32 and round the output to T. This checks the kernels and
+//    the cache's bookkeeping (tiers, block tables, positions, retirement) on identical stored values.
+//  - the CPU SpectralCache fed the same tokens: the same lengths, and the step's outputs within 1e-2 in
+//    relative Frobenius norm. Each backend compresses the blocks itself; even two correct
+//    factorizations that agree to 1e-5 give INT8 coefficients that round differently near half-steps,
+//    and one step of a dominant token's key coefficient moves its logit by ~0.02 at these magnitudes.
+//    Such flips hit single rows: measured element-wise deviations reach 1.5e-2 of a row's scale on a
+//    few rows (cuSOLVER and fast path alike), so the comparison is norm-wise over the step, where a
+//    wrong block, position or tier (O(1) errors on many rows) still stands out.
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -21,7 +27,9 @@
 #include <vector>
 
 #include "../test_util.hpp"
+#include "spectralkv/attention.hpp"
 #include "spectralkv/cache.hpp"
+#include "spectralkv/compress.hpp"
 #include "spectralkv/cuda/device_cache.cuh"
 #include "spectralkv/cuda/error.cuh"
 
@@ -65,15 +73,54 @@ int scenario_steps(int full) {
 
 float half_ulp(float x, bool bf16) { return std::ldexp(std::fabs(x), bf16 ? -8 : -11); }
 
-/// Drives `steps` random steps through both caches; compares outputs whenever `compare(step)` says so.
+/// Attention of every row of the call from the GPU cache's downloaded state, on the CPU.
 template <class T>
-void run_scenario(const CacheConfig& c, skc::CompressionMode mode, int steps, std::uint32_t seed, int* compared,
-                  std::int64_t* max_pending) {
+std::vector<float> reference_from_device(const skc::DeviceSpectralCache<T>& gpu, int layer, const std::vector<SequenceId>& ids,
+                                         const std::vector<std::int64_t>& q_lens, const std::vector<T>& q, float scale,
+                                         cudaStream_t stream) {
+  const CacheConfig& c = gpu.config();
+  const ColdBlockLayout& lay = gpu.layout(layer);
+  const int d = c.head_dim, kv = c.num_kv_heads, qh = c.num_q_heads, g = c.group_size();
+  std::vector<float> out;
+  std::vector<float> qf(static_cast<std::size_t>(d)), o(static_cast<std::size_t>(d));
+  std::size_t row = 0;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const auto s = gpu.download(ids[i], layer, stream);
+    const std::int64_t sink_len = static_cast<std::int64_t>(s.sink_k.size()) / (kv * d);
+    const std::int64_t dense_len = static_cast<std::int64_t>(s.dense_k.size()) / (kv * d);
+    const std::int64_t len = sink_len + static_cast<std::int64_t>(s.blocks.size()) * c.block_size + dense_len;
+    for (std::int64_t j = 0; j < q_lens[i]; ++j, ++row) {
+      for (int h = 0; h < qh; ++h) {
+        const int kvh = h / g;
+        const std::vector<DenseRun<T>> before{{s.sink_k.data() + kvh * d, s.sink_v.data() + kvh * d, kv * d, sink_len, 0}};
+        std::vector<CompressedRun<StoredFactorView, StoredFactorView>> blocks;
+        for (std::size_t b = 0; b < s.blocks.size(); ++b) {
+          const std::uint8_t* head = s.block_bytes.data() + b * static_cast<std::size_t>(lay.block_bytes) + kvh * lay.head_bytes;
+          blocks.push_back({StoredFactorView(lay, Part::kKey, head), StoredFactorView(lay, Part::kValue, head),
+                            sink_len + static_cast<std::int64_t>(b) * c.block_size});
+        }
+        const std::vector<DenseRun<T>> after{{s.dense_k.data() + kvh * d, s.dense_v.data() + kvh * d, kv * d, dense_len,
+                                              len - dense_len}};
+        for (int e = 0; e < d; ++e) qf[static_cast<std::size_t>(e)] = to_float(q[(row * qh + h) * d + e]);
+        attend_one(before, blocks, after, qf.data(), d, scale, len - q_lens[i] + j, o.data());
+        out.insert(out.end(), o.begin(), o.end());
+      }
+    }
+  }
+  return out;
+}
+
+/// Drives `steps` random steps through both caches. Every step checks the GPU against its own state;
+/// the CPU cache comparison runs every step in synchronous mode, every 7th (after a flush) in async mode.
+template <class T>
+void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::CompressAlgorithm algorithm, float tolerance,
+                  int steps, std::uint32_t seed, int* compared, std::int64_t* max_pending) {
   skc::DeviceCacheOptions opt;
   opt.max_sequences = 4;
   opt.max_blocks_per_layer = 256;
   opt.max_append_tokens = 160;
   opt.compression = mode;
+  opt.algorithm = algorithm;
   SpectralCache<T> cpu(c);
   skc::DeviceSpectralCache<T> gpu(c, opt);
   cudaStream_t stream;
@@ -133,17 +180,22 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, int steps, st
       std::vector<T> got(static_cast<std::size_t>(total) * qtok);
       skc::check(cudaMemcpyAsync(got.data(), dout.ptr, got.size() * sizeof(T), cudaMemcpyDeviceToHost, stream), "cudaMemcpy");
       skc::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      const std::vector<float> exact = reference_from_device(gpu, layer, ids, q_lens, q, 0.125f, stream);
+      double diff2 = 0, ref2 = 0;
       for (std::size_t r = 0; r < static_cast<std::size_t>(total) * qh; ++r) {
-        float scale = 0;
-        for (int e = 0; e < d; ++e) scale = std::max(scale, std::fabs(want[r * d + e]));
+        float exact_scale = 0;
+        for (int e = 0; e < d; ++e) exact_scale = std::max(exact_scale, std::fabs(exact[r * d + e]));
         for (int e = 0; e < d; ++e) {
           const float g = to_float(got[r * d + e]);
           ASSERT_TRUE(std::isfinite(g)) << "step " << step << " layer " << layer << " row " << r;
-          if (check_now) {
-            ASSERT_LE(std::fabs(g - want[r * d + e]), 2e-3f * scale + half_ulp(want[r * d + e], bf16))
-                << "step " << step << " layer " << layer << " row " << r << " element " << e;
-          }
+          ASSERT_LE(std::fabs(g - exact[r * d + e]), 2e-3f * exact_scale + half_ulp(exact[r * d + e], bf16))
+              << "device state, step " << step << " layer " << layer << " row " << r << " element " << e;
+          diff2 += (static_cast<double>(g) - want[r * d + e]) * (static_cast<double>(g) - want[r * d + e]);
+          ref2 += static_cast<double>(want[r * d + e]) * want[r * d + e];
         }
+      }
+      if (check_now) {
+        ASSERT_LE(std::sqrt(diff2 / ref2), tolerance) << "CPU cache, step " << step << " layer " << layer;
       }
       if (check_now) ++*compared;
     }
@@ -171,7 +223,8 @@ TYPED_TEST(DeviceCache, SynchronousMatchesCpuAtEveryStep) {
       int compared = 0;
       std::int64_t pending = 0;
       const int steps = scenario_steps(600);
-      run_scenario<TypeParam>(scenario_config(sinks, centre), skc::CompressionMode::kSynchronous, steps,
+      run_scenario<TypeParam>(scenario_config(sinks, centre), skc::CompressionMode::kSynchronous,
+                              skc::CompressAlgorithm::kCusolver, 1e-2f, steps,
                               static_cast<std::uint32_t>(17 + sinks + centre), &compared, &pending);
       EXPECT_GT(compared, steps);  // two layers per step, a few steps have no batch
       EXPECT_EQ(pending, 0);  // synchronous mode never leaves a block pending
@@ -184,10 +237,21 @@ TYPED_TEST(DeviceCache, AsyncDefersCompressionAndMatchesAfterFlush) {
   int compared = 0;
   std::int64_t pending = 0;
   const int steps = scenario_steps(1200);
-  run_scenario<TypeParam>(scenario_config(4, false), skc::CompressionMode::kAsync, steps, 5, &compared, &pending);
+  run_scenario<TypeParam>(scenario_config(4, false), skc::CompressionMode::kAsync, skc::CompressAlgorithm::kCusolver,
+                          1e-2f, steps, 5, &compared, &pending);
   EXPECT_GT(compared, steps / 10);
   // Blocks were attended densely while their compression was in flight (needs enough steps to fill one).
   if (steps >= 200) EXPECT_GT(pending, 0);
+}
+
+TYPED_TEST(DeviceCache, FastCompressionAgreesWithinQuantisationNoise) {
+  SKIP_WITHOUT_GPU();
+  int compared = 0;
+  std::int64_t pending = 0;
+  const int steps = scenario_steps(400);
+  run_scenario<TypeParam>(scenario_config(4, true), skc::CompressionMode::kAsync,
+                          skc::CompressAlgorithm::kSubspaceIteration, 1e-2f, steps, 9, &compared, &pending);
+  EXPECT_GT(compared, steps / 10);
 }
 
 TEST(DeviceCacheMemory, NoLeakAndCapacityErrorsChangeNothing) {

@@ -406,6 +406,14 @@ class DeviceSpectralCache {
         throw CudaError(::spectralkv::detail::concat(kWhat, ": decode workspace of ", decode_workspace_bytes_,
                                                      " bytes is smaller than the ", need, " required"));
       }
+      // The kernel leaves its merge counters zero for the next call of the same shape, but another shape
+      // (batch, ranks) lays the workspace out differently, so a change of shape re-zeroes it.
+      const std::int64_t key = (static_cast<std::int64_t>(batch) << 32) | (layouts_[lu].rank_k << 16) | (layouts_[lu].rank_v << 1) |
+                               (layouts_[lu].has_mean ? 1 : 0);
+      if (key != decode_workspace_key_) {
+        DecodeAttention::initialize_workspace(p, decode_workspace_, stream);
+        decode_workspace_key_ = key;
+      }
       DecodeAttention::run(p, decode_workspace_, decode_workspace_bytes_, stream);
     } else {
       MultiQueryParams p;
@@ -457,6 +465,40 @@ class DeviceSpectralCache {
     m.dense_equivalent_bytes = (m.sink_tokens + m.cold_tokens + m.tail_tokens) * tok_bytes;
     for (const ColdBlockLayout& lay : layouts_) m.pool_bytes += options_.max_blocks_per_layer * lay.block_bytes;
     return m;
+  }
+
+  /// Host copy of one sequence's state in one layer, for tests and debugging: sink rows, the dense rows
+  /// (pending blocks and tail, oldest first), the retired block ids and their bytes in the cold layout.
+  /// Synchronises `stream`.
+  struct HostLayerState {
+    std::vector<T> sink_k, sink_v, dense_k, dense_v;  // [rows][num_kv_heads][head_dim]
+    std::vector<std::int32_t> blocks;
+    std::vector<std::uint8_t> block_bytes;  // blocks.size() slabs of layout(layer).block_bytes
+  };
+  HostLayerState download(SequenceId id, int layer, cudaStream_t stream) const {
+    check_layer("DeviceSpectralCache::download", layer);
+    const int slot = slot_of("DeviceSpectralCache::download", id);
+    const SlotLayer& sl = slots_[static_cast<std::size_t>(slot)].layers[static_cast<std::size_t>(layer)];
+    HostLayerState h;
+    const auto rows = [&](std::vector<T>& dst, const T* src, std::int64_t n) {
+      dst.resize(static_cast<std::size_t>(n * row_elems_));
+      if (n > 0)
+        check(cudaMemcpyAsync(dst.data(), src, dst.size() * sizeof(T), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    };
+    rows(h.sink_k, sink_row(sink_k_, slot, layer, 0), sl.sink_len);
+    rows(h.sink_v, sink_row(sink_v_, slot, layer, 0), sl.sink_len);
+    rows(h.dense_k, stage_row(stage_k_, slot, layer, sl.dense_off), sl.dense_len);
+    rows(h.dense_v, stage_row(stage_v_, slot, layer, sl.dense_off), sl.dense_len);
+    h.blocks = sl.blocks;
+    const ColdBlockLayout& lay = layouts_[static_cast<std::size_t>(layer)];
+    h.block_bytes.resize(h.blocks.size() * static_cast<std::size_t>(lay.block_bytes));
+    for (std::size_t b = 0; b < h.blocks.size(); ++b) {
+      check(cudaMemcpyAsync(h.block_bytes.data() + b * static_cast<std::size_t>(lay.block_bytes),
+                            pools_[static_cast<std::size_t>(layer)] + static_cast<std::int64_t>(h.blocks[b]) * lay.block_bytes,
+                            static_cast<std::size_t>(lay.block_bytes), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    }
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    return h;
   }
 
   /// Device bytes the cache allocated (pools, dense buffers, workspaces, metadata).
@@ -768,6 +810,7 @@ class DeviceSpectralCache {
   void* scratch_ = nullptr;
   void* decode_workspace_ = nullptr;
   std::size_t decode_workspace_bytes_ = 0;
+  std::int64_t decode_workspace_key_ = -1;  // shape the workspace's counters are laid out for
   void* compress_workspace_ = nullptr;
   std::size_t compress_workspace_bytes_ = 0;
   CompressJob* device_jobs_ = nullptr;
