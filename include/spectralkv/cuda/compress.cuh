@@ -84,7 +84,7 @@ struct CompressJob {
 
 /// Tuning of the subspace-iteration path (ignored by kCusolver). The defaults keep the truncation
 /// error within 1% of the Eckart–Young optimum on the hardest spectra measured (flat, power-law
-/// decay i^-0.25, iid columns with 100× outlier channels); see docs/PERFORMANCE-compress.md.
+/// decay i^-0.25, iid columns with 100× outlier channels); see docs/PERFORMANCE.md.
 struct CompressOptions {
   /// Extra subspace columns p (ℓ = min(D, roundup8(r + p))). 0: automatic, p = max(8, r/2).
   int oversample = 0;
