@@ -601,13 +601,13 @@ class DeviceSpectralCache {
     }
     for (std::size_t at = 0; at < jobs.size(); at += static_cast<std::size_t>(options_.max_compress_jobs)) {
       const int n = static_cast<int>(std::min<std::size_t>(jobs.size() - at, static_cast<std::size_t>(options_.max_compress_jobs)));
+      // The pinned staging array may be rewritten only once the previous copy out of it has run.
+      check(cudaEventSynchronize(jobs_copied_), "cudaEventSynchronize");
       std::memcpy(job_staging_, jobs.data() + at, static_cast<std::size_t>(n) * sizeof(CompressJob));
       check(cudaMemcpyAsync(device_jobs_, job_staging_, static_cast<std::size_t>(n) * sizeof(CompressJob),
                             cudaMemcpyHostToDevice, compress_stream_), "cudaMemcpyAsync(compression jobs)");
-      compressor_->run(device_jobs_, n, compress_workspace_, compress_workspace_bytes_, compress_stream_);
-      // The pinned staging array is rewritten by the next chunk: wait until this copy has read it.
       check(cudaEventRecord(jobs_copied_, compress_stream_), "cudaEventRecord");
-      check(cudaEventSynchronize(jobs_copied_), "cudaEventSynchronize");
+      compressor_->run(device_jobs_, n, compress_workspace_, compress_workspace_bytes_, compress_stream_);
     }
     const int batch = new_batch();
     check(cudaEventRecord(batches_[static_cast<std::size_t>(batch)].done, compress_stream_), "cudaEventRecord");
