@@ -391,18 +391,13 @@ class SpectralCache {
     if (new_total - pool.blocks + have < n) {
       throw CapacityError(detail::concat("SpectralCache::append: the pool cannot hold ", n, " more blocks"));
     }
-    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(new_total) * static_cast<std::size_t>(lay.block_bytes));
-    std::vector<std::int32_t> free_ids;
-    free_ids.reserve(static_cast<std::size_t>(new_total));
-    std::copy(pool.bytes.begin(), pool.bytes.end(), bytes.begin());
-    free_ids = pool.free_ids;
-    free_ids.reserve(static_cast<std::size_t>(new_total));
-    // New ids go below the old free ones so that the lowest ids are handed out first.
+    // New ids go below the old free ones so that the lowest ids are handed out first. Each allocation
+    // may throw and leaves the pool's content as it was; the insert into reserved capacity cannot.
     std::vector<std::int32_t> fresh;
     for (std::int64_t b = new_total - 1; b >= pool.blocks; --b) fresh.push_back(static_cast<std::int32_t>(b));
-    free_ids.insert(free_ids.begin(), fresh.begin(), fresh.end());
-    pool.bytes.swap(bytes);
-    pool.free_ids.swap(free_ids);
+    pool.free_ids.reserve(static_cast<std::size_t>(new_total));
+    pool.bytes.resize(static_cast<std::size_t>(new_total) * static_cast<std::size_t>(lay.block_bytes));
+    pool.free_ids.insert(pool.free_ids.begin(), fresh.begin(), fresh.end());
     pool.blocks = new_total;
   }
 
