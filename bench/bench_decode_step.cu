@@ -65,6 +65,7 @@ CacheConfig layer_config() {
   c.head_dim = kDim;
   c.block_size = kBlock;
   c.hot_tokens = kHot;
+  c.sink_tokens = 0;
   c.default_ranks = {16, 32};
   return c;
 }

@@ -45,7 +45,7 @@ constexpr const char* kUsage =
     "       spectralkv_llama generate   --model M --prompt TEXT [--tokens N] [--chat] [--cache dense|spectral]\n"
     "       spectralkv_llama perplexity --model M --text F [--ctx 2048] [--windows 1] [--bos ID] [--arm SPEC]...\n"
     "                                   [--dense-only] [--no-fidelity] [--json]\n"
-    "cache flags: --rank-k 16 --rank-v 32 --block 512 --hot 64 --sinks 0 --mean-center --attend fast|library\n"
+    "cache flags: --rank-k 16 --rank-v 32 --block 512 --hot 64 --sinks 16 --mean-center --attend fast|library\n"
     "             --outliers M (experimental: M exact smallest-|k| tokens per cold block and KV head)\n"
     "SPEC: k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M (one spectral arm per --arm; out: experimental outliers)\n";
 
@@ -97,11 +97,12 @@ CacheConfig cache_config(const Args& args, const LlamaConfig& m) {
   c.num_q_heads = m.num_q_heads;
   c.num_kv_heads = m.num_kv_heads;
   c.head_dim = m.head_dim;
-  c.default_ranks.key = static_cast<int>(args.integer("rank-k", 16));
-  c.default_ranks.value = static_cast<int>(args.integer("rank-v", 32));
-  c.block_size = static_cast<int>(args.integer("block", 512));
-  c.hot_tokens = static_cast<int>(args.integer("hot", 64));
-  c.sink_tokens = static_cast<int>(args.integer("sinks", 0));
+  const CacheConfig defaults;  // the library's defaults unless a flag says otherwise
+  c.default_ranks.key = static_cast<int>(args.integer("rank-k", defaults.default_ranks.key));
+  c.default_ranks.value = static_cast<int>(args.integer("rank-v", defaults.default_ranks.value));
+  c.block_size = static_cast<int>(args.integer("block", defaults.block_size));
+  c.hot_tokens = static_cast<int>(args.integer("hot", defaults.hot_tokens));
+  c.sink_tokens = static_cast<int>(args.integer("sinks", defaults.sink_tokens));
   c.mean_center = args.flag("mean-center");
   c.validate();
   return c;

@@ -12,6 +12,7 @@ int main() {
   config.head_dim = 16;
   config.block_size = 16;
   config.hot_tokens = 4;
+  config.sink_tokens = 0;
   config.default_ranks = {4, 8};
   spectralkv::SpectralCache<float> cache(config);
   cache.add_sequence(0);

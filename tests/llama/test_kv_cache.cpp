@@ -151,6 +151,7 @@ TEST(SpectralKvCache, ShadowRecordsFidelityAndBytesCountColdBlocks) {
   c.head_dim = kDim;
   c.block_size = 32;
   c.hot_tokens = 8;
+  c.sink_tokens = 0;
   c.default_ranks = {6, 10};
   SpectralKvCache cache(c, /*shadow=*/true);
   EXPECT_EQ(cache.tokens_until_compression(0), 39);
