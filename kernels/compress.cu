@@ -1,8 +1,10 @@
 // Batched truncated SVD + INT8 quantisation (see include/spectralkv/cuda/compress.cuh for the
 // interface and the algorithm overview). Three kernels per run on the fast path:
-//   gram_kernel     G = XᵀX (+ column sums), tensor cores, FP32 accumulation      → workspace
-//   eigen_kernel    centring, subspace iteration, Rayleigh–Ritz + Jacobi, basis   → basis_out, mean_out
+//   gram_kernel     G = (X − m)ᵀ(X − m) (+ column sums), tensor cores, FP32 accumulation → workspace
+//                   (m = 0, or for centred jobs a provisional per-column shift, see below)
+//   eigen_kernel    centring, subspace iteration (CholQR), Rayleigh–Ritz + Jacobi, basis → basis_out, mean_out
 //   project_kernel  C = (X − mean)·B_hᵀ, per-column max, INT8 quantisation         → scale_out, coeff_out
+//                   (project_resident_kernel: the same in one pass over X when C fits in shared memory)
 // The cuSOLVER path replaces the first two by gather + cuBLAS SGEMM + cusolverDnXsyevBatched + select.
 
 #include <cuda_bf16.h>
@@ -81,6 +83,14 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/// D += A·B for an 8×8×4 FP64 tile. Fragments: A (8×4, row) a = A[lane/4][lane%4]; B (4×8, col)
+/// b = B[lane%4][lane/4]; D (8×8) d[i] = D[lane/4][2·(lane%4) + i].
+__device__ __forceinline__ void mma_f64(double (&d)[2], double a, double b) {
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+               : "+d"(d[0]), "+d"(d[1])
+               : "d"(a), "d"(b));
+}
+
 /// x = hi + lo with hi, lo TF32: the 3×TF32 products hi·hi + hi·lo + lo·hi carry ~FP32 accuracy,
 /// which the Gram's dynamic range (100× outlier channels → 10⁴ between eigenvalues) needs.
 __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
@@ -137,7 +147,10 @@ __device__ __forceinline__ unsigned pack_half2(float a, float b) {
 // ------------------------------------------------------------------------------------------------
 
 constexpr int kChunkRows = 64;  // rows of X staged per pipeline step
-constexpr int kStages = 4;      // cp.async pipeline depth: ~48 KB in flight per CTA hides HBM latency
+constexpr int kStages = 4;      // cp.async pipeline depth of the projection: ~48 KB in flight per CTA
+// The Gram kernel keeps 3 stages and spends the fourth buffer on the low FP16 halves of a centred
+// chunk, so its shared memory (and occupancy) is what 4 stages had; 2 → 4 stages measured no change.
+constexpr int kGramStages = 3;
 
 template <int D>
 struct GramShape {
@@ -145,22 +158,33 @@ struct GramShape {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLd = D + 8;      // +16 bytes per row: the 8 rows of an ldmatrix hit 8 distinct bank groups
   static constexpr int kNTiles = D / 16;  // n-tiles of 8 per warp
-  static constexpr std::size_t kSmemBytes = static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2;
+  static constexpr std::size_t kSmemBytes = static_cast<std::size_t>(kGramStages + 1) * kChunkRows * kLd * 2;
 };
 
-/// One CTA per job. X streams through shared memory in 64-row chunks (cp.async double buffer); each
+/// One CTA per job. X streams through shared memory in 64-row chunks (cp.async pipeline); each
 /// warp owns a 32×(D/2) tile of G. Both mma operands come from Xᵀ via ldmatrix.trans. Products of
 /// 16-bit inputs are exact in FP32, so G is XᵀX up to FP32 accumulation.
+///
+/// Mean-centred jobs accumulate the Gram of Y = X − 1mᵀ instead, where m (per column) is the mean of
+/// the first chunk rounded to FP16: the eigen kernel's centring correction then involves μ − m ≈ σ
+/// instead of μ, so the FP32 rounding of the Gram stays relative to ‖X − μ‖² rather than to
+/// ‖X − μ‖² + L‖μ‖² (channel means of tens of σ are common in keys). Y is formed in FP32 (exact: a
+/// difference of two 16-bit values) and split into FP16 hi + lo; YᵀY ≈ hiᵀhi + hiᵀlo + loᵀhi carries
+/// ~2^-22 relative accuracy per product. Y must fit the FP16 range, as for the projection.
 /// \param gram    [jobs][D][D] FP32 output (row-major)
-/// \param colsum  [jobs][D] FP32 column sums (written only for mean-centred jobs)
+/// \param colsum  [jobs][D] FP32 column sums of Y (written only for mean-centred jobs)
+/// \param shift   [jobs][D] FP32 shift m (written only for mean-centred jobs)
 template <class T, int D>
-__global__ void __launch_bounds__(GramShape<D>::kThreads) gram_kernel(const CompressJob* __restrict__ jobs, int rows,
+__global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const CompressJob* __restrict__ jobs, int rows,
                                                                       float* __restrict__ gram,
-                                                                      float* __restrict__ colsum) {
+                                                                      float* __restrict__ colsum,
+                                                                      float* __restrict__ shift) {
   using S = GramShape<D>;
   extern __shared__ __align__(16) unsigned char gsmem[];
-  T* stage = reinterpret_cast<T*>(gsmem);  // [kStages][kChunkRows][kLd]
+  T* stage = reinterpret_cast<T*>(gsmem);  // [kGramStages][kChunkRows][kLd]
+  __half* lo_buf = reinterpret_cast<__half*>(gsmem + static_cast<std::size_t>(kGramStages) * kChunkRows * S::kLd * 2);
   __shared__ float sum_part[2][D];
+  __shared__ float shift_s[D];
 
   const CompressJob job = jobs[blockIdx.x];
   const T* x = static_cast<const T*>(job.x);
@@ -190,48 +214,105 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads) gram_kernel(const Comp
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
   float csum = 0.0f;
 
-  // Multi-stage pipeline: one commit group per chunk (empty past the end), so wait_group<kStages−2>
+  // Multi-stage pipeline: one commit group per chunk (empty past the end), so wait_group<kGramStages−2>
   // at iteration c means chunk c has landed. The stage refilled at iteration c was last read at c−1,
   // which every thread finished before this iteration's barrier.
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
+  for (int st = 0; st < kGramStages - 1; ++st) {
     if (st < chunks) load_chunk(st, st);
     cp_async_commit();
   }
+  const int col = tid % D, half = tid / D;  // S::kThreads == 2·D: 2 threads per column, 32 rows each
   for (int c = 0; c < chunks; ++c) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<kGramStages - 2>();
     __syncthreads();
-    if (c + kStages - 1 < chunks) load_chunk(c + kStages - 1, (c + kStages - 1) % kStages);
+    if (c + kGramStages - 1 < chunks) load_chunk(c + kGramStages - 1, (c + kGramStages - 1) % kGramStages);
     cp_async_commit();
-    const T* s = stage + (c % kStages) * kChunkRows * S::kLd;
-    if (center) {  // 2 threads per column, 32 rows each (zero-filled rows add nothing)
-      const int col = tid % D, half = tid / D;
-#pragma unroll 8
-      for (int r = 0; r < kChunkRows / 2; ++r) csum += to_float1(s[(half * (kChunkRows / 2) + r) * S::kLd + col]);
-    }
+    T* s = stage + (c % kGramStages) * kChunkRows * S::kLd;
+    if (!center) {
 #pragma unroll
+      for (int ks = 0; ks < kChunkRows / 16; ++ks) {
+        const int k0 = ks * 16;
+        const int mat = lane >> 3;
+        unsigned a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int m0 = wm * 32 + mi * 16;
+          ldmatrix_x4_trans(a[mi], s + (k0 + (lane & 7) + ((mat >> 1) << 3)) * S::kLd + m0 + ((mat & 1) << 3));
+        }
+#pragma unroll
+        for (int np = 0; np < S::kNTiles / 2; ++np) {
+          const int n0 = wn * (D / 2) + np * 16;
+          unsigned b[4];
+          ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + n0 + ((mat >> 1) << 3));
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma_16816<T>(acc[mi][2 * np], a[mi], b[0], b[1]);
+            mma_16816<T>(acc[mi][2 * np + 1], a[mi], b[2], b[3]);
+          }
+        }
+      }
+      continue;
+    }
+    // --- mean-centred job: shift, split into FP16 hi (in place) + lo, three products --------------
+    const int valid = min(kChunkRows, rows - c * kChunkRows);
+    if (c == 0) {  // the shift: FP16-rounded mean of the first chunk (zero-filled rows add nothing)
+      float p = 0.0f;
+#pragma unroll 8
+      for (int r = 0; r < kChunkRows / 2; ++r) p += to_float1(s[(half * (kChunkRows / 2) + r) * S::kLd + col]);
+      sum_part[half][col] = p;
+      __syncthreads();
+      if (tid < D) shift_s[tid] = __half2float(__float2half_rn((sum_part[0][tid] + sum_part[1][tid]) / valid));
+      __syncthreads();
+    }
+    {
+      const float m = shift_s[col];
+#pragma unroll 8
+      for (int r = 0; r < kChunkRows / 2; ++r) {
+        const int rr = half * (kChunkRows / 2) + r;
+        if (rr < valid) csum += to_float1(s[rr * S::kLd + col]) - m;
+      }
+    }
+    __syncthreads();  // the column sums read the raw chunk, which the split below overwrites
+    __half* hi = reinterpret_cast<__half*>(s);
+    for (int e = tid; e < kChunkRows * (D / 2); e += S::kThreads) {
+      const int rr = e / (D / 2), c2 = 2 * (e % (D / 2));
+      float v0 = 0.0f, v1 = 0.0f;  // rows past the end stay zero
+      if (rr < valid) {
+        const float2 f = to_float2<T>(*reinterpret_cast<const unsigned*>(s + rr * S::kLd + c2));
+        v0 = f.x - shift_s[c2];
+        v1 = f.y - shift_s[c2 + 1];
+      }
+      const __half2 h = __floats2half2_rn(v0, v1);
+      const float2 hf = __half22float2(h);
+      *reinterpret_cast<__half2*>(hi + rr * S::kLd + c2) = h;
+      *reinterpret_cast<__half2*>(lo_buf + rr * S::kLd + c2) = __floats2half2_rn(v0 - hf.x, v1 - hf.y);
+    }
+    __syncthreads();
+#pragma unroll 1
     for (int ks = 0; ks < kChunkRows / 16; ++ks) {
       const int k0 = ks * 16;
       const int mat = lane >> 3;
-      unsigned a[2][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
+      for (int mi = 0; mi < 2; ++mi) {  // one m-tile at a time: B fragments are re-read, registers stay ≤ 128
         const int m0 = wm * 32 + mi * 16;
-        const int row = k0 + (lane & 7) + ((mat >> 1) << 3);
-        const int col = m0 + ((mat & 1) << 3);
-        ldmatrix_x4_trans(a[mi], s + row * S::kLd + col);
-      }
+        const int aoff = (k0 + (lane & 7) + ((mat >> 1) << 3)) * S::kLd + m0 + ((mat & 1) << 3);
+        unsigned ah[4], al[4];
+        ldmatrix_x4_trans(ah, hi + aoff);
+        ldmatrix_x4_trans(al, lo_buf + aoff);
 #pragma unroll
-      for (int np = 0; np < S::kNTiles / 2; ++np) {
-        const int n0 = wn * (D / 2) + np * 16;
-        const int row = k0 + (lane & 7) + ((mat & 1) << 3);
-        const int col = n0 + ((mat >> 1) << 3);
-        unsigned b[4];
-        ldmatrix_x4_trans(b, s + row * S::kLd + col);
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          mma_16816<T>(acc[mi][2 * np], a[mi], b[0], b[1]);
-          mma_16816<T>(acc[mi][2 * np + 1], a[mi], b[2], b[3]);
+        for (int np = 0; np < S::kNTiles / 2; ++np) {
+          const int n0 = wn * (D / 2) + np * 16;
+          const int off = (k0 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + n0 + ((mat >> 1) << 3);
+          unsigned bh[4], bl[4];
+          ldmatrix_x4_trans(bh, hi + off);
+          ldmatrix_x4_trans(bl, lo_buf + off);
+          mma_16816<__half>(acc[mi][2 * np], al, bh[0], bh[1]);
+          mma_16816<__half>(acc[mi][2 * np], ah, bl[0], bl[1]);
+          mma_16816<__half>(acc[mi][2 * np], ah, bh[0], bh[1]);
+          mma_16816<__half>(acc[mi][2 * np + 1], al, bh[2], bh[3]);
+          mma_16816<__half>(acc[mi][2 * np + 1], ah, bl[2], bl[3]);
+          mma_16816<__half>(acc[mi][2 * np + 1], ah, bh[2], bh[3]);
         }
       }
     }
@@ -250,9 +331,13 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads) gram_kernel(const Comp
       *reinterpret_cast<float2*>(&g[(row + 8) * D + col]) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
     }
   if (center) {
-    sum_part[tid / D][tid % D] = csum;
+    __syncthreads();  // sum_part was last used for the shift
+    sum_part[half][col] = csum;
     __syncthreads();
-    if (tid < D) colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid] = sum_part[0][tid] + sum_part[1][tid];
+    if (tid < D) {
+      colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid] = sum_part[0][tid] + sum_part[1][tid];
+      shift[static_cast<std::int64_t>(blockIdx.x) * D + tid] = shift_s[tid];
+    }
   }
 }
 
@@ -280,9 +365,9 @@ struct EigenShape {
   static constexpr int kPerLane = D / 32;                               // column elements per lane
 };
 
-/// Z = G·Q (D×ℓ) with 3×TF32 mma. Gs: [D][D] swizzled (symmetric); Q, Z: panels [ℓ][D].
+/// Z = (G + shift·I)·Q (D×ℓ) with 3×TF32 mma. Gs: [D][D] swizzled (symmetric); Q, Z: panels [ℓ][D].
 template <int D>
-__device__ void gemm_gq(const float* Gs, const float* Q, float* Z, int ell) {
+__device__ void gemm_gq(const float* Gs, const float* Q, float* Z, int ell, float shift = 0.0f) {
   using S = EigenShape<D>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -321,18 +406,18 @@ __device__ void gemm_gq(const float* Gs, const float* Q, float* Z, int ell) {
     const int nt = slice + nn * S::kWarpsPerMTile;
     if (nt < ntiles) {
       const int n0 = nt * 8;
-      Z[swz<D>(n0 + 2 * t, m0 + g)] = acc[nn][0];
-      Z[swz<D>(n0 + 2 * t + 1, m0 + g)] = acc[nn][1];
-      Z[swz<D>(n0 + 2 * t, m0 + g + 8)] = acc[nn][2];
-      Z[swz<D>(n0 + 2 * t + 1, m0 + g + 8)] = acc[nn][3];
+      Z[swz<D>(n0 + 2 * t, m0 + g)] = acc[nn][0] + shift * Q[swz<D>(n0 + 2 * t, m0 + g)];
+      Z[swz<D>(n0 + 2 * t + 1, m0 + g)] = acc[nn][1] + shift * Q[swz<D>(n0 + 2 * t + 1, m0 + g)];
+      Z[swz<D>(n0 + 2 * t, m0 + g + 8)] = acc[nn][2] + shift * Q[swz<D>(n0 + 2 * t, m0 + g + 8)];
+      Z[swz<D>(n0 + 2 * t + 1, m0 + g + 8)] = acc[nn][3] + shift * Q[swz<D>(n0 + 2 * t + 1, m0 + g + 8)];
     }
   }
 }
 
-/// H = Qᵀ·Z (ℓ×ℓ, plain row-major, stride ℓ) with 3×TF32 mma. Q rows ≥ ℓ (up to the 16-row tile)
-/// are zero, so padded tile rows are finite and discarded.
+/// H = Qᵀ·Z (ℓ×ℓ, plain row-major, stride ldh) with 3×TF32 mma. Rows of the 16-row tiles past ℓ
+/// produce rows of H that are discarded (each output row depends on its own row of Q only).
 template <int D>
-__device__ void gemm_qtz(const float* Q, const float* Z, float* H, int ell) {
+__device__ void gemm_qtz(const float* Q, const float* Z, float* H, int ell, int ldh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int mtiles = (ell + 15) / 16, ntiles = ell / 8;
@@ -354,12 +439,12 @@ __device__ void gemm_qtz(const float* Q, const float* Z, float* H, int ell) {
     }
     const int r0 = m0 + g, c0 = n0 + 2 * t;
     if (r0 < ell) {
-      H[r0 * ell + c0] = acc[0];
-      H[r0 * ell + c0 + 1] = acc[1];
+      H[r0 * ldh + c0] = acc[0];
+      H[r0 * ldh + c0 + 1] = acc[1];
     }
     if (r0 + 8 < ell) {
-      H[(r0 + 8) * ell + c0] = acc[2];
-      H[(r0 + 8) * ell + c0 + 1] = acc[3];
+      H[(r0 + 8) * ldh + c0] = acc[2];
+      H[(r0 + 8) * ldh + c0 + 1] = acc[3];
     }
   }
 }
@@ -489,28 +574,282 @@ __device__ __forceinline__ void jacobi_pair(int s, int k, int n, int& p, int& q)
   q = max(a, b);
 }
 
-/// Shared-memory layout of the eigen kernel, in floats. lp = ℓ_max rounded up to 16 (mma m-tiles).
+/// Largest ℓ the CholQR + one-barrier Jacobi path handles: its FP64 ℓ×ℓ Gram must fit in one panel
+/// and its Jacobi scratch (H twice, W, pair table) in the Gram's space plus one panel (see EigenSmem).
+template <int D>
+constexpr int kFastMaxEll = D == 128 ? 64 : 48;
+
+/// Orthonormalises the ℓ columns of panel Z in place by Cholesky QR: S = ZᵀZ on the FP64 tensor
+/// cores (FP32 products are exact in FP64, so S is accurate to ~1e-16 relative), S = RᵀR by one warp
+/// in FP64 (left-looking: ℓ steps of dot products, no shared-memory store→load chains), then
+/// Z ← Z·R⁻¹ by forward substitution (each thread one of the D rows, FP32). S loses
+/// κ(Z)² of its accuracy, which FP64 affords up to κ(Z) ≈ 1e7; the caller keeps κ(Z) ≤ ~1e6 by
+/// shifting G by 1e-6·trace(G). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
+/// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision. 4 barriers per pass,
+/// against ℓ for Gram–Schmidt.
+/// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
+/// \param S     scratch, 2ℓ² floats (8-byte aligned), must not overlap Z: S in FP64, upper triangle
+///              overwritten by R, lower triangle holding R in FP32 for the substitution
+/// \param invd  scratch, ℓ floats: 1 / R_jj
+template <int D>
+__device__ void cholqr(float* Z, double* S, float* invd, int ell) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nb = ell / 8;
+  // --- S = ZᵀZ, upper 8×8 tiles ----------------------------------------------------------------
+  for (int tile = warp; tile < nb * (nb + 1) / 2; tile += kEigenWarps) {
+    int mi = 0, rest = tile;
+    while (rest >= nb - mi) {
+      rest -= nb - mi;
+      ++mi;
+    }
+    const int m0 = mi * 8, n0 = (mi + rest) * 8;
+    double acc[4][2];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = 0.0;
+#pragma unroll 2
+    for (int k0 = 0; k0 < D; k0 += 16) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {  // 4 independent accumulators: the mma latency overlaps
+        const int k = k0 + 4 * u + t;
+        mma_f64(acc[u], static_cast<double>(Z[swz<D>(m0 + g, k)]), static_cast<double>(Z[swz<D>(n0 + g, k)]));
+      }
+    }
+    S[(m0 + g) * ell + n0 + 2 * t] = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]);
+    S[(m0 + g) * ell + n0 + 2 * t + 1] = (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]);
+  }
+  __syncthreads();
+  // --- S = RᵀR (upper R in place, FP64), one warp, left-looking ----------------------------------
+  // Step j: every lane forms, for its columns k ≥ j (k = lane, lane + 32), S_jk − Σ_{m<j} R_mj·R_mk
+  // from rows of R already final (loads only, so they pipeline), then R_jk = that / R_jj. R_jk is also
+  // stored in FP32 in the unused lower slot (k, j) for the substitution below.
+  float* Rf = reinterpret_cast<float*>(S);  // R_mk (m < k) as FP32 at Rf[2·(k·ℓ + m)]
+  if (warp == 0) {
+    const double pivot_floor = 1e-30 * S[0];  // only reached for non-finite or degenerate input
+    const int c0 = lane, c1 = lane + 32;
+    for (int j = 0; j < ell; ++j) {
+      const bool a0 = c0 >= j && c0 < ell, a1 = c1 >= j && c1 < ell;
+      double s0a = 0.0, s0b = 0.0, s1a = 0.0, s1b = 0.0;  // two partial sums per column: shorter FMA chains
+      int m = 0;
+      for (; m + 1 < j; m += 2) {
+        const double rj0 = S[m * ell + j], rj1 = S[(m + 1) * ell + j];
+        if (a0) {
+          s0a += rj0 * S[m * ell + c0];
+          s0b += rj1 * S[(m + 1) * ell + c0];
+        }
+        if (a1) {
+          s1a += rj0 * S[m * ell + c1];
+          s1b += rj1 * S[(m + 1) * ell + c1];
+        }
+      }
+      if (m < j) {
+        const double rj0 = S[m * ell + j];
+        if (a0) s0a += rj0 * S[m * ell + c0];
+        if (a1) s1a += rj0 * S[m * ell + c1];
+      }
+      const double v0 = a0 ? S[j * ell + c0] - (s0a + s0b) : 0.0;
+      const double v1 = a1 ? S[j * ell + c1] - (s1a + s1b) : 0.0;
+      const double d = __shfl_sync(0xffffffffu, j < 32 ? v0 : v1, j & 31);
+      const double rjj = sqrt(d > pivot_floor ? d : (pivot_floor > 0.0 ? pivot_floor : 1.0));
+      const double inv = 1.0 / rjj;
+      if (a0 && c0 > j) {
+        const double rv = v0 * inv;
+        S[j * ell + c0] = rv;
+        Rf[2 * (c0 * ell + j)] = static_cast<float>(rv);
+      }
+      if (a1 && c1 > j) {
+        const double rv = v1 * inv;
+        S[j * ell + c1] = rv;
+        Rf[2 * (c1 * ell + j)] = static_cast<float>(rv);
+      }
+      if (lane == 0) invd[j] = static_cast<float>(inv);
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  // --- Z ← Z·R⁻¹: row i of Z solves q·R = z, 8 columns at a time ----------------------------------
+  if (tid < D) {
+    const int i = tid;
+    for (int jb = 0; jb < ell; jb += 8) {
+      float acc[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = Z[swz<D>(jb + u, i)];
+      for (int m = 0; m < jb; ++m) {
+        const float qm = Z[swz<D>(m, i)];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc[u] -= Rf[2 * ((jb + u) * ell + m)] * qm;  // broadcasts
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+#pragma unroll
+        for (int v = 0; v < u; ++v) acc[u] -= Rf[2 * ((jb + u) * ell + jb + v)] * acc[v];
+        acc[u] *= invd[jb + u];
+        Z[swz<D>(jb + u, i)] = acc[u];
+      }
+    }
+  }
+  __syncthreads();
+}
+
+/// Jacobi rotation (c, s) that annihilates H_pq, as in the 2-barrier path; written with _rn
+/// intrinsics so that every thread computing the same pair gets bit-identical values.
+__device__ __forceinline__ void jacobi_rotation(const float* H, int ldh, int p, int q, float& c, float& sn,
+                                                bool& big) {
+  const float app = H[p * ldh + p], aqq = H[q * ldh + q], apq = H[p * ldh + q];
+  c = 1.0f;
+  sn = 0.0f;
+  const float scale = __fsqrt_rn(fabsf(__fmul_rn(app, aqq)));
+  if (fabsf(apq) > __fmul_rn(1e-7f, scale) && apq != 0.0f) {
+    const float theta = __fdiv_rn(__fsub_rn(aqq, app), __fmul_rn(2.0f, apq));
+    const float at = fabsf(theta);
+    float tt = at > 1e15f ? __fdiv_rn(0.5f, at)
+                          : __fdiv_rn(1.0f, __fadd_rn(at, __fsqrt_rn(__fadd_rn(__fmul_rn(theta, theta), 1.0f))));
+    if (theta < 0.0f) tt = -tt;
+    c = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(tt, tt), 1.0f)));
+    sn = __fmul_rn(tt, c);
+    if (fabsf(apq) > __fmul_rn(1e-6f, scale)) big = true;
+  }
+}
+
+/// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ 64), rotations accumulated in W, one barrier per
+/// round: H is double-buffered (round s reads Hc, writes Hn), and every warp computes the round's
+/// rotations from Hc itself (lane k: pair k) and shuffles them to the lanes that apply them, instead
+/// of waiting at a barrier for a shared table. The round-robin pairs are tabulated once. Thread work is fixed for the whole solve: ≤ 3 blocks (a ≤ b, mirrored into
+/// (b, a), so H stays exactly symmetric) and the rows x ≡ tid / np (mod 256 / np) of W for pair tid % np.
+/// H's row stride is ℓ + 1 (odd): the mirrored stores walk down a column, which a stride of ℓ (a
+/// multiple of 8) would put into 2–4 banks.
+/// \param H0     [ℓ][ℓ + 1] the symmetric input; H1 the second buffer; W [ℓ][ℓ] output (identity on
+///               entry is written here); pairs (ℓ−1)·ℓ/2 ints of scratch; flags 2 ints of scratch
+/// \return the buffer holding the final H (its diagonal: the Ritz values)
+__device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* flags, int ell, int sweeps,
+                              bool active) {
+  const int tid = threadIdx.x;
+  const int hs = ell + 1;
+  const int np = ell / 2;
+  for (int e = tid; e < (ell - 1) * np; e += kEigenThreads) {
+    int p, q;
+    jacobi_pair(e / np, e % np, ell, p, q);
+    pairs[e] = p | (q << 16);
+  }
+  for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
+  if (tid == 0) flags[0] = 0;
+  int blk[3];
+  int nmine = 0;
+  for (int idx = tid; idx < np * (np + 1) / 2 && nmine < 3; idx += kEigenThreads) {
+    int a = 0, rest = idx;
+    while (rest >= np - a) {
+      rest -= np - a;
+      ++a;
+    }
+    blk[nmine++] = a | ((a + rest) << 8);
+  }
+  const int tpp = kEigenThreads / np;  // threads per pair for W (≥ 8)
+  const int wb = tid % np, wr0 = tid / np;
+  __syncthreads();
+  float* Hc = H0;
+  float* Hn = H1;
+  if (!active) return Hc;
+  const int lane = tid & 31;
+  for (int sweep = 0; sweep < sweeps; ++sweep) {
+    for (int s = 0; s + 1 < ell; ++s) {
+      const int* pr = pairs + s * np;
+      // Every warp computes the round's np ≤ 32 rotations, lane k the one of pair k, and hands them
+      // around by shuffles: no barrier between computing and applying them.
+      float c = 1.0f, sn = 0.0f;
+      if (lane < np) {
+        bool big = false;
+        jacobi_rotation(Hc, hs, pr[lane] & 0xFFFF, pr[lane] >> 16, c, sn, big);
+        if (big) flags[sweep & 1] = 1;
+      }
+#pragma unroll
+      for (int u = 0; u < 3; ++u) {
+        const int bl = u < nmine ? blk[u] : 0;
+        const int a = bl & 0xFF, b = bl >> 8;
+        const float ca = __shfl_sync(0xffffffffu, c, a), sa = __shfl_sync(0xffffffffu, sn, a);
+        const float cb = __shfl_sync(0xffffffffu, c, b), sb = __shfl_sync(0xffffffffu, sn, b);
+        if (u >= nmine) continue;
+        const int pa = pr[a] & 0xFFFF, qa = pr[a] >> 16, pb = pr[b] & 0xFFFF, qb = pr[b] >> 16;
+        const float hpp = Hc[pa * hs + pb], hpq = Hc[pa * hs + qb], hqp = Hc[qa * hs + pb], hqq = Hc[qa * hs + qb];
+        const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
+        const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
+        const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
+        float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
+        if (a == b) npq = nqp = 0.5f * (npq + nqp);
+        Hn[pa * hs + pb] = npp;
+        Hn[pa * hs + qb] = npq;
+        Hn[qa * hs + pb] = nqp;
+        Hn[qa * hs + qb] = nqq;
+        if (a != b) {
+          Hn[pb * hs + pa] = npp;
+          Hn[qb * hs + pa] = npq;
+          Hn[pb * hs + qa] = nqp;
+          Hn[qb * hs + qa] = nqq;
+        }
+      }
+      {
+        const float cb = __shfl_sync(0xffffffffu, c, wb), sb = __shfl_sync(0xffffffffu, sn, wb);
+        if (wr0 < tpp) {
+          const int pb = pr[wb] & 0xFFFF, qb = pr[wb] >> 16;
+          for (int xr = wr0; xr < ell; xr += tpp) {
+            const float wp = W[xr * ell + pb], wq = W[xr * ell + qb];
+            W[xr * ell + pb] = cb * wp - sb * wq;
+            W[xr * ell + qb] = sb * wp + cb * wq;
+          }
+        }
+      }
+      __syncthreads();
+      // Every thread has read the other flag (end of the previous sweep) before this barrier.
+      if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;
+      float* tmp = Hc;
+      Hc = Hn;
+      Hn = tmp;
+    }
+    if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
+  }
+  return Hc;
+}
+
+/// Shared-memory layout of the eigen kernel, in floats: the Gram [D][D], two panels of `panel`
+/// floats (each ≥ lp·D: an [lp][D] swizzled panel), then cs/pq/diag/order (lp each) and kMisc.
+/// lp = ℓ_max rounded up to 16 (mma m-tiles). A panel must also hold the CholQR scratch (2ℓ² floats)
+/// and half of the fast Jacobi's (H1 [ℓ][ℓ+1] and W [ℓ][ℓ]), for every ℓ ≤ kFastMaxEll the batch may
+/// use; at D = 128 lp·D already does, at D = 64 the panels grow (ℓ = 48: 4656 floats instead of 3072).
 struct EigenSmem {
   static constexpr int kMisc = 8;
-  SPECTRALKV_HD static constexpr std::size_t floats(int d, int lp) {
-    return static_cast<std::size_t>(d) * d + 2 * static_cast<std::size_t>(lp) * d + 4 * lp + kMisc;
+  SPECTRALKV_HD static constexpr std::size_t panel(int d, int lp, int ell_fast) {
+    const std::size_t base = static_cast<std::size_t>(lp) * d;
+    const std::size_t fast = 2 * static_cast<std::size_t>(ell_fast) * ell_fast + ell_fast;
+    return (base > fast ? base : fast + 3) / 4 * 4;
+  }
+  SPECTRALKV_HD static constexpr std::size_t floats(int d, int lp, std::size_t panel) {
+    return static_cast<std::size_t>(d) * d + 2 * panel + 4 * lp + kMisc;
   }
 };
 
 /// One CTA per job: loads G, centres it, runs `iterations` subspace-iteration steps with ℓ columns,
 /// the Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the
 /// top-r Ritz vectors V = Q·W (sorted, sign-fixed) as the basis.
+///
+/// Two variants of the middle part, chosen per job:
+///  - ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to 32 at D = 64): each step
+///    orthonormalises (G + δI)·Q by CholQR (4 barriers), δ = 1e-6·trace(G), which keeps
+///    κ ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32 noise of the Gram anyway) and makes
+///    rank-deficient and constant blocks need no special case; a final CholQR pass re-orthonormalises;
+///    then the one-barrier Jacobi (jacobi_fast).
+///  - otherwise: modified Gram–Schmidt with completion of degenerate columns (ℓ barriers per pass) and
+///    the 2-barrier Jacobi.
 template <int D>
 __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJob* __restrict__ jobs, int rows,
                                                               const float* __restrict__ gram,
-                                                              const float* __restrict__ colsum, int lp,
+                                                              const float* __restrict__ colsum,
+                                                              const float* __restrict__ shift, int lp, int panel,
                                                               CompressOptions opt) {
   using S = EigenShape<D>;
   extern __shared__ __align__(16) float smem[];
   float* Gs = smem;
   float* Qa = Gs + D * D;
-  float* Qb = Qa + lp * D;
-  float* cs = Qb + lp * D;                          // (cos, sin) of the ℓ/2 pairs of a round
+  float* Qb = Qa + panel;
+  float* cs = Qb + panel;                           // (cos, sin) of the ℓ/2 pairs of a round; 1/R_jj in CholQR
   int* pq = reinterpret_cast<int*>(cs + lp);        // (p, q) of the pairs
   float* diag = reinterpret_cast<float*>(pq + lp);  // Ritz values
   int* order = reinterpret_cast<int*>(diag + lp);   // indices of the top-r Ritz values, descending
@@ -520,19 +859,23 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   const CompressJob job = jobs[blockIdx.x];
   const int r = job.rank;
   const int ell = compress_subspace_width(r, D, opt.oversample);
+  const bool fast = ell <= kFastMaxEll<D> && ell < D;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* g = gram + static_cast<std::int64_t>(blockIdx.x) * D * D;
 
   // --- 1. G (symmetrised) into shared memory; centring with the stored FP16 mean -----------------
+  // The Gram kernel accumulated Y = X − 1mᵀ (shift m, column sums s' of Y). With the stored mean μ_h
+  // and d = μ_h − m (exact: both are FP16 values), (X − 1μ_hᵀ)ᵀ(X − 1μ_hᵀ) = YᵀY − d·s'ᵀ − s'·dᵀ + L·ddᵀ.
   float* sum = Qa;  // scratch until the start vectors are written
   float* mu = Qa + D;
   if (job.mean_center) {
     if (tid < D) {
       const float sd = colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid];
-      const __half mh = __float2half_rn(sd / static_cast<float>(rows));
+      const float m = shift[static_cast<std::int64_t>(blockIdx.x) * D + tid];
+      const __half mh = __float2half_rn(m + sd / static_cast<float>(rows));
       job.mean_out[tid] = mh;
       sum[tid] = sd;
-      mu[tid] = __half2float(mh);
+      mu[tid] = __half2float(mh) - m;
     }
     __syncthreads();
   }
@@ -544,8 +887,8 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     // Symmetrise: the two triangles come from different warps' accumulation orders.
     double v = 0.5 * (static_cast<double>(Gs[swz<D>(i, k)]) + static_cast<double>(Gs[swz<D>(k, i)]));
     if (job.mean_center) {
-      // (X − 1μᵀ)ᵀ(X − 1μᵀ) = XᵀX − μsᵀ − sμᵀ + L·μμᵀ, in double so the correction adds no rounding of
-      // its own (what remains is the FP32 rounding of XᵀX, relative to ‖X‖², see the docs).
+      // In double so the correction adds no rounding of its own (what remains is the FP32 rounding
+      // of YᵀY, relative to ‖Y‖² ≈ ‖X − μ‖² + L‖μ − m‖², see the docs).
       v += -static_cast<double>(mu[i]) * sum[k] - static_cast<double>(sum[i]) * mu[k] +
            static_cast<double>(rows) * mu[i] * mu[k];
     }
@@ -573,111 +916,158 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   // --- 3. subspace iteration: Q ← orth(G·Q) -------------------------------------------------------
   float* Qc = Qa;
   float* Zn = Qb;
-  // Directions with G·q below 1e-6·trace(G) (≥ 1e-6·λ_max) are FP32 noise: treated as degenerate.
+  // Directions with G·q below 1e-6·trace(G) (≥ 1e-6·λ_max) are FP32 noise: treated as degenerate by
+  // Gram–Schmidt; the CholQR path adds them as the shift δ, which bounds κ((G + δI)·Q) by ~1e6.
   const float ref = 1e-6f * trace;
-  if (trace > 0.0f) {
-    for (int it = 0; it < opt.iterations; ++it) {
+  float* Hfin = Gs;  // final Jacobi matrix (its diagonal: the Ritz values), row-major, row stride ldh
+  int ldh = ell;
+  float* Wfin = Zn;  // accumulated rotations, row-major [ℓ][ℓ]
+  if (fast) {
+    if (trace > 0.0f) {
+      for (int it = 0; it < opt.iterations; ++it) {
+        gemm_gq<D>(Gs, Qc, Zn, ell, ref);
+        __syncthreads();
+        cholqr<D>(Zn, reinterpret_cast<double*>(Qc), cs, ell);  // S in the panel Q just left
+        float* tmp = Qc;
+        Qc = Zn;
+        Zn = tmp;
+      }
+    } else {
+      cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // zero block: orthonormalise Ω itself
+    }
+    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // second pass: orthonormal to FP32 precision
+    // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi with H1 and W
+    // in the free panel and the pair table after H in Gs.
+    float* H = Gs;
+    ldh = ell + 1;
+    if (trace > 0.0f) {
       gemm_gq<D>(Gs, Qc, Zn, ell);
       __syncthreads();
-      mgs<D>(Zn, ell, ref, static_cast<unsigned>(it + 1));
-      float* tmp = Qc;
-      Qc = Zn;
-      Zn = tmp;
-    }
-  }
-  // Second Gram–Schmidt pass ("twice is enough"): orthonormal to FP32 precision. For a zero block it
-  // is the only pass and orthonormalises the start block itself.
-  mgs<D>(Qc, ell, 1e-3f, 101u);
-
-  // --- 4. Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (plain ℓ×ℓ), W = I into Zn -------------------------
-  float* H = Gs;
-  float* W = Zn;
-  if (trace > 0.0f) {
-    gemm_gq<D>(Gs, Qc, Zn, ell);
-    __syncthreads();
-    gemm_qtz<D>(Qc, Zn, H, ell);
-    __syncthreads();
-    for (int e = tid; e < ell * ell; e += kEigenThreads) {  // symmetrise (the two triangles differ by rounding)
-      const int i = e / ell, k = e % ell;
-      if (i < k) {
-        const float v = 0.5f * (H[i * ell + k] + H[k * ell + i]);
-        H[i * ell + k] = v;
-        H[k * ell + i] = v;
+      gemm_qtz<D>(Qc, Zn, H, ell, ldh);
+      __syncthreads();
+      for (int e = tid; e < ell * ell; e += kEigenThreads) {
+        const int i = e / ell, k = e % ell;
+        if (i < k) {
+          const float v = 0.5f * (H[i * ldh + k] + H[k * ldh + i]);
+          H[i * ldh + k] = v;
+          H[k * ldh + i] = v;
+        }
       }
+    } else {
+      for (int e = tid; e < ell * ldh; e += kEigenThreads) H[e] = 0.0f;
     }
+    __syncthreads();
+    Wfin = Zn + ell * ldh;
+    Hfin = jacobi_fast(H, Zn, Wfin, reinterpret_cast<int*>(Gs + ell * ldh), flags, ell, opt.jacobi_sweeps,
+                       trace > 0.0f);
   } else {
-    for (int e = tid; e < ell * ell; e += kEigenThreads) H[e] = 0.0f;
-  }
-  __syncthreads();
-  for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
-  if (tid == 0) flags[0] = 0;
-  __syncthreads();
-
-  // --- 5. parallel cyclic Jacobi on H, rotations accumulated in W ------------------------------
-  const int npairs = ell / 2;
-  if (trace > 0.0f) {
-    for (int sweep = 0; sweep < opt.jacobi_sweeps; ++sweep) {
-      for (int s = 0; s + 1 < ell; ++s) {
-        if (tid < npairs) {
-          int p, q;
-          jacobi_pair(s, tid, ell, p, q);
-          const float app = H[p * ell + p], aqq = H[q * ell + q], apq = H[p * ell + q];
-          float c = 1.0f, sn = 0.0f;
-          if (fabsf(apq) > 1e-7f * sqrtf(fabsf(app * aqq)) && apq != 0.0f) {
-            const float theta = (aqq - app) / (2.0f * apq);
-            const float at = fabsf(theta);
-            float tt = at > 1e15f ? 0.5f / at : 1.0f / (at + sqrtf(theta * theta + 1.0f));
-            if (theta < 0.0f) tt = -tt;
-            c = 1.0f / sqrtf(tt * tt + 1.0f);
-            sn = tt * c;
-            if (fabsf(apq) > 1e-6f * sqrtf(fabsf(app * aqq))) flags[sweep & 1] = 1;
-          }
-          cs[2 * tid] = c;
-          cs[2 * tid + 1] = sn;
-          pq[2 * tid] = p;
-          pq[2 * tid + 1] = q;
-        }
+    if (trace > 0.0f) {
+      for (int it = 0; it < opt.iterations; ++it) {
+        gemm_gq<D>(Gs, Qc, Zn, ell);
         __syncthreads();
-        if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;  // every thread has read it by now
-        // H stays exactly symmetric: block (a, b), a ≤ b, is rotated once and mirrored into (b, a).
-        for (int idx = tid; idx < npairs * npairs; idx += kEigenThreads) {
-          const int a = idx / npairs, b = idx % npairs;
-          if (a > b) continue;
-          const int pa = pq[2 * a], qa = pq[2 * a + 1], pb = pq[2 * b], qb = pq[2 * b + 1];
-          const float ca = cs[2 * a], sa = cs[2 * a + 1], cb = cs[2 * b], sb = cs[2 * b + 1];
-          const float hpp = H[pa * ell + pb], hpq = H[pa * ell + qb], hqp = H[qa * ell + pb], hqq = H[qa * ell + qb];
-          const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
-          const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
-          const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
-          float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
-          if (a == b) npq = nqp = 0.5f * (npq + nqp);
-          H[pa * ell + pb] = npp;
-          H[pa * ell + qb] = npq;
-          H[qa * ell + pb] = nqp;
-          H[qa * ell + qb] = nqq;
-          if (a != b) {
-            H[pb * ell + pa] = npp;
-            H[qb * ell + pa] = npq;
-            H[pb * ell + qa] = nqp;
-            H[qb * ell + qa] = nqq;
-          }
-        }
-        for (int idx = tid; idx < ell * npairs; idx += kEigenThreads) {
-          const int xr = idx / npairs, b = idx % npairs;
-          const int pb = pq[2 * b], qb = pq[2 * b + 1];
-          const float cb = cs[2 * b], sb = cs[2 * b + 1];
-          const float wp = W[xr * ell + pb], wq = W[xr * ell + qb];
-          W[xr * ell + pb] = cb * wp - sb * wq;
-          W[xr * ell + qb] = sb * wp + cb * wq;
-        }
-        __syncthreads();
+        mgs<D>(Zn, ell, ref, static_cast<unsigned>(it + 1));
+        float* tmp = Qc;
+        Qc = Zn;
+        Zn = tmp;
       }
-      if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
     }
+    // Second Gram–Schmidt pass ("twice is enough"): orthonormal to FP32 precision. For a zero block it
+    // is the only pass and orthonormalises the start block itself.
+    mgs<D>(Qc, ell, 1e-3f, 101u);
+
+    // --- 4. Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (plain ℓ×ℓ), W = I into Zn -------------------------
+    float* H = Gs;
+    float* W = Zn;
+    if (trace > 0.0f) {
+      gemm_gq<D>(Gs, Qc, Zn, ell);
+      __syncthreads();
+      gemm_qtz<D>(Qc, Zn, H, ell, ell);
+      __syncthreads();
+      for (int e = tid; e < ell * ell; e += kEigenThreads) {  // symmetrise (the two triangles differ by rounding)
+        const int i = e / ell, k = e % ell;
+        if (i < k) {
+          const float v = 0.5f * (H[i * ell + k] + H[k * ell + i]);
+          H[i * ell + k] = v;
+          H[k * ell + i] = v;
+        }
+      }
+    } else {
+      for (int e = tid; e < ell * ell; e += kEigenThreads) H[e] = 0.0f;
+    }
+    __syncthreads();
+    for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
+    if (tid == 0) flags[0] = 0;
+    __syncthreads();
+
+    // --- 5. parallel cyclic Jacobi on H, rotations accumulated in W ------------------------------
+    const int npairs = ell / 2;
+    if (trace > 0.0f) {
+      for (int sweep = 0; sweep < opt.jacobi_sweeps; ++sweep) {
+        for (int s = 0; s + 1 < ell; ++s) {
+          if (tid < npairs) {
+            int p, q;
+            jacobi_pair(s, tid, ell, p, q);
+            const float app = H[p * ell + p], aqq = H[q * ell + q], apq = H[p * ell + q];
+            float c = 1.0f, sn = 0.0f;
+            if (fabsf(apq) > 1e-7f * sqrtf(fabsf(app * aqq)) && apq != 0.0f) {
+              const float theta = (aqq - app) / (2.0f * apq);
+              const float at = fabsf(theta);
+              float tt = at > 1e15f ? 0.5f / at : 1.0f / (at + sqrtf(theta * theta + 1.0f));
+              if (theta < 0.0f) tt = -tt;
+              c = 1.0f / sqrtf(tt * tt + 1.0f);
+              sn = tt * c;
+              if (fabsf(apq) > 1e-6f * sqrtf(fabsf(app * aqq))) flags[sweep & 1] = 1;
+            }
+            cs[2 * tid] = c;
+            cs[2 * tid + 1] = sn;
+            pq[2 * tid] = p;
+            pq[2 * tid + 1] = q;
+          }
+          __syncthreads();
+          if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;  // every thread has read it by now
+          // H stays exactly symmetric: block (a, b), a ≤ b, is rotated once and mirrored into (b, a).
+          for (int idx = tid; idx < npairs * npairs; idx += kEigenThreads) {
+            const int a = idx / npairs, b = idx % npairs;
+            if (a > b) continue;
+            const int pa = pq[2 * a], qa = pq[2 * a + 1], pb = pq[2 * b], qb = pq[2 * b + 1];
+            const float ca = cs[2 * a], sa = cs[2 * a + 1], cb = cs[2 * b], sb = cs[2 * b + 1];
+            const float hpp = H[pa * ell + pb], hpq = H[pa * ell + qb], hqp = H[qa * ell + pb], hqq = H[qa * ell + qb];
+            const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
+            const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
+            const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
+            float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
+            if (a == b) npq = nqp = 0.5f * (npq + nqp);
+            H[pa * ell + pb] = npp;
+            H[pa * ell + qb] = npq;
+            H[qa * ell + pb] = nqp;
+            H[qa * ell + qb] = nqq;
+            if (a != b) {
+              H[pb * ell + pa] = npp;
+              H[qb * ell + pa] = npq;
+              H[pb * ell + qa] = nqp;
+              H[qb * ell + qa] = nqq;
+            }
+          }
+          for (int idx = tid; idx < ell * npairs; idx += kEigenThreads) {
+            const int xr = idx / npairs, b = idx % npairs;
+            const int pb = pq[2 * b], qb = pq[2 * b + 1];
+            const float cb = cs[2 * b], sb = cs[2 * b + 1];
+            const float wp = W[xr * ell + pb], wq = W[xr * ell + qb];
+            W[xr * ell + pb] = cb * wp - sb * wq;
+            W[xr * ell + qb] = sb * wp + cb * wq;
+          }
+          __syncthreads();
+        }
+        if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
+      }
+    }
+    Hfin = H;
+    Wfin = W;
   }
 
   // --- 6. top-r Ritz pairs, V = Q·W[:, order], sign fix, outputs ----------------------------------
-  if (tid < ell) diag[tid] = H[tid * ell + tid];
+  const float* W = Wfin;
+  if (tid < ell) diag[tid] = Hfin[tid * ldh + tid];
   __syncthreads();
   if (tid < ell) {
     const float v = diag[tid];
@@ -917,6 +1307,189 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
   cp_async_wait<0>();
 }
 
+/// The single-pass projection keeps C in shared memory: 2 X stages, the basis, and C [rows_pad][rpad].
+template <int D>
+struct ResidentShape {
+  static constexpr int kThreads = 256;
+  static constexpr int kStages = 2;
+  static constexpr int kLd = D + 8;
+  SPECTRALKV_HD static constexpr std::size_t bytes(int rows, int rpad) {
+    const std::size_t rows_pad = static_cast<std::size_t>((rows + kChunkRows - 1) / kChunkRows) * kChunkRows;
+    return static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2u  // X stages
+           + static_cast<std::size_t>(rpad) * kLd * 2u                // basis
+           + D * 4u                                                  // mean
+           + static_cast<std::size_t>(rpad) * 8u                     // column max bits + scales
+           + rows_pad * static_cast<std::size_t>(rpad) * 4u;         // C
+  }
+  /// Largest footprint that still lets two CTAs share an SM (2 × 113 KB of the 227 KB).
+  static constexpr std::size_t kMaxBytes = 113u * 1024u;
+};
+
+/// C = (X − mean)·B_hᵀ and INT8 quantisation in one pass over X: the FP32 coefficients stay in shared
+/// memory until the column maxima are known, then are quantised and written row by row, so every
+/// store is coalesced (4 bytes per thread when r % 4 == 0 and coeff_out is 4-byte aligned). Same
+/// warp tiling, operand split and FP32 values as project_kernel, hence the same bytes; used when
+/// ResidentShape::bytes fits (e.g. L = 512 with r ≤ 32), project_kernel otherwise.
+template <class T, int D>
+__global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
+    project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
+  using S = ResidentShape<D>;
+  constexpr int kNT = D / 16;  // n-tiles per warp group, as in project_kernel
+  extern __shared__ __align__(16) unsigned char rsmem[];
+  const CompressJob job = jobs[blockIdx.x];
+  const int r = job.rank;
+  const int rpad = (r + 15) / 16 * 16;
+  T* stage = reinterpret_cast<T*>(rsmem);
+  __half* Bs = reinterpret_cast<__half*>(rsmem + static_cast<std::size_t>(S::kStages) * kChunkRows * S::kLd * 2u);
+  float* mu = reinterpret_cast<float*>(Bs + rpad * S::kLd);
+  unsigned* amax = reinterpret_cast<unsigned*>(mu + D);
+  float* scale = reinterpret_cast<float*>(amax + rpad);
+  float* C = scale + rpad;  // [rows_pad][rpad]
+
+  const T* x = static_cast<const T*>(job.x);
+  const std::int64_t ld = job.x_row_stride;
+  const bool center = job.mean_center;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int mt = warp & 3, ng = warp >> 2;
+  const int ntiles = (r + 7) / 8;
+  const int chunks = (rows + kChunkRows - 1) / kChunkRows;
+
+  auto load_chunk = [&](int c, int buf) {
+    constexpr int kVecPerRow = D / 8;
+    for (int v = tid; v < kChunkRows * kVecPerRow; v += S::kThreads) {
+      const int rr = v / kVecPerRow, cv = v % kVecPerRow;
+      const int row = c * kChunkRows + rr;
+      const bool ok = row < rows;
+      cp_async16(&stage[buf * kChunkRows * S::kLd + rr * S::kLd + cv * 8], ok ? x + row * ld + cv * 8 : x, ok);
+    }
+  };
+  load_chunk(0, 0);
+  cp_async_commit();
+  for (int e = tid; e < rpad * (D / 2); e += S::kThreads) {
+    const int j = e / (D / 2), c2 = e % (D / 2);
+    const unsigned v = j < r ? reinterpret_cast<const unsigned*>(job.basis_out)[j * (D / 2) + c2] : 0u;
+    *reinterpret_cast<unsigned*>(&Bs[j * S::kLd + 2 * c2]) = v;
+  }
+  for (int d = tid; d < D; d += S::kThreads) mu[d] = center ? __half2float(job.mean_out[d]) : 0.0f;
+  for (int j = tid; j < rpad; j += S::kThreads) amax[j] = 0u;
+
+  float cmax[kNT][2];
+#pragma unroll
+  for (int nn = 0; nn < kNT; ++nn) cmax[nn][0] = cmax[nn][1] = 0.0f;
+  const bool split = center || !std::is_same_v<T, __half>;
+
+  for (int c = 0; c < chunks; ++c) {
+    cp_async_wait<0>();
+    __syncthreads();  // chunk c landed for everyone; the other buffer (chunk c − 1) is no longer read
+    if (c + 1 < chunks) load_chunk(c + 1, (c + 1) & 1);
+    cp_async_commit();
+    const T* s = stage + (c & 1) * kChunkRows * S::kLd;
+    float acc[kNT][4];
+#pragma unroll
+    for (int nn = 0; nn < kNT; ++nn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
+#pragma unroll 2
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      const int mat = lane >> 3;
+      unsigned a[4];
+      ldmatrix_x4(a, s + (mt * 16 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + k0 + ((mat >> 1) << 3));
+      unsigned alo[4];
+      if (split) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = k0 + 2 * t + ((e >> 1) << 3);
+          const float2 f = to_float2<T>(a[e]);
+          const float v0 = f.x - mu[col], v1 = f.y - mu[col + 1];
+          const __half2 hi = __floats2half2_rn(v0, v1);
+          const float2 hf = __half22float2(hi);
+          a[e] = *reinterpret_cast<const unsigned*>(&hi);
+          alo[e] = pack_half2(v0 - hf.x, v1 - hf.y);
+        }
+      }
+#pragma unroll
+      for (int nn = 0; nn < kNT; ++nn) {
+        const int nt = ng + 2 * nn;
+        if (nt < ntiles) {
+          const __half* brow = Bs + (nt * 8 + g) * S::kLd + k0 + 2 * t;
+          const unsigned b0 = *reinterpret_cast<const unsigned*>(brow);
+          const unsigned b1 = *reinterpret_cast<const unsigned*>(brow + 8);
+          mma_16816<__half>(acc[nn], a, b0, b1);
+          if (split) mma_16816<__half>(acc[nn], alo, b0, b1);
+        }
+      }
+    }
+    const int row0 = c * kChunkRows + mt * 16 + g, row1 = row0 + 8;
+    const bool ok0 = row0 < rows, ok1 = row1 < rows;
+#pragma unroll
+    for (int nn = 0; nn < kNT; ++nn) {
+      const int nt = ng + 2 * nn;
+      if (nt >= ntiles) continue;
+      const int col = nt * 8 + 2 * t;
+      *reinterpret_cast<float2*>(&C[row0 * rpad + col]) = make_float2(acc[nn][0], acc[nn][1]);
+      *reinterpret_cast<float2*>(&C[row1 * rpad + col]) = make_float2(acc[nn][2], acc[nn][3]);
+      if (ok0) {
+        cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][0]));
+        cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][1]));
+      }
+      if (ok1) {
+        cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][2]));
+        cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][3]));
+      }
+    }
+  }
+  cp_async_wait<0>();
+  // Column maxima → scales (as project_kernel).
+#pragma unroll
+  for (int nn = 0; nn < kNT; ++nn) {
+    const int nt = ng + 2 * nn;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = cmax[nn][h];
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+      const int col = nt * 8 + 2 * t + h;
+      if (nt < ntiles && g == 0 && col < r) atomicMax(&amax[col], __float_as_uint(m));  // m ≥ 0: bits order as values
+    }
+  }
+  __syncthreads();
+  if (tid < r) {
+    const float sc = __uint_as_float(amax[tid]) / 127.0f;
+    scale[tid] = sc;
+    job.scale_out[tid] = sc;
+  }
+  __syncthreads();
+  // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the quotient
+  // rounds into [-127, 127]. Consecutive threads write consecutive bytes of the [rows][r] section.
+  auto quant = [&](int row, int col) {
+    const float v = C[row * rpad + col];
+    const float sc = scale[col];
+    return static_cast<unsigned>(static_cast<std::uint8_t>(static_cast<std::int8_t>(sc > 0.0f ? __float2int_rn(v / sc) : 0)));
+  };
+  const int total = rows * r;
+  if (r % 4 == 0 && reinterpret_cast<std::uintptr_t>(job.coeff_out) % 4 == 0) {
+    const int r4 = r / 4;
+    for (int e = tid; e < total / 4; e += S::kThreads) {
+      const int row = e / r4, col = (e - row * r4) * 4;
+      const unsigned packed = quant(row, col) | (quant(row, col + 1) << 8) | (quant(row, col + 2) << 16) |
+                              (quant(row, col + 3) << 24);
+      reinterpret_cast<unsigned*>(job.coeff_out)[e] = packed;
+    }
+  } else {
+    for (int e = tid; e < total; e += S::kThreads) {
+      const int row = e / r, col = e - row * r;
+      job.coeff_out[e] = static_cast<std::int8_t>(quant(row, col));
+    }
+  }
+  if (job.coeff_f32_out != nullptr)
+    for (int e = tid; e < total; e += S::kThreads) {
+      const int row = e / r, col = e - row * r;
+      job.coeff_f32_out[e] = C[row * rpad + col];
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // cuSOLVER path: gather, top-r selection
 // ------------------------------------------------------------------------------------------------
@@ -1038,10 +1611,12 @@ int max_subspace_width(const CompressProblem& p) {
 
 struct BatchedCompressor::Impl {
   CompressProblem problem;
-  int lp = 16;  // ℓ_max rounded to 16
+  int lp = 16;     // ℓ_max rounded to 16
+  int panel = 0;   // floats per eigen-kernel panel (EigenSmem::panel)
   std::size_t eigen_smem = 0, project_smem = 0;
+  bool resident = false;  // project_resident_kernel instead of project_kernel
   // Fast path workspace offsets.
-  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, total = 0;
+  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, total = 0;
   // cuSOLVER path.
   int chunk = 0;
   std::size_t off_x32 = 0, off_vals = 0, off_info = 0, off_syev = 0, off_cublas = 0, syev_bytes = 0;
@@ -1113,11 +1688,23 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
   m.problem = problem;
   const int d = problem.head_dim;
   m.lp = (max_subspace_width(problem) + 15) / 16 * 16;
-  m.eigen_smem = EigenSmem::floats(d, m.lp) * sizeof(float);
+  dispatch_dim(d, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    // Widest ℓ that takes the CholQR path (ℓ ≤ kFastMaxEll, ℓ < D); 0 if none does.
+    int ell_fast = 0;
+    for (int r = 1; r <= problem.max_rank; ++r) {
+      const int e = compress_subspace_width(r, d, problem.options.oversample);
+      if (e <= kFastMaxEll<D> && e < D) ell_fast = std::max(ell_fast, e);
+    }
+    m.panel = static_cast<int>(EigenSmem::panel(d, m.lp, ell_fast));
+  });
+  m.eigen_smem = EigenSmem::floats(d, m.lp, static_cast<std::size_t>(m.panel)) * sizeof(float);
   const int rpad_max = (problem.max_rank + 15) / 16 * 16;
   dispatch_dim(d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    m.project_smem = ProjectShape<D>::bytes(rpad_max);
+    const std::size_t resident_bytes = ResidentShape<D>::bytes(problem.rows, rpad_max);
+    m.resident = resident_bytes <= ResidentShape<D>::kMaxBytes;
+    m.project_smem = m.resident ? resident_bytes : ProjectShape<D>::bytes(rpad_max);
   });
 
   m.off_jobs = 0;
@@ -1126,7 +1713,8 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
   if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
     m.off_gram = jobs_bytes;
     m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
-    m.total = m.off_sum + align_up(n * d * sizeof(float));
+    m.off_shift = m.off_sum + align_up(n * d * sizeof(float));
+    m.total = m.off_shift + align_up(n * d * sizeof(float));
     dispatch_dim(d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       check(cudaFuncSetAttribute(eigen_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1163,9 +1751,18 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     using T = typename decltype(tag)::type;
     dispatch_dim(d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      check(cudaFuncSetAttribute(project_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(m.project_smem)),
-            "cudaFuncSetAttribute(project_kernel)");
+      if (m.resident) {
+        check(cudaFuncSetAttribute(project_resident_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(m.project_smem)),
+              "cudaFuncSetAttribute(project_resident_kernel)");
+        check(cudaFuncSetAttribute(project_resident_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared),
+              "cudaFuncSetAttribute(project_resident_kernel carveout)");
+      } else {
+        check(cudaFuncSetAttribute(project_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(m.project_smem)),
+              "cudaFuncSetAttribute(project_kernel)");
+      }
       check(cudaFuncSetAttribute(gram_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(GramShape<D>::kSmemBytes)),
             "cudaFuncSetAttribute(gram_kernel)");
@@ -1215,11 +1812,12 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
       constexpr int D = decltype(dim)::value;
       if (p.algorithm == CompressAlgorithm::kSubspaceIteration) {
         auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
+        auto* shifts = reinterpret_cast<float*>(ws + m.off_shift);
         gram_kernel<T, D><<<num_jobs, GramShape<D>::kThreads, GramShape<D>::kSmemBytes, stream>>>(device_jobs, p.rows,
-                                                                                                   gram, sums);
+                                                                                                   gram, sums, shifts);
         check_launch("gram_kernel");
-        eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, m.lp,
-                                                                           p.options);
+        eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, shifts,
+                                                                           m.lp, m.panel, p.options);
         check_launch("eigen_kernel");
       } else {
         auto* x32 = reinterpret_cast<float*>(ws + m.off_x32);
@@ -1246,8 +1844,14 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
           check_launch("select_kernel");
         }
       }
-      project_kernel<T, D><<<num_jobs, ProjectShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);
-      check_launch("project_kernel");
+      if (m.resident) {
+        project_resident_kernel<T, D><<<num_jobs, ResidentShape<D>::kThreads, m.project_smem, stream>>>(device_jobs,
+                                                                                                         p.rows);
+        check_launch("project_resident_kernel");
+      } else {
+        project_kernel<T, D><<<num_jobs, ProjectShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);
+        check_launch("project_kernel");
+      }
     });
   });
 }

@@ -489,6 +489,111 @@ TEST_F(CompressGpu, CusolverPathMatchesOptimumAndAgreesWithSubspaceIteration) {
   }
 }
 
+TEST_F(CompressGpu, CentredBlocksWithLargeChannelMeans) {
+  // Keys carry per-channel offsets of tens of σ. A Gram of the raw X is relative to ‖X‖² ≈ L‖μ‖², so
+  // after centring its FP32 rounding swamps the small directions (that variant measured ratios 1.017
+  // at 100σ and 1.10 at 300σ, r = 32, on an H200); the fast path accumulates the Gram of X minus a
+  // provisional FP16 shift instead. Both paths must stay within 1.01 of the optimum. Values stay far
+  // inside the FP16 range (|x| ≲ 1000); their FP16 rounding is part of the data the optimum is taken on.
+  Rng rng(29);
+  const int D = 128;
+  std::vector<Case> cs;
+  for (double off : {30.0, 100.0, 300.0}) {
+    const Eigen::RowVectorXd offsets = off * gaussian_row(D, rng);
+    cs.push_back(Case{"exp(-i/20) + " + std::to_string(static_cast<int>(off)) + " sigma offsets", 32, true,
+                      round_to<Half>(with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + offsets)});
+    cs.push_back(Case{"i^-0.5 + " + std::to_string(static_cast<int>(off)) + " sigma offsets", 16, true,
+                      round_to<Half>(with_spectrum(kRows, D, spectrum(D, pow_half), rng).rowwise() + offsets)});
+  }
+  Batch<Half> batch(cs, kRows, D);
+  const Outputs fast = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const std::vector<double> rf = check_outputs(batch, fast, "subspace large means");
+  const Outputs cus = batch.run(CompressAlgorithm::kCusolver, ElementType::kHalf, stream_);
+  const std::vector<double> rc = check_outputs(batch, cus, "cusolver large means");
+  for (std::size_t b = 0; b < cs.size(); ++b)
+    std::printf("[ info ] %-32s r=%d ratio subspace %.5f cusolver %.5f\n", cs[b].name.c_str(), cs[b].rank, rf[b], rc[b]);
+}
+
+TEST_F(CompressGpu, CentredLowRankPlusNoiseBlocksAsInTheDeviceCacheTests) {
+  // The blocks the device-cache tests build (tests/test_util.hpp low_rank_tokens): 64 tokens × D = 64,
+  // 8 strong directions with coefficient scales 1/(1+j), channel offsets 0.5·N(0,1), noise 1e-3,
+  // mean-centred. Beyond rank 8 the spectrum is noise at ~1e-6 of λ₁, at the resolution of any FP32
+  // Gram, so the Eckart–Young ratio is only checked at r = 8 (check_outputs); for r = 16 and 32 both
+  // paths must still capture the signal subspace, and the ratios, INT8 codes and end-to-end errors of
+  // the two paths are printed side by side.
+  Rng rng(161);
+  const int D = 64, rows = 64;
+  auto block = [&]() {
+    std::normal_distribution<double> n(0.0, 1.0);
+    Eigen::MatrixXd dirs = gaussian(8, D, rng);
+    Eigen::RowVectorXd off = 0.5 * gaussian_row(D, rng);
+    Eigen::MatrixXd x(rows, D);
+    for (int t = 0; t < rows; ++t) {
+      Eigen::RowVectorXd row = off;
+      for (int j = 0; j < 8; ++j) row += (n(rng) / (1.0 + j)) * dirs.row(j);
+      for (int d = 0; d < D; ++d) row(d) += 1e-3 * n(rng);
+      x.row(t) = row;
+    }
+    return round_to<Half>(x);
+  };
+  std::vector<Case> exact, beyond;
+  for (int i = 0; i < 4; ++i) exact.push_back(Case{"rank 8 + noise", 8, true, block()});
+  for (int r : {16, 32, 16, 32}) beyond.push_back(Case{"rank 8 + noise", r, true, block()});
+  {
+    Batch<Half> batch(exact, rows, D);
+    for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
+      const Outputs o = batch.run(a, ElementType::kHalf, stream_);
+      const std::vector<double> ratios = check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver r=8" : "subspace r=8");
+      double worst = 0.0;
+      for (double v : ratios) worst = std::max(worst, v);
+      std::printf("[ info ] rank-8 + noise, r=8, %s: worst ratio %.6f\n",
+                  a == CompressAlgorithm::kCusolver ? "cusolver" : "subspace", worst);
+    }
+  }
+  Batch<Half> batch(beyond, rows, D);
+  const Outputs fast = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const Outputs cus = batch.run(CompressAlgorithm::kCusolver, ElementType::kHalf, stream_);
+  for (std::size_t b = 0; b < beyond.size(); ++b) {
+    const Case& c = beyond[b];
+    SCOPED_TRACE("job " + std::to_string(b) + " r=" + std::to_string(c.rank));
+    double ratio[2], e2e[2];
+    int code_diff = 0;
+    Eigen::MatrixXd q8[2];
+    const Eigen::MatrixXd sig_cpu = [&] {  // the signal subspace from the CPU reference (double)
+      std::vector<float> rm(static_cast<std::size_t>(rows) * D);
+      for (int t = 0; t < rows; ++t)
+        for (int d = 0; d < D; ++d) rm[static_cast<std::size_t>(t) * D + d] = static_cast<float>(c.x(t, d));
+      const spectralkv::FactoredBlock f = spectralkv::cpu::truncated_svd(rm.data(), D, rows, D, 8, true);
+      Eigen::MatrixXd bm(8, D);
+      for (int j = 0; j < 8; ++j)
+        for (int d = 0; d < D; ++d) bm(j, d) = f.basis[static_cast<std::size_t>(j) * D + d];
+      return Eigen::MatrixXd(bm.transpose() * bm);
+    }();
+    for (int path = 0; path < 2; ++path) {
+      const Outputs& o = path == 0 ? fast : cus;
+      const Eigen::MatrixXd b16 = batch.basis16(o, b), b32 = batch.basis32(o, b), c32 = batch.coeff32(o, b);
+      const Eigen::MatrixXd q = batch.coeff8(o, b);
+      const Eigen::VectorXd s = batch.scales(o, b);
+      ASSERT_TRUE(b16.allFinite() && b32.allFinite() && c32.allFinite() && s.allFinite());
+      const Eigen::MatrixXd eye = Eigen::MatrixXd::Identity(c.rank, c.rank);
+      EXPECT_LE((b16 * b16.transpose() - eye).cwiseAbs().maxCoeff(), 1e-3);  // as in check_outputs
+      EXPECT_LE((b32 * b32.transpose() - eye).cwiseAbs().maxCoeff(), 1e-4);
+      // The 8 strong directions (λ ≥ ~1/81 of λ₁, noise ~1e-6): a gap of 1e4, so the FP32 Gram pins
+      // the subspace to ~1e-6/1e-2 ≈ 1e-4 of a radian at worst; tolerance 1e-3 on the projector.
+      const Eigen::MatrixXd top = b32.topRows(8);
+      EXPECT_LE((top.transpose() * top - sig_cpu).norm(), 1e-3) << (path == 0 ? "subspace" : "cusolver");
+      const Eigen::MatrixXd xc = c.x.rowwise() - batch.mean(o, b);
+      ratio[path] = (xc - xc * b32.transpose() * b32).norm() / optimum(xc, c.rank);
+      e2e[path] = (xc - (q * s.asDiagonal()) * b16).norm() / xc.norm();
+      q8[path] = q;
+    }
+    code_diff = static_cast<int>((q8[0].leftCols(8) - q8[1].leftCols(8)).cwiseAbs().maxCoeff());
+    std::printf("[ info ] rank-8 + noise, r=%d: ratio subspace %.4f cusolver %.4f | dequantised error / |Xc| "
+                "subspace %.3e cusolver %.3e | max INT8 code difference, first 8 columns: %d\n",
+                c.rank, ratio[0], ratio[1], e2e[0], e2e[1], code_diff);
+  }
+}
+
 TEST_F(CompressGpu, HeadDim64WithRankUpToD) {
   Rng rng(7);
   const int D = 64;

@@ -9,11 +9,15 @@
 //
 // Two algorithms share this interface:
 //  - kSubspaceIteration (the fast path): G = XᵀX on tensor cores (FP16/BF16 products are exact, FP32
-//    accumulation); `iterations` steps of block subspace iteration on G with ℓ = r + p columns (3×TF32
-//    tensor-core products, so FP32 accuracy, and modified Gram–Schmidt with completion of degenerate
-//    columns); Rayleigh–Ritz on span(Q) with a parallel cyclic Jacobi eigen-solve of the ℓ×ℓ
-//    projection; then C = (X − mean)·B_hᵀ against the stored FP16 basis B_h and the INT8 quantisation,
-//    fused in one kernel. Three kernels per run.
+//    accumulation; a mean-centred job accumulates the Gram of X minus a provisional FP16 shift, the
+//    mean of its first 64 rows, so large channel means cost no accuracy); `iterations` steps of block
+//    subspace iteration on G with ℓ = r + p columns (3×TF32 tensor-core products, so FP32 accuracy),
+//    each orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G), plus a
+//    second CholQR pass at the end (ℓ ≤ 64 at D = 128, ℓ ≤ 48 at D = 64; wider subspaces use modified
+//    Gram–Schmidt with completion of degenerate columns); Rayleigh–Ritz on span(Q) with a parallel
+//    cyclic Jacobi eigen-solve of the ℓ×ℓ projection; then C = (X − mean)·B_hᵀ against the stored
+//    FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X with C held in
+//    shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise). Three kernels per run.
 //  - kCusolver (oracle in the tests and fallback): FP32 Gram by cuBLAS, cusolverDnXsyevBatched for the
 //    full eigen-decomposition of every Gram, the top r eigenvectors, then the same projection and
 //    quantisation kernel.
