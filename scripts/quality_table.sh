@@ -15,6 +15,7 @@
 #   WINDOWS   windows per context, overriding TOKENS
 #   ARM_GROUPS    groups separated by ';', each a space-separated list of --arm specs (default below)
 #   FIDELITY  1: also record per-layer attention fidelity (slower)
+#   BACKEND   cache backend of every arm: cpu (default; the documented tables) or cuda / auto
 set -euo pipefail
 
 readonly ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +42,7 @@ for ctx in $CONTEXTS; do
     for a in ${groups[$g]}; do arm_flags+=(--arm "$a"); done
     echo "== context $ctx, group $g: ${groups[$g]} ($windows window(s))" >&2
     "$BIN" perplexity --model "$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf" --text "$ROOT/data/devil.txt" \
-      --ctx "$ctx" --windows "$windows" "${arm_flags[@]}" "${fidelity_flag[@]}" --json > "$OUT/ppl_${ctx}_g$g.json"
+      --ctx "$ctx" --windows "$windows" --backend "${BACKEND:-cpu}" "${arm_flags[@]}" "${fidelity_flag[@]}" --json > "$OUT/ppl_${ctx}_g$g.json"
   done
 done
 

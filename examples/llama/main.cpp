@@ -1,11 +1,14 @@
-// spectralkv_llama: a compact Llama-architecture inference program over GGUF files (CPU, FP32) that
-// shows how an engine plugs SpectralKV's cache in, and measures what compression costs in quality.
+// spectralkv_llama: a compact Llama-architecture inference program over GGUF files (FP32 matmuls on the
+// CPU) that shows how an engine plugs SpectralKV's cache in, and measures what compression costs in
+// quality. The cache and its attention run on the CPU or, in a build with CUDA and with a GPU present,
+// on the GPU (backend.hpp).
 //
 //   spectralkv_llama inventory  --model M
 //   spectralkv_llama generate   --model M --prompt TEXT [--tokens N] [--chat] [--cache dense|spectral] [cache flags]
 //   spectralkv_llama perplexity --model M --text F [--ctx N] [--windows N] [--bos ID] [cache flags]
 //                               [--arm SPEC]... [--dense-only] [--no-fidelity] [--json]
-//   cache flags: --rank-k R --rank-v R --block L --hot H --sinks S --mean-center --attend fast|library
+//   cache flags: --backend auto|cpu|cuda --rank-k R --rank-v R --block L --hot H --sinks S --mean-center
+//                --attend fast|library
 //   (--attend: spectral attention by this program's FP32 GEMMs over the cache's cold layout, or by the
 //   library's reference SpectralCache::attend; same cache, same algebra, equal up to FP32 rounding)
 //   SPEC: comma-separated k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M (unset fields take the cache flags);
@@ -24,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "backend.hpp"
 #include "gguf.hpp"
 #include "kv_cache.hpp"
 #include "model.hpp"
@@ -47,6 +51,10 @@ constexpr const char* kUsage =
     "                                   [--dense-only] [--no-fidelity] [--json]\n"
     "cache flags: --rank-k 16 --rank-v 32 --block 512 --hot 64 --sinks 16 --mean-center --attend fast|library\n"
     "             --outliers M (experimental: M exact smallest-|k| tokens per cold block and KV head)\n"
+    "             --backend auto|cpu|cuda: where the KV cache, attention and compression run (the matmuls\n"
+    "             always run on the CPU). cuda: cuda::DeviceSpectralCache<Half> (FP16 K/V; needs a CUDA build\n"
+    "             and a GPU; dense arms hold every token as a dense FP16 sink; no per-layer fidelity;\n"
+    "             --attend and --outliers are CPU-only). auto (default): cuda when possible, else cpu\n"
     "SPEC: k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M (one spectral arm per --arm; out: experimental outliers)\n";
 
 /// --name value pairs and bare --flags; repeated names keep every value.
@@ -200,11 +208,24 @@ int cmd_inventory(const Args& args) {
 
 // --- generate -------------------------------------------------------------------------------------------
 
+constexpr std::int64_t kPrefillChunk = 256;
+
+/// --backend, checked here so that a typo is a usage error.
+std::string backend_flag(const Args& args) {
+  const std::string b = args.str("backend", "auto");
+  if (b != "auto" && b != "cpu" && b != "cuda") throw UsageError("--backend must be auto, cpu or cuda, not '" + b + "'");
+  return b;
+}
+
+void log_backend(const BackendChoice& b) {
+  std::fprintf(stderr, "backend: %s (%s)\n", backend_name(b.backend), b.reason.c_str());
+}
+
 /// Appends `tokens` to the cache in strict chunks (see perplexity.hpp) and returns the last logits.
 void prefill(const LlamaModel& model, const std::vector<std::int32_t>& tokens, KvCache& cache, RowMatrix& logits) {
   for (std::size_t pos = 0; pos < tokens.size();) {
-    const std::int64_t n =
-        strict_chunk(cache, model.config().num_layers, static_cast<std::int64_t>(tokens.size() - pos), 256);
+    const std::int64_t n = strict_chunk(cache, model.config().num_layers,
+                                        static_cast<std::int64_t>(tokens.size() - pos), kPrefillChunk);
     model.forward(tokens.data() + pos, n, cache, logits, false);
     pos += static_cast<std::size_t>(n);
   }
@@ -218,16 +239,19 @@ int cmd_generate(const Args& args) {
   std::vector<std::int32_t> ids = tok->encode(prompt, /*parse_special=*/true);
   if (ids.empty() || ids.front() != tok->bos()) ids.insert(ids.begin(), tok->bos());
   const std::string kind = args.str("cache", "dense");
-  std::unique_ptr<KvCache> cache;
-  if (kind == "dense") {
-    cache = std::make_unique<DenseKvCache>(model.config().num_layers, model.config().num_kv_heads,
-                                           model.config().head_dim, model.config().context);
-  } else if (kind == "spectral") {
-    cache = std::make_unique<SpectralKvCache>(cache_config(args, model.config()), false, attend_path(args),
-                                              static_cast<int>(args.integer("outliers", 0)));
-  } else {
-    throw UsageError("--cache must be dense or spectral, not '" + kind + "'");
-  }
+  if (kind != "dense" && kind != "spectral") throw UsageError("--cache must be dense or spectral, not '" + kind + "'");
+  CacheRequest request;
+  request.spectral = kind == "spectral";
+  request.config = cache_config(args, model.config());
+  request.capacity = model.config().context;
+  request.max_chunk = kPrefillChunk;
+  request.attend = attend_path(args);
+  request.outliers = static_cast<int>(args.integer("outliers", 0));
+  // Generation needs no strict compression: on the GPU a block that fills is compressed asynchronously,
+  // as an engine would, and attended densely until that has finished.
+  const BackendChoice backend = choose_backend(backend_flag(args), {request});
+  log_backend(backend);
+  const std::unique_ptr<KvCache> cache = make_cache(backend.backend, request);
   const std::int64_t budget = std::min<std::int64_t>(args.integer("tokens", 64),
                                                      model.config().context - static_cast<std::int64_t>(ids.size()));
   const auto t0 = std::chrono::steady_clock::now();
@@ -300,6 +324,14 @@ int cmd_perplexity(const Args& args) {
       add_arm(c, outliers);
     }
   }
+  std::vector<CacheRequest> requests;
+  for (const ArmResult& a : arms) requests.push_back(arm_request(a, model.config(), opt));
+  const BackendChoice backend = choose_backend(backend_flag(args), requests);
+  log_backend(backend);
+  opt.backend = backend.backend;
+  if (opt.backend == Backend::kCuda && opt.fidelity && arms.size() > 1) {
+    std::fprintf(stderr, "note: per-layer fidelity is measured by the CPU backend only (--backend cpu)\n");
+  }
   const std::int64_t windows = std::min<std::int64_t>(opt.windows, static_cast<std::int64_t>(text.size()) / (opt.context - 1));
   std::fprintf(stderr, "%s: %zu tokens; %lld window(s) of %lld tokens, %zu arm(s)\n", text_path.c_str(), text.size(),
                static_cast<long long>(windows), static_cast<long long>(opt.context), arms.size());
@@ -319,10 +351,11 @@ int cmd_perplexity(const Args& args) {
 
   if (args.flag("json")) {
     std::printf("{\n  \"model\": \"%s\",\n  \"text\": \"%s\",\n  \"context\": %lld,\n  \"windows\": %lld,\n"
-                "  \"bos\": %d,\n  \"scored_tokens\": %lld,\n  \"wall_seconds\": %.2f,\n  \"arms\": [\n",
+                "  \"bos\": %d,\n  \"backend\": \"%s\",\n  \"scored_tokens\": %lld,\n  \"wall_seconds\": %.2f,\n"
+                "  \"arms\": [\n",
                 json_escape(args.required("model")).c_str(), json_escape(text_path).c_str(),
                 static_cast<long long>(opt.context), static_cast<long long>(windows), opt.bos,
-                static_cast<long long>(arms[0].scored), wall);
+                backend_name(opt.backend), static_cast<long long>(arms[0].scored), wall);
     for (std::size_t a = 0; a < arms.size(); ++a) {
       const ArmResult& r = arms[a];
       std::printf("    {\"name\": \"%s\", \"spectral\": %s, \"perplexity\": %.6f, \"delta_ppl_pct\": %.4f, "
@@ -353,9 +386,9 @@ int cmd_perplexity(const Args& args) {
     std::printf("  ]\n}\n");
     return 0;
   }
-  std::printf("context %lld, %lld window(s), %lld scored tokens, BOS id %d, wall %.1f s\n",
+  std::printf("context %lld, %lld window(s), %lld scored tokens, BOS id %d, backend %s, wall %.1f s\n",
               static_cast<long long>(opt.context), static_cast<long long>(windows),
-              static_cast<long long>(arms[0].scored), opt.bos, wall);
+              static_cast<long long>(arms[0].scored), opt.bos, backend_name(opt.backend), wall);
   std::printf("%-26s %10s %8s %10s %7s %10s %10s %7s %8s\n", "arm", "ppl", "dppl%", "mean KL", "top1", "KV MB",
               "dense MB", "ratio", "time s");
   for (const ArmResult& r : arms) {

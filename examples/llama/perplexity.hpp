@@ -6,7 +6,8 @@
 // Tokens go through the model in chunks (multi-query attention, causal), and a chunk never spans a
 // compression: it holds at most tokens_until_compression() tokens, or, when that is 0, the single
 // token whose append forms the next cold block. Every query of a chunk then sees the same cache
-// contents it would see when decoded alone, so the result equals token-by-token decoding.
+// contents it would see when decoded alone, so the result equals token-by-token decoding. On the CUDA
+// backend this needs the device cache's synchronous compression (CacheRequest::strict).
 
 #include <algorithm>
 #include <chrono>
@@ -17,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "backend.hpp"
 #include "kv_cache.hpp"
 #include "model.hpp"
 
@@ -27,8 +29,9 @@ struct PerplexityOptions {
   std::int64_t windows = 1;     ///< non-overlapping windows, from the start of the text
   std::int32_t bos = 0;         ///< first token of every window
   std::int64_t max_chunk = 256; ///< bound on tokens per forward call (memory of the logits)
-  bool fidelity = true;         ///< shadow every spectral cache with a dense one (attention metrics)
+  bool fidelity = true;         ///< shadow every spectral cache with a dense one (CPU backend only)
   AttendPath attend = AttendPath::kFast;
+  Backend backend = Backend::kCpu;  ///< where every arm's cache lives (backend.hpp)
   /// Called after every chunk: (window, tokens done in the window, window length).
   std::function<void(std::int64_t, std::int64_t, std::int64_t)> progress;
 };
@@ -55,6 +58,27 @@ inline std::int64_t strict_chunk(const KvCache& cache, int num_layers, std::int6
   std::int64_t room = std::min(remaining, max_chunk);
   for (int l = 0; l < num_layers; ++l) room = std::min(room, cache.tokens_until_compression(l));
   return std::max<std::int64_t>(room, 1);
+}
+
+/// The cache an arm needs (for make_cache and choose_backend).
+inline CacheRequest arm_request(const ArmResult& arm, const LlamaConfig& mc, const PerplexityOptions& opt) {
+  CacheRequest r;
+  r.spectral = arm.spectral;
+  if (arm.spectral) {
+    r.config = arm.config;
+  } else {
+    r.config.num_layers = mc.num_layers;
+    r.config.num_q_heads = mc.num_q_heads;
+    r.config.num_kv_heads = mc.num_kv_heads;
+    r.config.head_dim = mc.head_dim;
+  }
+  r.capacity = opt.context;
+  r.max_chunk = opt.max_chunk;
+  r.strict = true;
+  r.fidelity = opt.fidelity;
+  r.attend = opt.attend;
+  r.outliers = arm.outliers;
+  return r;
 }
 
 namespace detail_ppl {
@@ -85,13 +109,7 @@ inline std::vector<ArmResult> evaluate_perplexity(const LlamaModel& model, const
   const std::int64_t windows = std::min(opt.windows, available);
 
   std::vector<std::unique_ptr<KvCache>> caches;
-  for (ArmResult& a : arms) {
-    if (a.spectral) {
-      caches.push_back(std::make_unique<SpectralKvCache>(a.config, opt.fidelity, opt.attend, a.outliers));
-    } else {
-      caches.push_back(std::make_unique<DenseKvCache>(mc.num_layers, mc.num_kv_heads, mc.head_dim, opt.context));
-    }
-  }
+  for (const ArmResult& a : arms) caches.push_back(make_cache(opt.backend, arm_request(a, mc, opt)));
   std::vector<RowMatrix> logits(arms.size());
   std::vector<std::int32_t> tokens(static_cast<std::size_t>(opt.context));
   for (std::int64_t w = 0; w < windows; ++w) {
