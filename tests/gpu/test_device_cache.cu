@@ -2,28 +2,29 @@
 // chunks and decode steps, ragged lengths) driven through both backends, outputs compared at every step;
 // pool back to empty at the end; no device memory leaked; capacity errors leave every sequence intact.
 //
-// Two references at every step:
+// At every step:
 //  - exact: the CPU attention (attention.hpp, double accumulation) over the GPU cache's own state,
 //    downloaded (sink rows, dense rows, retired blocks' bytes). |gpu − ref| ≤ 2e-3·max|ref row| + half
-//    an ulp of T: the kernels accumulate in FP32 and round the output to T. This checks the kernels and
-//    the cache's bookkeeping (tiers, block tables, positions, retirement) on identical stored values.
-//  - the CPU SpectralCache fed the same tokens: the same lengths, and the step's outputs within 1e-2 in
-//    relative Frobenius norm. Each backend compresses the blocks itself; even two correct
-//    factorizations that agree to 1e-5 give INT8 coefficients that round differently near half-steps,
-//    and one step of a dominant token's key coefficient moves its logit by ~0.02 at these magnitudes.
-//    Such flips hit single rows: measured element-wise deviations reach 1.5e-2 of a row's scale on a
-//    few rows (cuSOLVER and fast path alike), so the comparison is norm-wise over the step, where a
-//    wrong block, position or tier (O(1) errors on many rows) still stands out.
+//    an ulp of T: the kernels accumulate in FP32 and round the output to T. This checks the kernels on
+//    identical stored values.
+//  - the CPU SpectralCache fed the same tokens: the same lengths and block counts, sink and dense rows
+//    bit-identical to each other and to the tokens appended, every cold block's reconstruction as close
+//    to its tokens as the CPU's; and the outputs as accurate as the CPU cache's against uncompressed
+//    attention over every token (see run_scenario for the bounds). The two backends compress each block
+//    independently, so their outputs differ by the INT8 rounding of two near-identical factorizations.
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <map>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "../test_util.hpp"
@@ -73,48 +74,117 @@ int scenario_steps(int full) {
 
 float half_ulp(float x, bool bf16) { return std::ldexp(std::fabs(x), bf16 ? -8 : -11); }
 
-/// Attention of every row of the call from the GPU cache's downloaded state, on the CPU.
+/// Runs task(i) for i in [0, n) on every core: the CPU references dominate the scenarios' run time.
+template <class F>
+void parallel_for(std::size_t n, F task) {
+  const std::size_t workers = std::max<std::size_t>(1, std::min<std::size_t>(n, std::thread::hardware_concurrency()));
+  std::atomic<std::size_t> next{0};
+  std::vector<std::thread> pool;
+  for (std::size_t w = 0; w < workers; ++w) {
+    pool.emplace_back([&] {
+      for (std::size_t i = next++; i < n; i = next++) task(i);
+    });
+  }
+  for (auto& t : pool) t.join();
+}
+
+/// One sequence's rows of an attend call.
+struct SequenceRows {
+  SequenceId id;
+  std::int64_t q_len;
+  std::size_t first_row;  // token row of the call
+};
+
+/// CPU attention (double accumulation) of query row (sequence `sr`, token j, head h) over one stored
+/// state: sinks and dense rows of T, cold blocks as stored bytes (`block(b)` → slab of block b).
+template <class T, class BlockBytes>
+void attend_stored(const CacheConfig& c, const ColdBlockLayout& lay, const T* sink_k, const T* sink_v, std::int64_t sink_len,
+                   std::int64_t num_blocks, BlockBytes block, const T* dense_k, const T* dense_v, std::int64_t dense_len,
+                   std::int64_t max_position, int kv_head, const float* q, float* out) {
+  const int d = c.head_dim, kv = c.num_kv_heads;
+  const std::vector<DenseRun<T>> before{{sink_k + kv_head * d, sink_v + kv_head * d, kv * d, sink_len, 0}};
+  std::vector<CompressedRun<StoredFactorView, StoredFactorView>> blocks;
+  for (std::int64_t b = 0; b < num_blocks; ++b) {
+    const std::uint8_t* head = block(b) + kv_head * lay.head_bytes;
+    blocks.push_back({StoredFactorView(lay, Part::kKey, head), StoredFactorView(lay, Part::kValue, head),
+                      sink_len + b * c.block_size});
+  }
+  const std::vector<DenseRun<T>> after{
+      {dense_k + kv_head * d, dense_v + kv_head * d, kv * d, dense_len, sink_len + num_blocks * c.block_size}};
+  attend_one(before, blocks, after, q, d, 0.125f, max_position, out);
+}
+
+/// Relative Frobenius errors of cold-block reconstructions, worst block.
+struct StateStats {
+  double gpu_error = 0;  // max over blocks of ‖X̂_gpu − X‖ / ‖X‖
+  double cpu_error = 0;  // the same for the CPU cache
+};
+
+/// The GPU cache's stored state of (id, layer) against the CPU cache's and against the tokens `x_k`,
+/// `x_v` ([len][num_kv_heads][head_dim]) appended: the same block count, sink and dense rows
+/// bit-identical to the tokens (both backends only copy them), and every cold block's reconstruction
+/// (mean + C·B) compared with the tokens it was built from.
 template <class T>
-std::vector<float> reference_from_device(const skc::DeviceSpectralCache<T>& gpu, int layer, const std::vector<SequenceId>& ids,
-                                         const std::vector<std::int64_t>& q_lens, const std::vector<T>& q, float scale,
-                                         cudaStream_t stream) {
-  const CacheConfig& c = gpu.config();
-  const ColdBlockLayout& lay = gpu.layout(layer);
-  const int d = c.head_dim, kv = c.num_kv_heads, qh = c.num_q_heads, g = c.group_size();
-  std::vector<float> out;
-  std::vector<float> qf(static_cast<std::size_t>(d)), o(static_cast<std::size_t>(d));
-  std::size_t row = 0;
-  for (std::size_t i = 0; i < ids.size(); ++i) {
-    const auto s = gpu.download(ids[i], layer, stream);
-    const std::int64_t sink_len = static_cast<std::int64_t>(s.sink_k.size()) / (kv * d);
-    const std::int64_t dense_len = static_cast<std::int64_t>(s.dense_k.size()) / (kv * d);
-    const std::int64_t len = sink_len + static_cast<std::int64_t>(s.blocks.size()) * c.block_size + dense_len;
-    for (std::int64_t j = 0; j < q_lens[i]; ++j, ++row) {
-      for (int h = 0; h < qh; ++h) {
-        const int kvh = h / g;
-        const std::vector<DenseRun<T>> before{{s.sink_k.data() + kvh * d, s.sink_v.data() + kvh * d, kv * d, sink_len, 0}};
-        std::vector<CompressedRun<StoredFactorView, StoredFactorView>> blocks;
-        for (std::size_t b = 0; b < s.blocks.size(); ++b) {
-          const std::uint8_t* head = s.block_bytes.data() + b * static_cast<std::size_t>(lay.block_bytes) + kvh * lay.head_bytes;
-          blocks.push_back({StoredFactorView(lay, Part::kKey, head), StoredFactorView(lay, Part::kValue, head),
-                            sink_len + static_cast<std::int64_t>(b) * c.block_size});
+void compare_state(const SpectralCache<T>& cpu, const typename skc::DeviceSpectralCache<T>::HostLayerState& g, SequenceId id,
+                   int layer, const std::vector<T>& x_k, const std::vector<T>& x_v, StateStats* stats) {
+  const CacheConfig& c = cpu.config();
+  const ColdBlockLayout& lay = cpu.layout(layer);
+  const int d = c.head_dim, kv = c.num_kv_heads;
+  const std::size_t row = static_cast<std::size_t>(kv) * d;
+  const auto s = cpu.state(id, layer);
+  ASSERT_EQ(static_cast<std::int64_t>(g.blocks.size()), s.num_blocks);
+  ASSERT_EQ(static_cast<std::int64_t>(g.sink_k.size()), s.sink_len * static_cast<std::int64_t>(row));
+  ASSERT_EQ(static_cast<std::int64_t>(g.dense_k.size()), s.tail_len * static_cast<std::int64_t>(row));
+  const std::int64_t first_tail = s.sink_len + s.num_blocks * c.block_size;
+  ASSERT_EQ(static_cast<std::int64_t>(x_k.size()), (first_tail + s.tail_len) * static_cast<std::int64_t>(row));
+  const auto same_rows = [&](const std::vector<T>& got, const T* want, const std::vector<T>& x, std::int64_t first) {
+    for (std::size_t e = 0; e < got.size(); ++e) {
+      ASSERT_EQ(got[e].bits, want[e].bits) << "sequence " << id << " layer " << layer << " element " << e;
+      ASSERT_EQ(got[e].bits, x[static_cast<std::size_t>(first) * row + e].bits) << "sequence " << id << " element " << e;
+    }
+  };
+  same_rows(g.sink_k, s.sink_k, x_k, 0);
+  same_rows(g.sink_v, s.sink_v, x_v, 0);
+  same_rows(g.dense_k, s.tail_k, x_k, first_tail);
+  same_rows(g.dense_v, s.tail_v, x_v, first_tail);
+  for (std::int64_t b = 0; b < s.num_blocks; ++b) {
+    const std::uint8_t* gb = g.block_bytes.data() + static_cast<std::size_t>(b) * lay.block_bytes;
+    const std::uint8_t* cb = cpu.pool(layer) + static_cast<std::size_t>(s.blocks[b]) * lay.block_bytes;
+    for (int h = 0; h < kv; ++h) {
+      for (Part part : {Part::kKey, Part::kValue}) {
+        const std::vector<T>& x = part == Part::kKey ? x_k : x_v;
+        const auto rg = reconstruct(StoredFactorView(lay, part, gb + h * lay.head_bytes));
+        const auto rc = reconstruct(StoredFactorView(lay, part, cb + h * lay.head_bytes));
+        double eg = 0, ec = 0, xx = 0;
+        for (int t = 0; t < c.block_size; ++t) {
+          for (int e = 0; e < d; ++e) {
+            const double want = to_float(x[static_cast<std::size_t>(s.sink_len + b * c.block_size + t) * row + h * d + e]);
+            const std::size_t i = static_cast<std::size_t>(t) * d + e;
+            eg += (rg[i] - want) * (rg[i] - want);
+            ec += (rc[i] - want) * (rc[i] - want);
+            xx += want * want;
+          }
         }
-        const std::vector<DenseRun<T>> after{{s.dense_k.data() + kvh * d, s.dense_v.data() + kvh * d, kv * d, dense_len,
-                                              len - dense_len}};
-        for (int e = 0; e < d; ++e) qf[static_cast<std::size_t>(e)] = to_float(q[(row * qh + h) * d + e]);
-        attend_one(before, blocks, after, qf.data(), d, scale, len - q_lens[i] + j, o.data());
-        out.insert(out.end(), o.begin(), o.end());
+        stats->gpu_error = std::max(stats->gpu_error, std::sqrt(eg / xx));
+        stats->cpu_error = std::max(stats->cpu_error, std::sqrt(ec / xx));
       }
     }
   }
-  return out;
 }
 
+/// Norm-wise (relative Frobenius over a step's rows) figures of one checked step.
+struct StepErrors {
+  double gpu_vs_cpu = 0;    // ‖o_gpu − o_cpu‖ / ‖o_cpu‖
+  double gpu_vs_dense = 0;  // ‖o_gpu − o_dense‖ / ‖o_dense‖, o_dense: attention over every token, uncompressed
+  double cpu_vs_dense = 0;
+};
+
 /// Drives `steps` random steps through both caches. Every step checks the GPU against its own state;
-/// the CPU cache comparison runs every step in synchronous mode, every 7th (after a flush) in async mode.
+/// the comparison with the CPU cache runs every step in synchronous mode, every 7th (after a flush) in
+/// async mode.
 template <class T>
-void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::CompressAlgorithm algorithm, float tolerance,
-                  int steps, std::uint32_t seed, int* compared, std::int64_t* max_pending) {
+void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::CompressAlgorithm algorithm, int steps,
+                  std::uint32_t seed, int* compared, std::int64_t* max_pending) {
   skc::DeviceCacheOptions opt;
   opt.max_sequences = 4;
   opt.max_blocks_per_layer = 256;
@@ -125,12 +195,16 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
   skc::DeviceSpectralCache<T> gpu(c, opt);
   cudaStream_t stream;
   skc::check(cudaStreamCreate(&stream), "cudaStreamCreate");
-  const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads;
+  const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads, group = c.group_size();
   const std::size_t tok = static_cast<std::size_t>(kv) * d, qtok = static_cast<std::size_t>(qh) * d;
   DeviceArray<T> dk(4 * 160 * tok), dv(4 * 160 * tok), dq(4 * 160 * qtok), dout(4 * 160 * qtok);
   std::mt19937 gen(seed);
   SequenceId next_id = 100;
   std::vector<SequenceId> live;
+  std::map<SequenceId, std::vector<T>> hist_k, hist_v;  // every token appended (the same for every layer)
+  StateStats state;
+  StepErrors worst;  // the checked step with the largest gpu_vs_cpu
+  double sum_gpu_cpu = 0, sum_cpu_dense = 0;  // squared differences over every compared step
   const bool bf16 = std::is_same_v<T, BFloat16>;
   for (int step = 0; step < steps; ++step) {
     // Joins and removals.
@@ -143,6 +217,8 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
       const std::size_t i = gen() % live.size();
       cpu.remove_sequence(live[i]);
       gpu.remove_sequence(live[i]);
+      hist_k.erase(live[i]);
+      hist_v.erase(live[i]);
       live.erase(live.begin() + static_cast<std::ptrdiff_t>(i));
     }
     // A ragged batch: each live sequence gets a prefill chunk (1..160) or one decode token.
@@ -155,9 +231,18 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
     }
     if (ids.empty()) continue;
     std::int64_t total = 0;
-    for (auto n : counts) total += n;
+    std::vector<SequenceRows> seqs;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      seqs.push_back({ids[i], counts[i], static_cast<std::size_t>(total)});
+      total += counts[i];
+    }
     const auto k = test::low_rank_tokens<T>(total, kv, d, 8, seed * 7919u + static_cast<std::uint32_t>(step), 1e-3f);
     const auto v = test::low_rank_tokens<T>(total, kv, d, 8, seed * 104729u + static_cast<std::uint32_t>(step), 1e-3f);
+    for (const SequenceRows& sr : seqs) {
+      const auto first = static_cast<std::ptrdiff_t>(sr.first_row * tok), n = static_cast<std::ptrdiff_t>(sr.q_len) * static_cast<std::ptrdiff_t>(tok);
+      hist_k[sr.id].insert(hist_k[sr.id].end(), k.begin() + first, k.begin() + first + n);
+      hist_v[sr.id].insert(hist_v[sr.id].end(), v.begin() + first, v.begin() + first + n);
+    }
     // Queries: the newest q_len tokens of each sequence; decode steps have 1, prefill chunks all of theirs.
     const std::vector<std::int64_t>& q_lens = counts;
     const auto q = test::normal_tokens<T>(total, qh, d, seed + static_cast<std::uint32_t>(step) * 31u);
@@ -172,17 +257,53 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
       *max_pending = std::max(*max_pending, gpu.pending_blocks(layer));
       if (check_now && mode == skc::CompressionMode::kAsync) gpu.flush(stream);
       for (std::size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(gpu.length(ids[i], layer), cpu.length(ids[i], layer));
-      std::vector<float> want(static_cast<std::size_t>(total) * qtok, NAN);
-      cpu.attend(layer, ids, q_lens, test::view(q, total, qh, d), test::view(want, total, qh, d), 0.125f);
       skc::check(cudaMemsetAsync(dout.ptr, 0xFF, static_cast<std::size_t>(total) * qtok * sizeof(T), stream), "cudaMemset");
       gpu.attend(layer, ids, q_lens, TensorView<const T>{dq.ptr, total, qh, d}, TensorView<T>{dout.ptr, total, qh, d},
                  0.125f, stream);
       std::vector<T> got(static_cast<std::size_t>(total) * qtok);
       skc::check(cudaMemcpyAsync(got.data(), dout.ptr, got.size() * sizeof(T), cudaMemcpyDeviceToHost, stream), "cudaMemcpy");
+      std::vector<typename skc::DeviceSpectralCache<T>::HostLayerState> device_state;
+      for (const SequenceRows& sr : seqs) device_state.push_back(gpu.download(sr.id, layer, stream));
       skc::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-      const std::vector<float> exact = reference_from_device(gpu, layer, ids, q_lens, q, 0.125f, stream);
-      double diff2 = 0, ref2 = 0;
-      for (std::size_t r = 0; r < static_cast<std::size_t>(total) * qh; ++r) {
+
+      // The references, one task per (sequence, query token): attention over the GPU's downloaded state
+      // ("exact"), and when the step is compared, the CPU cache's state and every token uncompressed.
+      const ColdBlockLayout& lay = gpu.layout(layer);
+      const std::size_t rows = static_cast<std::size_t>(total) * qh;
+      std::vector<float> exact(rows * d, NAN), want(rows * d, NAN), dense(rows * d, NAN);
+      std::vector<std::pair<std::size_t, std::int64_t>> tokens;  // (sequence index, query token j)
+      for (std::size_t i = 0; i < seqs.size(); ++i)
+        for (std::int64_t j = 0; j < seqs[i].q_len; ++j) tokens.emplace_back(i, j);
+      parallel_for(tokens.size(), [&](std::size_t task) {
+        const auto [i, j] = tokens[task];
+        const SequenceRows& sr = seqs[i];
+        const auto& g = device_state[i];
+        const std::int64_t sink_len = static_cast<std::int64_t>(g.sink_k.size() / tok);
+        const std::int64_t dense_len = static_cast<std::int64_t>(g.dense_k.size() / tok);
+        const std::int64_t num_blocks = static_cast<std::int64_t>(g.blocks.size());
+        const std::int64_t len = sink_len + num_blocks * c.block_size + dense_len;
+        const std::int64_t max_position = len - sr.q_len + j;
+        const auto s = cpu.state(sr.id, layer);
+        const auto& hk = hist_k.at(sr.id);
+        const auto& hv = hist_v.at(sr.id);
+        std::vector<float> qf(static_cast<std::size_t>(d));
+        for (int h = 0; h < qh; ++h) {
+          const std::size_t r = (sr.first_row + static_cast<std::size_t>(j)) * qh + h;
+          for (int e = 0; e < d; ++e) qf[static_cast<std::size_t>(e)] = to_float(q[r * d + e]);
+          attend_stored(c, lay, g.sink_k.data(), g.sink_v.data(), sink_len, num_blocks,
+                        [&](std::int64_t b) { return g.block_bytes.data() + b * lay.block_bytes; }, g.dense_k.data(),
+                        g.dense_v.data(), dense_len, max_position, h / group, qf.data(), exact.data() + r * d);
+          if (!check_now) continue;
+          attend_stored(c, lay, s.sink_k, s.sink_v, s.sink_len, s.num_blocks,
+                        [&](std::int64_t b) { return cpu.pool(layer) + static_cast<std::int64_t>(s.blocks[b]) * lay.block_bytes; },
+                        s.tail_k, s.tail_v, s.tail_len, max_position, h / group, qf.data(), want.data() + r * d);
+          const std::vector<DenseRun<T>> all{{hk.data() + (h / group) * d, hv.data() + (h / group) * d, kv * d, len, 0}};
+          attend_one(all, std::vector<CompressedRun<StoredFactorView, StoredFactorView>>{}, std::vector<DenseRun<T>>{},
+                     qf.data(), d, 0.125f, max_position, dense.data() + r * d);
+        }
+      });
+
+      for (std::size_t r = 0; r < rows; ++r) {
         float exact_scale = 0;
         for (int e = 0; e < d; ++e) exact_scale = std::max(exact_scale, std::fabs(exact[r * d + e]));
         for (int e = 0; e < d; ++e) {
@@ -190,16 +311,62 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
           ASSERT_TRUE(std::isfinite(g)) << "step " << step << " layer " << layer << " row " << r;
           ASSERT_LE(std::fabs(g - exact[r * d + e]), 2e-3f * exact_scale + half_ulp(exact[r * d + e], bf16))
               << "device state, step " << step << " layer " << layer << " row " << r << " element " << e;
-          diff2 += (static_cast<double>(g) - want[r * d + e]) * (static_cast<double>(g) - want[r * d + e]);
-          ref2 += static_cast<double>(want[r * d + e]) * want[r * d + e];
         }
       }
-      if (check_now) {
-        ASSERT_LE(std::sqrt(diff2 / ref2), tolerance) << "CPU cache, step " << step << " layer " << layer;
+      if (!check_now) continue;
+      ++*compared;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        compare_state(cpu, device_state[i], seqs[i].id, layer, hist_k.at(seqs[i].id), hist_v.at(seqs[i].id), &state);
+        if (::testing::Test::HasFatalFailure()) return;
       }
-      if (check_now) ++*compared;
+      // The CPU cache's own attend() is the same function (attend_one over its state); check it once
+      // per step on the first sequence so the comparison goes through the public API.
+      {
+        const SequenceRows& sr = seqs.front();
+        std::vector<float> api(static_cast<std::size_t>(sr.q_len) * qtok, NAN);
+        cpu.attend(layer, sr.id, TensorView<const T>{q.data() + sr.first_row * qtok, sr.q_len, qh, d},
+                   TensorView<float>{api.data(), sr.q_len, qh, d}, 0.125f);
+        for (std::size_t e = 0; e < api.size(); ++e) ASSERT_EQ(api[e], want[sr.first_row * qtok + e]) << "element " << e;
+      }
+      double gc = 0, cc = 0, gd = 0, cd = 0, dd = 0;
+      for (std::size_t e = 0; e < rows * d; ++e) {
+        const double g = to_float(got[e]), w = want[e], t = dense[e];
+        gc += (g - w) * (g - w);
+        cc += w * w;
+        gd += (g - t) * (g - t);
+        cd += (w - t) * (w - t);
+        dd += t * t;
+      }
+      const StepErrors now{std::sqrt(gc / cc), std::sqrt(gd / dd), std::sqrt(cd / dd)};
+      // The two caches compress independently (GPU: FP32 Gram eigensolver, CPU: FP64), so INT8
+      // coefficients near a rounding half-step land on different integers, and in this scenario's
+      // peaked softmax (logits ~10) one step of a dominant key moves a logit by ~0.02: the caches do not
+      // store the same blocks, and their outputs differ by up to ~1e-2 on some steps. What must hold is
+      // that the GPU cache is as accurate as the CPU cache. Against uncompressed attention its error is
+      // within 10% of the CPU cache's (the compression's optimality ratio is ≤ 1.01 before INT8), and the
+      // two differ by less than that compression error, plus, in both, the output's rounding to T (half
+      // an ulp, relative) and the kernels' tolerance on identical state (2e-3, as above). A wrong block,
+      // position or tier gives errors of the order of the output itself.
+      const double rounding = 2e-3 + std::ldexp(1.0, bf16 ? -8 : -11);
+      EXPECT_LE(now.gpu_vs_dense, 1.1 * now.cpu_vs_dense + rounding) << "step " << step << " layer " << layer;
+      EXPECT_LE(now.gpu_vs_cpu, now.cpu_vs_dense + rounding) << "step " << step << " layer " << layer;
+      sum_gpu_cpu += gc;
+      sum_cpu_dense += cd;
+      if (now.gpu_vs_cpu > worst.gpu_vs_cpu) worst = now;
     }
   }
+  // Cold blocks: each backend's reconstruction error is the truncation + INT8 error of the scenario's
+  // tokens (each step draws its tokens from its own rank-8 subspace, so a block of decode tokens is far
+  // from low-rank: the worst blocks lose ~2/3 of their norm, in both backends alike); the GPU's worst
+  // block within 10% of the CPU's.
+  EXPECT_LE(state.gpu_error, 1.1 * state.cpu_error + 1e-4);
+  // Over the whole scenario the caches' disagreement is well below their compression error (measured on
+  // the H200: 0.2–0.3% of it with the cuSOLVER path; a quarter of it on single steps of the fast path).
+  EXPECT_LE(std::sqrt(sum_gpu_cpu), 0.5 * std::sqrt(sum_cpu_dense));
+  std::printf("[ scenario ] steps %d, compared %d; worst block error gpu %.3e cpu %.3e; worst step: gpu-cpu %.3e, "
+              "gpu-dense %.3e, cpu-dense %.3e; whole run: |gpu-cpu| / |cpu-dense| %.3f\n",
+              steps, *compared, state.gpu_error, state.cpu_error, worst.gpu_vs_cpu, worst.gpu_vs_dense, worst.cpu_vs_dense,
+              std::sqrt(sum_gpu_cpu / std::max(sum_cpu_dense, 1e-300)));
   for (SequenceId id : live) {
     cpu.remove_sequence(id);
     gpu.remove_sequence(id);
@@ -222,9 +389,9 @@ TYPED_TEST(DeviceCache, SynchronousMatchesCpuAtEveryStep) {
       SCOPED_TRACE(::testing::Message() << "sinks " << sinks << " centre " << centre);
       int compared = 0;
       std::int64_t pending = 0;
-      const int steps = scenario_steps(600);
+      const int steps = scenario_steps(150);
       run_scenario<TypeParam>(scenario_config(sinks, centre), skc::CompressionMode::kSynchronous,
-                              skc::CompressAlgorithm::kCusolver, 1e-2f, steps,
+                              skc::CompressAlgorithm::kCusolver, steps,
                               static_cast<std::uint32_t>(17 + sinks + centre), &compared, &pending);
       EXPECT_GT(compared, steps);  // two layers per step, a few steps have no batch
       EXPECT_EQ(pending, 0);  // synchronous mode never leaves a block pending
@@ -236,9 +403,9 @@ TYPED_TEST(DeviceCache, AsyncDefersCompressionAndMatchesAfterFlush) {
   SKIP_WITHOUT_GPU();
   int compared = 0;
   std::int64_t pending = 0;
-  const int steps = scenario_steps(1200);
+  const int steps = scenario_steps(600);
   run_scenario<TypeParam>(scenario_config(4, false), skc::CompressionMode::kAsync, skc::CompressAlgorithm::kCusolver,
-                          1e-2f, steps, 5, &compared, &pending);
+                          steps, 5, &compared, &pending);
   EXPECT_GT(compared, steps / 10);
   // Blocks were attended densely while their compression was in flight (needs enough steps to fill one).
   if (steps >= 200) EXPECT_GT(pending, 0);
@@ -250,7 +417,7 @@ TYPED_TEST(DeviceCache, FastCompressionAgreesWithinQuantisationNoise) {
   std::int64_t pending = 0;
   const int steps = scenario_steps(400);
   run_scenario<TypeParam>(scenario_config(4, true), skc::CompressionMode::kAsync,
-                          skc::CompressAlgorithm::kSubspaceIteration, 1e-2f, steps, 9, &compared, &pending);
+                          skc::CompressAlgorithm::kSubspaceIteration, steps, 9, &compared, &pending);
   EXPECT_GT(compared, steps / 10);
 }
 
