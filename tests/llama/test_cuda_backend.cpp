@@ -18,6 +18,7 @@
 
 #include "backend.hpp"
 #include "kv_cache.hpp"
+#include "synthetic_tokens.hpp"
 #include "model.hpp"
 #include "perplexity.hpp"
 #include "spectralkv/cuda/error.cuh"
@@ -32,24 +33,8 @@ namespace {
 // The device kernels take head_dim 64 or 128; GQA group 3 as in the real model.
 constexpr int kQHeads = 9, kKvHeads = 3, kDim = 64;
 
-/// Keys and values with real structure (a few strong directions, an offset) plus noise, never zero.
 std::vector<float> tokens(std::int64_t n, int heads, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> dirs(static_cast<std::size_t>(heads) * 4 * kDim), out(static_cast<std::size_t>(n) * heads * kDim);
-  for (auto& x : dirs) x = normal(gen);
-  for (std::int64_t t = 0; t < n; ++t) {
-    for (int h = 0; h < heads; ++h) {
-      float c[4];
-      for (float& x : c) x = normal(gen);
-      for (int d = 0; d < kDim; ++d) {
-        float x = 0.3f + 0.1f * normal(gen);
-        for (int j = 0; j < 4; ++j) x += c[j] / static_cast<float>(j + 1) * dirs[(static_cast<std::size_t>(h) * 4 + j) * kDim + d];
-        out[(static_cast<std::size_t>(t) * heads + h) * kDim + d] = 0.5f * x;
-      }
-    }
-  }
-  return out;
+  return test::structured_tokens(n, heads, kDim, seed, 0.5f);
 }
 
 std::vector<float> rounded_to_half(std::vector<float> x) {

@@ -11,30 +11,15 @@
 #include <vector>
 
 #include "kv_cache.hpp"
+#include "synthetic_tokens.hpp"
 
 namespace spectralkv::llama {
 namespace {
 
 constexpr int kQHeads = 6, kKvHeads = 2, kDim = 32;
 
-/// Keys and values with real structure (a few strong directions, an offset) plus noise, never zero.
 std::vector<float> tokens(std::int64_t n, int heads, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> dirs(static_cast<std::size_t>(heads) * 4 * kDim), out(static_cast<std::size_t>(n) * heads * kDim);
-  for (auto& x : dirs) x = normal(gen);
-  for (std::int64_t t = 0; t < n; ++t) {
-    for (int h = 0; h < heads; ++h) {
-      float c[4];
-      for (float& x : c) x = normal(gen);
-      for (int d = 0; d < kDim; ++d) {
-        float x = 0.3f + 0.1f * normal(gen);
-        for (int j = 0; j < 4; ++j) x += c[j] / static_cast<float>(j + 1) * dirs[(static_cast<std::size_t>(h) * 4 + j) * kDim + d];
-        out[(static_cast<std::size_t>(t) * heads + h) * kDim + d] = x;
-      }
-    }
-  }
-  return out;
+  return test::structured_tokens(n, heads, kDim, seed);
 }
 
 /// Causal GQA attention of the last n of len tokens, in double, straight from the definition.
