@@ -195,5 +195,46 @@ TEST(SpectralKvCache, AllTokensAsOutliersIsDenseAttention) {
   EXPECT_EQ(all_exact.bytes().stored - compressed.bytes().stored, 3 * kKvHeads * c.block_size * row_bytes);
 }
 
+/// The experimental narrower coefficients: 8 bits is the stored INT8 exactly; fewer bits round every
+/// coefficient to a coarser grid (the error against dense attention grows), and the bytes count the
+/// code sections at the narrower width.
+TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
+  CacheConfig c;
+  c.num_layers = 1;
+  c.num_q_heads = kQHeads;
+  c.num_kv_heads = kKvHeads;
+  c.head_dim = kDim;
+  c.block_size = 32;
+  c.hot_tokens = 8;
+  c.sink_tokens = 2;
+  c.default_ranks = {8, 8};
+  SpectralKvCache int8(c), also8(c, false, AttendPath::kFast, 0, 8), int4(c, false, AttendPath::kFast, 0, 4),
+      int2(c, false, AttendPath::kFast, 0, 2);
+  const std::int64_t len = 120;
+  const auto k = tokens(len, kKvHeads, 41), v = tokens(len, kKvHeads, 42);
+  for (SpectralKvCache* cache : {&int8, &also8, &int4, &int2})
+    cache->append(0, {k.data(), len, kKvHeads, kDim}, {v.data(), len, kKvHeads, kDim});
+  ASSERT_EQ(int8.cache().state(0, 0).num_blocks, 3);
+  const std::int64_t n = 4;
+  const auto q = tokens(n, kQHeads, 43);
+  const auto ref = naive_attention(k, v, len, q, n, 0.2f);
+  auto error = [&](SpectralKvCache& cache) {
+    std::vector<float> out(q.size(), std::nanf(""));
+    cache.attend(0, {q.data(), n, kQHeads, kDim}, {out.data(), n, kQHeads, kDim}, 0.2f);
+    return relative_error(out, ref);
+  };
+  const double e8 = error(int8), e4 = error(int4), e2 = error(int2);
+  EXPECT_EQ(error(also8), e8);
+  EXPECT_GT(e4, e8);
+  EXPECT_GT(e2, e4);
+  // Each block: kKvHeads heads × L rows × (r_K + r_V) codes, 8 − b bits fewer each.
+  const std::int64_t codes = 3 * kKvHeads * c.block_size * (8 + 8);
+  EXPECT_EQ(int8.bytes().stored - int4.bytes().stored, codes / 2);
+  EXPECT_EQ(int8.bytes().stored - int2.bytes().stored, codes * 6 / 8);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, 1), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, 9), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kLibrary, 0, 4), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace spectralkv::llama
