@@ -41,7 +41,7 @@ struct CacheRequest {
   bool fidelity = false;                  ///< CPU only: shadow dense cache and per-layer fidelity
   AttendPath attend = AttendPath::kFast;  ///< CPU only: which CPU code attends
   int outliers = 0;                       ///< CPU only (experimental outlier tokens)
-  int coeff_bits = 8;                     ///< CPU only below 8 (experimental coefficient width)
+  CoeffCodes codes;                       ///< CPU only when narrow (experimental coefficient codes)
 };
 
 /// Why `backend` cannot build the cache `r`, or "" when it can.
@@ -51,7 +51,7 @@ inline std::string unsupported(Backend backend, const CacheRequest& r) {
   if (!cuda_device_present()) return "no CUDA device present";
   if (r.attend == AttendPath::kLibrary) return "--attend library is the CPU reference path";
   if (r.outliers > 0) return "outlier tokens are an experiment of the CPU backend";
-  if (r.coeff_bits != 8) return "coefficients narrower than INT8 are an experiment of the CPU backend";
+  if (r.codes.narrow()) return "coefficients narrower than INT8 are an experiment of the CPU backend";
   return r.spectral ? cuda_cache_unsupported(r.config) : "";
 #else
   (void)r;
@@ -70,7 +70,7 @@ inline std::unique_ptr<KvCache> make_cache(Backend backend, const CacheRequest& 
                       : make_cuda_dense_cache(c, r.capacity, r.max_chunk);
   }
 #endif
-  if (r.spectral) return std::make_unique<SpectralKvCache>(c, r.fidelity, r.attend, r.outliers, r.coeff_bits);
+  if (r.spectral) return std::make_unique<SpectralKvCache>(c, r.fidelity, r.attend, r.outliers, r.codes);
   return std::make_unique<DenseKvCache>(c.num_layers, c.num_kv_heads, c.head_dim, r.capacity);
 }
 

@@ -69,6 +69,17 @@ struct OutlierTokens {
 };
 using OutlierTable = std::vector<std::vector<std::vector<OutlierTokens>>>;
 
+/// Experimental, emulating narrower coefficient codes on the INT8 store: columns j ≥ lead of each part
+/// (the weaker singular directions) are re-rounded to `bits`-bit symmetric codes with the column scale
+/// max|c| / (2^(bits−1) − 1), as a bits-wide store would hold them; the first `lead` columns keep INT8.
+/// (The INT8 rounding first adds at most 1/254 of a column's range: the emulated error is, if anything,
+/// slightly larger.) The default is the library's INT8 store.
+struct CoeffCodes {
+  int bits = 8;
+  int lead = 0;
+  bool narrow() const { return bits < 8; }
+};
+
 /// Attention of the newest q.tokens queries of sequence `id` over a SpectralCache<float>, computed in
 /// the compressed space straight from the cache's raw state (state(), pool(), layout()), with GEMMs:
 /// per cold block and query head, logits = (Q·B_Kᵀ)·C_Kᵀ + Q·mean_K and output += (P·C_V)·B_V +
@@ -76,13 +87,10 @@ using OutlierTable = std::vector<std::vector<std::vector<OutlierTokens>>>;
 /// query at a time, as the reference) at the cost of FP32 rounding. This is what an engine's own CPU
 /// kernel over the cold layout looks like.
 /// \param outliers  optional exact tokens per block (see OutlierTokens), or nullptr
-/// \param coeff_bits  experimental, emulating narrower coefficients: 8 reads the stored INT8 codes; b < 8
-///                    re-rounds each dequantised coefficient to b-bit symmetric codes with the column scale
-///                    max|c| / (2^(b−1) − 1), as a b-bit store would (the INT8 rounding first adds at most
-///                    1/254 of a column's range, so the emulated error is, if anything, slightly larger)
+/// \param codes     experimental narrower coefficient codes (CoeffCodes); default: the stored INT8
 inline void spectral_attention(const SpectralCache<float>& cache, SequenceId id, int layer, TensorView<const float> q,
                                TensorView<float> out, float scale, const OutlierTable* outliers = nullptr,
-                               int coeff_bits = 8) {
+                               CoeffCodes codes = {}) {
   using Stride = Eigen::OuterStride<>;
   using ConstMap = Eigen::Map<const RowMatrix, 0, Stride>;
   const auto st = cache.state(id, layer);
@@ -112,9 +120,9 @@ inline void spectral_attention(const SpectralCache<float>& cache, SequenceId id,
     for (std::int64_t t = 0; t < L; ++t) {
       for (int j = 0; j < o.rank; ++j) f.coeff(t, j) = scales[j] * static_cast<float>(q8[t * o.rank + j]);
     }
-    if (coeff_bits < 8) {
-      const float levels = static_cast<float>((1 << (coeff_bits - 1)) - 1);
-      for (int j = 0; j < o.rank; ++j) {
+    if (codes.narrow()) {
+      const float levels = static_cast<float>((1 << (codes.bits - 1)) - 1);
+      for (int j = codes.lead; j < o.rank; ++j) {
         const float step = scales[j] * 127.0f / levels;  // max|c| / levels
         if (step > 0.0f) f.coeff.col(j) = (f.coeff.col(j).array() / step).round() * step;
       }
@@ -232,13 +240,14 @@ class SpectralKvCache : public KvCache {
   ///                attention per layer and the dense cache's memory)
   /// \param outliers  experimental: exact tokens kept per cold block and KV head (OutlierTokens); needs
   ///                  the fast path
-  /// \param coeff_bits  experimental: coefficients as b-bit codes instead of INT8 (see spectral_attention);
-  ///                    needs the fast path; bytes() counts them at b bits
+  /// \param codes  experimental narrower coefficient codes (CoeffCodes); needs the fast path; bytes()
+  ///               counts them at their width
   explicit SpectralKvCache(const CacheConfig& config, bool shadow = false, AttendPath path = AttendPath::kFast,
-                           int outliers = 0, int coeff_bits = 8)
-      : cache_(config), path_(path), outliers_per_block_(outliers), coeff_bits_(coeff_bits) {
-    detail::require(coeff_bits >= 2 && coeff_bits <= 8, "SpectralKvCache", "coeff_bits", coeff_bits, "must be in [2, 8]");
-    detail::require(coeff_bits == 8 || path == AttendPath::kFast, "SpectralKvCache", "coeff_bits", coeff_bits,
+                           int outliers = 0, CoeffCodes codes = {})
+      : cache_(config), path_(path), outliers_per_block_(outliers), codes_(codes) {
+    detail::require(codes.bits >= 2 && codes.bits <= 8, "SpectralKvCache", "codes.bits", codes.bits, "must be in [2, 8]");
+    detail::require(codes.lead >= 0, "SpectralKvCache", "codes.lead", codes.lead, "must be >= 0");
+    detail::require(!codes.narrow() || path == AttendPath::kFast, "SpectralKvCache", "codes.bits", codes.bits,
                     "narrower coefficients need AttendPath::kFast");
     detail::require(outliers >= 0 && outliers <= config.block_size, "SpectralKvCache", "outliers", outliers,
                     detail::concat("must be in [0, block_size = ", config.block_size, "]"));
@@ -270,7 +279,7 @@ class SpectralKvCache : public KvCache {
     if (path_ == AttendPath::kLibrary) {
       cache_.attend(layer, kSeq, q, out, scale);
     } else {
-      spectral_attention(cache_, kSeq, layer, q, out, scale, outliers_per_block_ > 0 ? &outliers_ : nullptr, coeff_bits_);
+      spectral_attention(cache_, kSeq, layer, q, out, scale, outliers_per_block_ > 0 ? &outliers_ : nullptr, codes_);
     }
     if (shadow_) probe(layer, q, out, scale);
   }
@@ -286,12 +295,14 @@ class SpectralKvCache : public KvCache {
     // Outliers as an engine would store them: FP16 K and V rows plus a 16-bit index each.
     const std::int64_t outlier_bytes = m.cold_blocks * cache_.config().num_kv_heads * outliers_per_block_ *
                                        (2 * std::int64_t{cache_.config().head_dim} * 2 + 2);
-    // Narrower coefficients: the [L][r] code sections at coeff_bits (padding left as in the INT8 layout).
+    // Narrower coefficients: the columns past `lead` of the [L][r] code sections at their width (padding
+    // left as in the INT8 layout).
     std::int64_t saved = 0;
     for (int l = 0; l < cache_.config().num_layers; ++l) {
       const ColdBlockLayout& lay = cache_.layout(l);
-      saved += cache_.state(kSeq, l).num_blocks * lay.num_kv_heads * std::int64_t{lay.block_size} *
-               (lay.rank_k + lay.rank_v) * (8 - coeff_bits_) / 8;
+      const std::int64_t narrow_cols = std::max(lay.rank_k - codes_.lead, 0) + std::max(lay.rank_v - codes_.lead, 0);
+      saved += cache_.state(kSeq, l).num_blocks * lay.num_kv_heads * std::int64_t{lay.block_size} * narrow_cols *
+               (8 - codes_.bits) / 8;
     }
     b.stored = m.cold_bytes - saved + (m.sink_tokens + m.tail_tokens) * token_fp16 + outlier_bytes;
     b.dense_fp16 = b.tokens * token_fp16;
@@ -374,7 +385,7 @@ class SpectralKvCache : public KvCache {
   SpectralCache<float> cache_;
   AttendPath path_;
   int outliers_per_block_;
-  int coeff_bits_;
+  CoeffCodes codes_;
   OutlierTable outliers_;
   std::unique_ptr<DenseKvCache> shadow_;
   std::vector<LayerFidelity> fidelity_;

@@ -11,8 +11,9 @@
 //                --attend fast|library
 //   (--attend: spectral attention by this program's FP32 GEMMs over the cache's cold layout, or by the
 //   library's reference SpectralCache::attend; same cache, same algebra, equal up to FP32 rounding)
-//   SPEC: comma-separated k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B (unset fields: the cache flags);
-//         bits=B: experimental, coefficients as B-bit codes (emulated on the INT8 store, CPU only);
+//   SPEC: comma-separated k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B,lead=N (unset: the cache flags);
+//         bits=B,lead=N: experimental, coefficient columns past the first N as B-bit codes (emulated on the
+//         INT8 store, CPU only);
 //         out=M (or --outliers M): experimental, M exact smallest-|k| tokens per cold block and KV head;
 //         each --arm adds one spectral cache, all run in lockstep against one dense reference.
 
@@ -56,8 +57,9 @@ constexpr const char* kUsage =
     "             always run on the CPU). cuda: cuda::DeviceSpectralCache<Half> (FP16 K/V; needs a CUDA build\n"
     "             and a GPU; dense arms hold every token as a dense FP16 sink; no per-layer fidelity;\n"
     "             --attend and --outliers are CPU-only). auto (default): cuda when possible, else cpu\n"
-    "SPEC: k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B (one spectral arm per --arm; out: experimental\n"
-    "      outliers; bits: experimental B-bit coefficients, emulated on the INT8 store, CPU only)\n";
+    "SPEC: k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B,lead=N (one spectral arm per --arm; out:\n"
+    "      experimental outliers; bits, lead: experimental B-bit codes for the coefficient columns past\n"
+    "      the first N, emulated on the INT8 store, CPU only)\n";
 
 /// --name value pairs and bare --flags; repeated names keep every value.
 struct Args {
@@ -124,7 +126,7 @@ AttendPath attend_path(const Args& args) {
   return a == "fast" ? AttendPath::kFast : AttendPath::kLibrary;
 }
 
-CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, int& coeff_bits) {
+CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, CoeffCodes& codes) {
   std::stringstream ss(spec);
   std::string field;
   while (std::getline(ss, field, ',')) {
@@ -139,17 +141,18 @@ CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, int
     else if (k == "sinks") c.sink_tokens = v;
     else if (k == "mc") c.mean_center = v != 0;
     else if (k == "out") outliers = v;
-    else if (k == "bits") coeff_bits = v;
-    else throw UsageError("--arm: unknown field '" + k + "' (k, v, block, hot, sinks, mc, out, bits)");
+    else if (k == "bits") codes.bits = v;
+    else if (k == "lead") codes.lead = v;
+    else throw UsageError("--arm: unknown field '" + k + "' (k, v, block, hot, sinks, mc, out, bits, lead)");
   }
   c.validate();
   return c;
 }
 
-std::string arm_name(const CacheConfig& c, int outliers, int coeff_bits) {
+std::string arm_name(const CacheConfig& c, int outliers, CoeffCodes codes) {
   return detail::concat("k", c.default_ranks.key, "v", c.default_ranks.value, "_b", c.block_size, "_h", c.hot_tokens,
                         "_s", c.sink_tokens, c.mean_center ? "_mc" : "", outliers ? detail::concat("_o", outliers) : "",
-                        coeff_bits != 8 ? detail::concat("_q", coeff_bits) : "");
+                        codes.narrow() ? detail::concat("_q", codes.bits, codes.lead ? detail::concat("l", codes.lead) : "") : "");
 }
 
 LlamaModel load_model(const std::string& path, std::unique_ptr<Tokenizer>& tokenizer) {
@@ -309,24 +312,25 @@ int cmd_perplexity(const Args& args) {
   const CacheConfig base = cache_config(args, model.config());
   std::vector<ArmResult> arms(1);
   arms[0].name = "dense";
-  auto add_arm = [&](const CacheConfig& c, int outliers, int coeff_bits) {
+  auto add_arm = [&](const CacheConfig& c, int outliers, CoeffCodes codes) {
     ArmResult a;
-    a.name = arm_name(c, outliers, coeff_bits);
+    a.name = arm_name(c, outliers, codes);
     a.spectral = true;
     a.config = c;
     a.outliers = outliers;
-    a.coeff_bits = coeff_bits;
+    a.codes = codes;
     arms.push_back(a);
   };
   const int base_outliers = static_cast<int>(args.integer("outliers", 0));
   const auto specs = args.values.find("arm");
   if (specs == args.values.end()) {
-    if (!args.flag("dense-only")) add_arm(base, base_outliers, 8);
+    if (!args.flag("dense-only")) add_arm(base, base_outliers, CoeffCodes{});
   } else {
     for (const std::string& s : specs->second) {
-      int outliers = base_outliers, coeff_bits = 8;
-      const CacheConfig c = parse_arm(s, base, outliers, coeff_bits);
-      add_arm(c, outliers, coeff_bits);
+      int outliers = base_outliers;
+      CoeffCodes codes;
+      const CacheConfig c = parse_arm(s, base, outliers, codes);
+      add_arm(c, outliers, codes);
     }
   }
   std::vector<CacheRequest> requests;
@@ -375,9 +379,9 @@ int cmd_perplexity(const Args& args) {
       if (r.spectral) {
         const CacheConfig& c = r.config;
         std::printf(",\n     \"config\": {\"rank_k\": %d, \"rank_v\": %d, \"block\": %d, \"hot\": %d, \"sinks\": %d, "
-                    "\"mean_center\": %s, \"outliers\": %d, \"coeff_bits\": %d}",
+                    "\"mean_center\": %s, \"outliers\": %d, \"coeff_bits\": %d, \"int8_lead_columns\": %d}",
                     c.default_ranks.key, c.default_ranks.value, c.block_size, c.hot_tokens, c.sink_tokens,
-                    c.mean_center ? "true" : "false", r.outliers, r.coeff_bits);
+                    c.mean_center ? "true" : "false", r.outliers, r.codes.bits, r.codes.lead);
         if (!r.fidelity.empty()) {
           std::printf(",\n     \"layer_attention_rel_error\": [");
           for (std::size_t l = 0; l < r.fidelity.size(); ++l) std::printf("%s%.5f", l ? ", " : "", r.fidelity[l].relative_error());

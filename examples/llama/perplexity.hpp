@@ -41,7 +41,7 @@ struct ArmResult {
   bool spectral = false;
   CacheConfig config;
   int outliers = 0;         ///< experimental exact tokens per cold block and KV head (SpectralKvCache)
-  int coeff_bits = 8;       ///< experimental coefficient width (SpectralKvCache)
+  CoeffCodes codes;         ///< experimental narrower coefficient codes (SpectralKvCache)
   double nll = 0;           ///< Σ −log p(target)
   double kl = 0;            ///< Σ KL(dense ‖ this arm) over scored positions
   std::int64_t top1_agree = 0;
@@ -79,7 +79,7 @@ inline CacheRequest arm_request(const ArmResult& arm, const LlamaConfig& mc, con
   r.fidelity = opt.fidelity;
   r.attend = opt.attend;
   r.outliers = arm.outliers;
-  r.coeff_bits = arm.coeff_bits;
+  r.codes = arm.codes;
   return r;
 }
 

@@ -196,8 +196,8 @@ TEST(SpectralKvCache, AllTokensAsOutliersIsDenseAttention) {
 }
 
 /// The experimental narrower coefficients: 8 bits is the stored INT8 exactly; fewer bits round every
-/// coefficient to a coarser grid (the error against dense attention grows), and the bytes count the
-/// code sections at the narrower width.
+/// coefficient to a coarser grid (the error against dense attention grows) unless its column leads, and
+/// the bytes count the code sections at their width.
 TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
   CacheConfig c;
   c.num_layers = 1;
@@ -208,11 +208,12 @@ TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
   c.hot_tokens = 8;
   c.sink_tokens = 2;
   c.default_ranks = {8, 8};
-  SpectralKvCache int8(c), also8(c, false, AttendPath::kFast, 0, 8), int4(c, false, AttendPath::kFast, 0, 4),
-      int2(c, false, AttendPath::kFast, 0, 2);
+  SpectralKvCache int8(c), also8(c, false, AttendPath::kFast, 0, {8, 0}), int4(c, false, AttendPath::kFast, 0, {4, 0}),
+      int2(c, false, AttendPath::kFast, 0, {2, 0}), lead8(c, false, AttendPath::kFast, 0, {2, 8}),
+      lead3(c, false, AttendPath::kFast, 0, {4, 3});
   const std::int64_t len = 120;
   const auto k = tokens(len, kKvHeads, 41), v = tokens(len, kKvHeads, 42);
-  for (SpectralKvCache* cache : {&int8, &also8, &int4, &int2})
+  for (SpectralKvCache* cache : {&int8, &also8, &int4, &int2, &lead8, &lead3})
     cache->append(0, {k.data(), len, kKvHeads, kDim}, {v.data(), len, kKvHeads, kDim});
   ASSERT_EQ(int8.cache().state(0, 0).num_blocks, 3);
   const std::int64_t n = 4;
@@ -223,17 +224,23 @@ TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
     cache.attend(0, {q.data(), n, kQHeads, kDim}, {out.data(), n, kQHeads, kDim}, 0.2f);
     return relative_error(out, ref);
   };
-  const double e8 = error(int8), e4 = error(int4), e2 = error(int2);
+  const double e8 = error(int8), e4 = error(int4), e2 = error(int2), e43 = error(lead3);
   EXPECT_EQ(error(also8), e8);
+  EXPECT_EQ(error(lead8), e8);  // every column (rank 8) leads: all INT8
   EXPECT_GT(e4, e8);
   EXPECT_GT(e2, e4);
+  EXPECT_GT(e43, e8);  // the leading columns carry most of the energy: INT8 there recovers most of it
+  EXPECT_LT(e43, e4);
   // Each block: kKvHeads heads × L rows × (r_K + r_V) codes, 8 − b bits fewer each.
   const std::int64_t codes = 3 * kKvHeads * c.block_size * (8 + 8);
   EXPECT_EQ(int8.bytes().stored - int4.bytes().stored, codes / 2);
   EXPECT_EQ(int8.bytes().stored - int2.bytes().stored, codes * 6 / 8);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, 1), InvalidArgument);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, 9), InvalidArgument);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kLibrary, 0, 4), InvalidArgument);
+  EXPECT_EQ(int8.bytes().stored, lead8.bytes().stored);
+  EXPECT_EQ(int8.bytes().stored - lead3.bytes().stored, codes * 5 / 8 / 2);  // 5 of 8 columns at 4 bits
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {1, 0}), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {9, 0}), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {4, -1}), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kLibrary, 0, {4, 0}), InvalidArgument);
 }
 
 }  // namespace
