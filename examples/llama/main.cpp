@@ -145,6 +145,8 @@ CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, Coe
     else if (k == "lead") codes.lead = v;
     else throw UsageError("--arm: unknown field '" + k + "' (k, v, block, hot, sinks, mc, out, bits, lead)");
   }
+  if (codes.bits < 2 || codes.bits > 8) throw UsageError(detail::concat("--arm bits must be in [2, 8], not ", codes.bits));
+  if (codes.lead < 0) throw UsageError(detail::concat("--arm lead must be >= 0, not ", codes.lead));
   c.validate();
   return c;
 }

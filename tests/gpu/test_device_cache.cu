@@ -8,8 +8,8 @@
 //    an ulp of T: the kernels accumulate in FP32 and round the output to T. This checks the kernels on
 //    identical stored values.
 //  - the CPU SpectralCache fed the same tokens: the same lengths and block counts, sink and dense rows
-//    bit-identical to each other and to the tokens appended, every cold block's reconstruction as close
-//    to its tokens as the CPU's; and the outputs as accurate as the CPU cache's against uncompressed
+//    bit-identical to each other and to the tokens appended, every cold block's reconstruction about as
+//    close to its tokens as the CPU's; and the outputs as accurate as the CPU cache's against uncompressed
 //    attention over every token (see run_scenario for the bounds). The two backends compress each block
 //    independently, so their outputs differ by the INT8 rounding of two near-identical factorizations.
 
@@ -133,8 +133,10 @@ void compare_state(const SpectralCache<T>& cpu, const typename skc::DeviceSpectr
   const std::size_t row = static_cast<std::size_t>(kv) * d;
   const auto s = cpu.state(id, layer);
   ASSERT_EQ(static_cast<std::int64_t>(g.blocks.size()), s.num_blocks);
-  ASSERT_EQ(static_cast<std::int64_t>(g.sink_k.size()), s.sink_len * static_cast<std::int64_t>(row));
-  ASSERT_EQ(static_cast<std::int64_t>(g.dense_k.size()), s.tail_len * static_cast<std::int64_t>(row));
+  for (const auto* rows : {&g.sink_k, &g.sink_v})
+    ASSERT_EQ(static_cast<std::int64_t>(rows->size()), s.sink_len * static_cast<std::int64_t>(row));
+  for (const auto* rows : {&g.dense_k, &g.dense_v})
+    ASSERT_EQ(static_cast<std::int64_t>(rows->size()), s.tail_len * static_cast<std::int64_t>(row));
   const std::int64_t first_tail = s.sink_len + s.num_blocks * c.block_size;
   ASSERT_EQ(static_cast<std::int64_t>(x_k.size()), (first_tail + s.tail_len) * static_cast<std::int64_t>(row));
   const auto same_rows = [&](const std::vector<T>& got, const T* want, const std::vector<T>& x, std::int64_t first) {
@@ -165,6 +167,13 @@ void compare_state(const SpectralCache<T>& cpu, const typename skc::DeviceSpectr
             xx += want * want;
           }
         }
+        // Per block: the GPU's factorization is within 1.01 of optimal before INT8 and the CPU's is the
+        // FP64 optimum, so the GPU block may be 10% worse, plus 2e-3 of ‖X‖ for blocks that are low-rank
+        // up to the FP16 storage and noise floor (~6e-4 of ‖X‖ here), whose weakest directions no FP32
+        // Gram resolves. A block of another head, part or position misses by O(‖X‖).
+        EXPECT_LE(std::sqrt(eg / xx), 1.1 * std::sqrt(ec / xx) + 2e-3)
+            << "sequence " << id << " layer " << layer << " block " << b << " head " << h
+            << (part == Part::kKey ? " keys" : " values");
         stats->gpu_error = std::max(stats->gpu_error, std::sqrt(eg / xx));
         stats->cpu_error = std::max(stats->cpu_error, std::sqrt(ec / xx));
       }
@@ -346,7 +355,8 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
       // within 10% of the CPU cache's (the compression's optimality ratio is ≤ 1.01 before INT8), and the
       // two differ by less than that compression error, plus, in both, the output's rounding to T (half
       // an ulp, relative) and the kernels' tolerance on identical state (2e-3, as above). A wrong block,
-      // position or tier gives errors of the order of the output itself.
+      // position or tier gives errors of the order of the output itself. (The second bound is half of
+      // what the triangle inequality allows; measured steps stay under a quarter of it.)
       const double rounding = 2e-3 + std::ldexp(1.0, bf16 ? -8 : -11);
       EXPECT_LE(now.gpu_vs_dense, 1.1 * now.cpu_vs_dense + rounding) << "step " << step << " layer " << layer;
       EXPECT_LE(now.gpu_vs_cpu, now.cpu_vs_dense + rounding) << "step " << step << " layer " << layer;
@@ -355,13 +365,13 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
       if (now.gpu_vs_cpu > worst.gpu_vs_cpu) worst = now;
     }
   }
-  // Cold blocks: each backend's reconstruction error is the truncation + INT8 error of the scenario's
-  // tokens (each step draws its tokens from its own rank-8 subspace, so a block of decode tokens is far
-  // from low-rank: the worst blocks lose ~2/3 of their norm, in both backends alike); the GPU's worst
-  // block within 10% of the CPU's.
-  EXPECT_LE(state.gpu_error, 1.1 * state.cpu_error + 1e-4);
-  // Over the whole scenario the caches' disagreement is well below their compression error (measured on
-  // the H200: 0.2–0.3% of it with the cuSOLVER path; a quarter of it on single steps of the fast path).
+  // (Each step draws its tokens from its own rank-8 subspace, so a block of decode tokens is far from
+  // low-rank: the worst blocks lose ~2/3 of their norm, in both backends alike; printed below.)
+  // Over the whole scenario the caches' disagreement is well below their compression error. Measured on
+  // the H200: 0.2–0.3% of it with the cuSOLVER path and half-precision outputs; up to a quarter of it
+  // on single steps of the fast path; bfloat16 outputs add their own rounding (2^-8) to the difference.
+  // One bound for every algorithm and type: a systematic deviation (a wrong position, tier or block)
+  // is of the order of the output and exceeds it.
   EXPECT_LE(std::sqrt(sum_gpu_cpu), 0.5 * std::sqrt(sum_cpu_dense));
   std::printf("[ scenario ] steps %d, compared %d; worst block error gpu %.3e cpu %.3e; worst step: gpu-cpu %.3e, "
               "gpu-dense %.3e, cpu-dense %.3e; whole run: |gpu-cpu| / |cpu-dense| %.3f\n",
