@@ -97,15 +97,8 @@ class CudaKvCache final : public KvCache {
     for (std::int64_t i = 0; i < out.size(); ++i) out.data[i] = static_cast<float>(host_out_[static_cast<std::size_t>(i)]);
   }
 
-  /// The device cache follows the CPU cache's policy, so the tail length is a function of the length
-  /// alone: below the threshold nothing was compressed; above it, every compression left a tail in
-  /// [hot, hot + block) congruent to the post-sink length modulo the block size.
   std::int64_t tokens_until_compression(int layer) const override {
-    if (dense_) return std::numeric_limits<std::int64_t>::max();
-    const std::int64_t len = length(layer), threshold = config_.compress_threshold();
-    const std::int64_t sinks = std::min<std::int64_t>(len, config_.sink_tokens), rest = len - sinks;
-    const std::int64_t tail = rest < threshold ? rest : config_.hot_tokens + (rest - config_.hot_tokens) % config_.block_size;
-    return (config_.sink_tokens - sinks) + (threshold - 1 - tail);
+    return dense_ ? std::numeric_limits<std::int64_t>::max() : cache_.tokens_until_compression(kSeq, layer);
   }
 
   KvBytes bytes() const override {

@@ -265,7 +265,10 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
                  stream);
       *max_pending = std::max(*max_pending, gpu.pending_blocks(layer));
       if (check_now && mode == skc::CompressionMode::kAsync) gpu.flush(stream);
-      for (std::size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(gpu.length(ids[i], layer), cpu.length(ids[i], layer));
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        ASSERT_EQ(gpu.length(ids[i], layer), cpu.length(ids[i], layer));
+        ASSERT_EQ(gpu.tokens_until_compression(ids[i], layer), cpu.tokens_until_compression(ids[i], layer));
+      }
       skc::check(cudaMemsetAsync(dout.ptr, 0xFF, static_cast<std::size_t>(total) * qtok * sizeof(T), stream), "cudaMemset");
       gpu.attend(layer, ids, q_lens, TensorView<const T>{dq.ptr, total, qh, d}, TensorView<T>{dout.ptr, total, qh, d},
                  0.125f, stream);

@@ -200,6 +200,14 @@ class DeviceSpectralCache {
     const SlotLayer& sl = at(id, layer);
     return sl.sink_len + static_cast<std::int64_t>(sl.blocks.size()) * config_.block_size + sl.dense_len;
   }
+  /// Tokens that can be appended to (id, layer) before one forms a block (the append that reaches the
+  /// threshold compresses it): the same policy and value as SpectralCache::tokens_until_compression. A
+  /// block whose compression is still in flight already counts as cold.
+  std::int64_t tokens_until_compression(SequenceId id, int layer) const {
+    check_layer("DeviceSpectralCache::tokens_until_compression", layer);
+    const SlotLayer& sl = at(id, layer);
+    return (config_.sink_tokens - sl.sink_len) + (config_.compress_threshold() - 1 - tail_len(sl));
+  }
   /// Blocks of `layer` taken from the pool (compressed or being compressed).
   std::int64_t blocks_in_use(int layer) const {
     check_layer("DeviceSpectralCache::blocks_in_use", layer);
