@@ -41,7 +41,7 @@ struct CacheRequest {
   bool fidelity = false;                  ///< CPU only: shadow dense cache and per-layer fidelity
   AttendPath attend = AttendPath::kFast;  ///< CPU only: which CPU code attends
   int outliers = 0;                       ///< CPU only (experimental outlier tokens)
-  CoeffCodes codes;                       ///< CPU only when narrow (experimental coefficient codes)
+  NarrowCodes codes;                       ///< CPU only when narrow (experimental coefficient codes)
 };
 
 /// Why `backend` cannot build the cache `r`, or "" when it can.
@@ -51,7 +51,7 @@ inline std::string unsupported(Backend backend, const CacheRequest& r) {
   if (!cuda_device_present()) return "no CUDA device present";
   if (r.attend == AttendPath::kLibrary) return "--attend library is the CPU reference path";
   if (r.outliers > 0) return "outlier tokens are an experiment of the CPU backend";
-  if (r.codes.narrow()) return "coefficients narrower than INT8 are an experiment of the CPU backend";
+  if (r.codes.narrow()) return "narrower coefficient or basis codes are an experiment of the CPU backend";
   return r.spectral ? cuda_cache_unsupported(r.config) : "";
 #else
   (void)r;

@@ -69,15 +69,19 @@ struct OutlierTokens {
 };
 using OutlierTable = std::vector<std::vector<std::vector<OutlierTokens>>>;
 
-/// Experimental, emulating narrower coefficient codes on the INT8 store: columns j ≥ lead of each part
-/// (the weaker singular directions) are re-rounded to `bits`-bit symmetric codes with the column scale
-/// max|c| / (2^(bits−1) − 1), as a bits-wide store would hold them; the first `lead` columns keep INT8.
-/// (The INT8 rounding first adds at most 1/254 of a column's range: the emulated error is, if anything,
-/// slightly larger.) The default is the library's INT8 store.
-struct CoeffCodes {
+/// Experimental, emulating narrower codes on the library's store (INT8 coefficients, FP16 bases):
+/// - coefficient columns j ≥ lead of each part (the weaker singular directions) are re-rounded to
+///   `bits`-bit symmetric codes with the column scale max|c| / (2^(bits−1) − 1); the first `lead`
+///   columns keep INT8;
+/// - with basis_bits < 16, every basis row is re-rounded to basis_bits-bit symmetric codes with a
+///   per-row FP32 scale max|b| / (2^(basis_bits−1) − 1).
+/// As a narrower store would hold them, except that the stored coefficients were projected on the FP16
+/// basis and rounded to INT8 first: the emulated error is, if anything, slightly larger.
+struct NarrowCodes {
   int bits = 8;
   int lead = 0;
-  bool narrow() const { return bits < 8; }
+  int basis_bits = 16;
+  bool narrow() const { return bits < 8 || basis_bits < 16; }
 };
 
 /// Attention of the newest q.tokens queries of sequence `id` over a SpectralCache<float>, computed in
@@ -87,10 +91,10 @@ struct CoeffCodes {
 /// query at a time, as the reference) at the cost of FP32 rounding. This is what an engine's own CPU
 /// kernel over the cold layout looks like.
 /// \param outliers  optional exact tokens per block (see OutlierTokens), or nullptr
-/// \param codes     experimental narrower coefficient codes (CoeffCodes); default: the stored INT8
+/// \param codes     experimental narrower coefficient codes (NarrowCodes); default: the stored INT8
 inline void spectral_attention(const SpectralCache<float>& cache, SequenceId id, int layer, TensorView<const float> q,
                                TensorView<float> out, float scale, const OutlierTable* outliers = nullptr,
-                               CoeffCodes codes = {}) {
+                               NarrowCodes codes = {}) {
   using Stride = Eigen::OuterStride<>;
   using ConstMap = Eigen::Map<const RowMatrix, 0, Stride>;
   const auto st = cache.state(id, layer);
@@ -111,6 +115,13 @@ inline void spectral_attention(const SpectralCache<float>& cache, SequenceId id,
     Factors f{RowMatrix(o.rank, d), RowMatrix(L, o.rank), Eigen::RowVectorXf::Zero(d)};
     const auto* basis = reinterpret_cast<const Half*>(head + o.basis);
     for (std::int64_t i = 0; i < o.rank * d; ++i) f.basis.data()[i] = static_cast<float>(basis[i]);
+    if (codes.basis_bits < 16) {
+      const float levels = static_cast<float>((1 << (codes.basis_bits - 1)) - 1);
+      for (int j = 0; j < o.rank; ++j) {
+        const float step = f.basis.row(j).cwiseAbs().maxCoeff() / levels;
+        if (step > 0.0f) f.basis.row(j) = (f.basis.row(j).array() / step).round() * step;
+      }
+    }
     if (lay.has_mean) {
       const auto* mean = reinterpret_cast<const Half*>(head + o.mean);
       for (std::int64_t i = 0; i < d; ++i) f.mean[i] = static_cast<float>(mean[i]);
@@ -120,7 +131,7 @@ inline void spectral_attention(const SpectralCache<float>& cache, SequenceId id,
     for (std::int64_t t = 0; t < L; ++t) {
       for (int j = 0; j < o.rank; ++j) f.coeff(t, j) = scales[j] * static_cast<float>(q8[t * o.rank + j]);
     }
-    if (codes.narrow()) {
+    if (codes.bits < 8) {
       const float levels = static_cast<float>((1 << (codes.bits - 1)) - 1);
       for (int j = codes.lead; j < o.rank; ++j) {
         const float step = scales[j] * 127.0f / levels;  // max|c| / levels
@@ -240,13 +251,15 @@ class SpectralKvCache : public KvCache {
   ///                attention per layer and the dense cache's memory)
   /// \param outliers  experimental: exact tokens kept per cold block and KV head (OutlierTokens); needs
   ///                  the fast path
-  /// \param codes  experimental narrower coefficient codes (CoeffCodes); needs the fast path; bytes()
+  /// \param codes  experimental narrower coefficient codes (NarrowCodes); needs the fast path; bytes()
   ///               counts them at their width
   explicit SpectralKvCache(const CacheConfig& config, bool shadow = false, AttendPath path = AttendPath::kFast,
-                           int outliers = 0, CoeffCodes codes = {})
+                           int outliers = 0, NarrowCodes codes = {})
       : cache_(config), path_(path), outliers_per_block_(outliers), codes_(codes) {
     detail::require(codes.bits >= 2 && codes.bits <= 8, "SpectralKvCache", "codes.bits", codes.bits, "must be in [2, 8]");
     detail::require(codes.lead >= 0, "SpectralKvCache", "codes.lead", codes.lead, "must be >= 0");
+    detail::require(codes.basis_bits >= 2 && codes.basis_bits <= 16, "SpectralKvCache", "codes.basis_bits",
+                    codes.basis_bits, "must be in [2, 16]");
     detail::require(!codes.narrow() || path == AttendPath::kFast, "SpectralKvCache", "codes.bits", codes.bits,
                     "narrower coefficients need AttendPath::kFast");
     detail::require(outliers >= 0 && outliers <= config.block_size, "SpectralKvCache", "outliers", outliers,
@@ -295,14 +308,16 @@ class SpectralKvCache : public KvCache {
     // Outliers as an engine would store them: FP16 K and V rows plus a 16-bit index each.
     const std::int64_t outlier_bytes = m.cold_blocks * cache_.config().num_kv_heads * outliers_per_block_ *
                                        (2 * std::int64_t{cache_.config().head_dim} * 2 + 2);
-    // Narrower coefficients: the columns past `lead` of the [L][r] code sections at their width (padding
-    // left as in the INT8 layout).
+    // Narrower codes: the columns past `lead` of the [L][r] coefficient sections at their width, the
+    // [r][D] bases at basis_bits plus an FP32 scale per row (padding left as in the library's layout).
     std::int64_t saved = 0;
     for (int l = 0; l < cache_.config().num_layers; ++l) {
       const ColdBlockLayout& lay = cache_.layout(l);
       const std::int64_t narrow_cols = std::max(lay.rank_k - codes_.lead, 0) + std::max(lay.rank_v - codes_.lead, 0);
-      saved += cache_.state(kSeq, l).num_blocks * lay.num_kv_heads * std::int64_t{lay.block_size} * narrow_cols *
-               (8 - codes_.bits) / 8;
+      const std::int64_t rows = lay.rank_k + lay.rank_v;
+      const std::int64_t basis_saved = codes_.basis_bits < 16 ? rows * lay.head_dim * (16 - codes_.basis_bits) / 8 - rows * 4 : 0;
+      saved += cache_.state(kSeq, l).num_blocks * lay.num_kv_heads *
+               (std::int64_t{lay.block_size} * narrow_cols * (8 - codes_.bits) / 8 + basis_saved);
     }
     b.stored = m.cold_bytes - saved + (m.sink_tokens + m.tail_tokens) * token_fp16 + outlier_bytes;
     b.dense_fp16 = b.tokens * token_fp16;
@@ -385,7 +400,7 @@ class SpectralKvCache : public KvCache {
   SpectralCache<float> cache_;
   AttendPath path_;
   int outliers_per_block_;
-  CoeffCodes codes_;
+  NarrowCodes codes_;
   OutlierTable outliers_;
   std::unique_ptr<DenseKvCache> shadow_;
   std::vector<LayerFidelity> fidelity_;

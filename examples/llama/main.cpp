@@ -11,9 +11,9 @@
 //                --attend fast|library
 //   (--attend: spectral attention by this program's FP32 GEMMs over the cache's cold layout, or by the
 //   library's reference SpectralCache::attend; same cache, same algebra, equal up to FP32 rounding)
-//   SPEC: comma-separated k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B,lead=N (unset: the cache flags);
-//         bits=B,lead=N: experimental, coefficient columns past the first N as B-bit codes (emulated on the
-//         INT8 store, CPU only);
+//   SPEC: comma-separated k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B,lead=N,bbits=P (unset: the
+//         cache flags); bits=B,lead=N,bbits=P: experimental, coefficient columns past the first N as
+//         B-bit codes, basis rows as P-bit codes (emulated on the library's store, CPU only);
 //         out=M (or --outliers M): experimental, M exact smallest-|k| tokens per cold block and KV head;
 //         each --arm adds one spectral cache, all run in lockstep against one dense reference.
 
@@ -57,9 +57,9 @@ constexpr const char* kUsage =
     "             always run on the CPU). cuda: cuda::DeviceSpectralCache<Half> (FP16 K/V; needs a CUDA build\n"
     "             and a GPU; dense arms hold every token as a dense FP16 sink; no per-layer fidelity;\n"
     "             --attend and --outliers are CPU-only). auto (default): cuda when possible, else cpu\n"
-    "SPEC: k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B,lead=N (one spectral arm per --arm; out:\n"
-    "      experimental outliers; bits, lead: experimental B-bit codes for the coefficient columns past\n"
-    "      the first N, emulated on the INT8 store, CPU only)\n";
+    "SPEC: k=R,v=R,block=L,hot=H,sinks=S,mc=0|1,out=M,bits=B,lead=N,bbits=P (one spectral arm per --arm;\n"
+    "      out: experimental outliers; bits, lead, bbits: experimental B-bit codes for the coefficient\n"
+    "      columns past the first N and P-bit basis rows, emulated on the library's store, CPU only)\n";
 
 /// --name value pairs and bare --flags; repeated names keep every value.
 struct Args {
@@ -126,7 +126,7 @@ AttendPath attend_path(const Args& args) {
   return a == "fast" ? AttendPath::kFast : AttendPath::kLibrary;
 }
 
-CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, CoeffCodes& codes) {
+CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, NarrowCodes& codes) {
   std::stringstream ss(spec);
   std::string field;
   while (std::getline(ss, field, ',')) {
@@ -143,18 +143,22 @@ CacheConfig parse_arm(const std::string& spec, CacheConfig c, int& outliers, Coe
     else if (k == "out") outliers = v;
     else if (k == "bits") codes.bits = v;
     else if (k == "lead") codes.lead = v;
-    else throw UsageError("--arm: unknown field '" + k + "' (k, v, block, hot, sinks, mc, out, bits, lead)");
+    else if (k == "bbits") codes.basis_bits = v;
+    else throw UsageError("--arm: unknown field '" + k + "' (k, v, block, hot, sinks, mc, out, bits, lead, bbits)");
   }
   if (codes.bits < 2 || codes.bits > 8) throw UsageError(detail::concat("--arm bits must be in [2, 8], not ", codes.bits));
   if (codes.lead < 0) throw UsageError(detail::concat("--arm lead must be >= 0, not ", codes.lead));
+  if (codes.basis_bits < 2 || codes.basis_bits > 16)
+    throw UsageError(detail::concat("--arm bbits must be in [2, 16], not ", codes.basis_bits));
   c.validate();
   return c;
 }
 
-std::string arm_name(const CacheConfig& c, int outliers, CoeffCodes codes) {
+std::string arm_name(const CacheConfig& c, int outliers, NarrowCodes codes) {
   return detail::concat("k", c.default_ranks.key, "v", c.default_ranks.value, "_b", c.block_size, "_h", c.hot_tokens,
                         "_s", c.sink_tokens, c.mean_center ? "_mc" : "", outliers ? detail::concat("_o", outliers) : "",
-                        codes.narrow() ? detail::concat("_q", codes.bits, codes.lead ? detail::concat("l", codes.lead) : "") : "");
+                        codes.bits < 8 ? detail::concat("_q", codes.bits, codes.lead ? detail::concat("l", codes.lead) : "") : "",
+                        codes.basis_bits < 16 ? detail::concat("_bb", codes.basis_bits) : "");
 }
 
 LlamaModel load_model(const std::string& path, std::unique_ptr<Tokenizer>& tokenizer) {
@@ -314,7 +318,7 @@ int cmd_perplexity(const Args& args) {
   const CacheConfig base = cache_config(args, model.config());
   std::vector<ArmResult> arms(1);
   arms[0].name = "dense";
-  auto add_arm = [&](const CacheConfig& c, int outliers, CoeffCodes codes) {
+  auto add_arm = [&](const CacheConfig& c, int outliers, NarrowCodes codes) {
     ArmResult a;
     a.name = arm_name(c, outliers, codes);
     a.spectral = true;
@@ -326,11 +330,11 @@ int cmd_perplexity(const Args& args) {
   const int base_outliers = static_cast<int>(args.integer("outliers", 0));
   const auto specs = args.values.find("arm");
   if (specs == args.values.end()) {
-    if (!args.flag("dense-only")) add_arm(base, base_outliers, CoeffCodes{});
+    if (!args.flag("dense-only")) add_arm(base, base_outliers, NarrowCodes{});
   } else {
     for (const std::string& s : specs->second) {
       int outliers = base_outliers;
-      CoeffCodes codes;
+      NarrowCodes codes;
       const CacheConfig c = parse_arm(s, base, outliers, codes);
       add_arm(c, outliers, codes);
     }
@@ -381,9 +385,9 @@ int cmd_perplexity(const Args& args) {
       if (r.spectral) {
         const CacheConfig& c = r.config;
         std::printf(",\n     \"config\": {\"rank_k\": %d, \"rank_v\": %d, \"block\": %d, \"hot\": %d, \"sinks\": %d, "
-                    "\"mean_center\": %s, \"outliers\": %d, \"coeff_bits\": %d, \"int8_lead_columns\": %d}",
+                    "\"mean_center\": %s, \"outliers\": %d, \"coeff_bits\": %d, \"int8_lead_columns\": %d, \"basis_bits\": %d}",
                     c.default_ranks.key, c.default_ranks.value, c.block_size, c.hot_tokens, c.sink_tokens,
-                    c.mean_center ? "true" : "false", r.outliers, r.codes.bits, r.codes.lead);
+                    c.mean_center ? "true" : "false", r.outliers, r.codes.bits, r.codes.lead, r.codes.basis_bits);
         if (!r.fidelity.empty()) {
           std::printf(",\n     \"layer_attention_rel_error\": [");
           for (std::size_t l = 0; l < r.fidelity.size(); ++l) std::printf("%s%.5f", l ? ", " : "", r.fidelity[l].relative_error());

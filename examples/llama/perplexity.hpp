@@ -41,7 +41,7 @@ struct ArmResult {
   bool spectral = false;
   CacheConfig config;
   int outliers = 0;         ///< experimental exact tokens per cold block and KV head (SpectralKvCache)
-  CoeffCodes codes;         ///< experimental narrower coefficient codes (SpectralKvCache)
+  NarrowCodes codes;         ///< experimental narrower coefficient codes (SpectralKvCache)
   double nll = 0;           ///< Σ −log p(target)
   double kl = 0;            ///< Σ KL(dense ‖ this arm) over scored positions
   std::int64_t top1_agree = 0;

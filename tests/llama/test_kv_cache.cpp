@@ -241,6 +241,44 @@ TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
   EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {9, 0}), InvalidArgument);
   EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {4, -1}), InvalidArgument);
   EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kLibrary, 0, {4, 0}), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {8, 0, 1}), InvalidArgument);
+  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {8, 0, 17}), InvalidArgument);
+}
+
+/// Narrower bases: 16 bits is the stored FP16; 8-bit rows add little error, 3-bit rows much more; the
+/// bytes count the basis sections at their width plus a scale per row.
+TEST(SpectralKvCache, NarrowerBasesCoarsenAndShrink) {
+  CacheConfig c;
+  c.num_layers = 1;
+  c.num_q_heads = kQHeads;
+  c.num_kv_heads = kKvHeads;
+  c.head_dim = kDim;
+  c.block_size = 32;
+  c.hot_tokens = 8;
+  c.sink_tokens = 2;
+  c.default_ranks = {8, 8};
+  SpectralKvCache fp16(c), also16(c, false, AttendPath::kFast, 0, {8, 0, 16}), b8(c, false, AttendPath::kFast, 0, {8, 0, 8}),
+      b3(c, false, AttendPath::kFast, 0, {8, 0, 3});
+  const std::int64_t len = 120;
+  const auto k = tokens(len, kKvHeads, 51), v = tokens(len, kKvHeads, 52);
+  for (SpectralKvCache* cache : {&fp16, &also16, &b8, &b3})
+    cache->append(0, {k.data(), len, kKvHeads, kDim}, {v.data(), len, kKvHeads, kDim});
+  const std::int64_t n = 4;
+  const auto q = tokens(n, kQHeads, 53);
+  const auto ref = naive_attention(k, v, len, q, n, 0.2f);
+  auto error = [&](SpectralKvCache& cache) {
+    std::vector<float> out(q.size(), std::nanf(""));
+    cache.attend(0, {q.data(), n, kQHeads, kDim}, {out.data(), n, kQHeads, kDim}, 0.2f);
+    return relative_error(out, ref);
+  };
+  const double e16 = error(fp16), e8 = error(b8), e3 = error(b3);
+  EXPECT_EQ(error(also16), e16);
+  EXPECT_GT(e3, e8);
+  EXPECT_LT(std::fabs(e8 - e16), 0.1 * e16);  // 8-bit rows: ~1/254 of each row's range
+  // Each block: kKvHeads heads × (r_K + r_V) rows of kDim values, (16 − P) bits fewer each, + 4 B scale.
+  const std::int64_t rows = 3 * kKvHeads * (8 + 8);
+  EXPECT_EQ(fp16.bytes().stored - b8.bytes().stored, rows * (kDim * 8 / 8 - 4));
+  EXPECT_EQ(fp16.bytes().stored - b3.bytes().stored, rows * (kDim * 13 / 8 - 4));
 }
 
 }  // namespace
