@@ -1,6 +1,7 @@
 #pragma once
-// Synthetic keys, values and queries for the example engine's cache tests.
+// Synthetic keys, values and queries for the example engine's cache tests, and the error measure.
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -28,6 +29,16 @@ inline std::vector<float> structured_tokens(std::int64_t n, int heads, int dim, 
     }
   }
   return out;
+}
+
+/// ‖a − ref‖ / ‖ref‖ in double.
+inline double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
+  double e = 0, r = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    e += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    r += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(e / r);
 }
 
 }  // namespace spectralkv::llama::test

@@ -42,14 +42,7 @@ std::vector<float> rounded_to_half(std::vector<float> x) {
   return x;
 }
 
-double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
-  double e = 0, r = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    e += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
-    r += static_cast<double>(ref[i]) * ref[i];
-  }
-  return std::sqrt(e / r);
-}
+using test::relative_error;
 
 CacheRequest request(bool spectral) {
   CacheRequest r;

@@ -50,14 +50,7 @@ std::vector<float> naive_attention(const std::vector<float>& k, const std::vecto
   return out;
 }
 
-double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
-  double e = 0, r = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    e += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
-    r += static_cast<double>(ref[i]) * ref[i];
-  }
-  return std::sqrt(e / r);
-}
+using test::relative_error;
 
 TEST(DenseKvCache, MatchesTheDefinition) {
   const std::int64_t len = 150;
@@ -195,10 +188,13 @@ TEST(SpectralKvCache, AllTokensAsOutliersIsDenseAttention) {
   EXPECT_EQ(all_exact.bytes().stored - compressed.bytes().stored, 3 * kKvHeads * c.block_size * row_bytes);
 }
 
-/// The experimental narrower coefficients: 8 bits is the stored INT8 exactly; fewer bits round every
-/// coefficient to a coarser grid (the error against dense attention grows) unless its column leads, and
-/// the bytes count the code sections at their width.
-TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
+/// Attention error against the definition and stored bytes of rank-8 caches holding three cold blocks,
+/// one cache per entry of `codes`, all fed the same tokens.
+struct NarrowRun {
+  double error;
+  std::int64_t bytes;
+};
+std::vector<NarrowRun> narrow_runs(const std::vector<NarrowCodes>& codes, std::uint32_t seed) {
   CacheConfig c;
   c.num_layers = 1;
   c.num_q_heads = kQHeads;
@@ -208,77 +204,59 @@ TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
   c.hot_tokens = 8;
   c.sink_tokens = 2;
   c.default_ranks = {8, 8};
-  SpectralKvCache int8(c), also8(c, false, AttendPath::kFast, 0, {8, 0}), int4(c, false, AttendPath::kFast, 0, {4, 0}),
-      int2(c, false, AttendPath::kFast, 0, {2, 0}), lead8(c, false, AttendPath::kFast, 0, {2, 8}),
-      lead3(c, false, AttendPath::kFast, 0, {4, 3});
-  const std::int64_t len = 120;
-  const auto k = tokens(len, kKvHeads, 41), v = tokens(len, kKvHeads, 42);
-  for (SpectralKvCache* cache : {&int8, &also8, &int4, &int2, &lead8, &lead3})
-    cache->append(0, {k.data(), len, kKvHeads, kDim}, {v.data(), len, kKvHeads, kDim});
-  ASSERT_EQ(int8.cache().state(0, 0).num_blocks, 3);
-  const std::int64_t n = 4;
-  const auto q = tokens(n, kQHeads, 43);
+  const std::int64_t len = 120, n = 4;
+  const auto k = tokens(len, kKvHeads, seed), v = tokens(len, kKvHeads, seed + 1), q = tokens(n, kQHeads, seed + 2);
   const auto ref = naive_attention(k, v, len, q, n, 0.2f);
-  auto error = [&](SpectralKvCache& cache) {
+  std::vector<NarrowRun> runs;
+  for (const NarrowCodes& code : codes) {
+    SpectralKvCache cache(c, false, AttendPath::kFast, 0, code);
+    cache.append(0, {k.data(), len, kKvHeads, kDim}, {v.data(), len, kKvHeads, kDim});
+    EXPECT_EQ(cache.cache().state(0, 0).num_blocks, 3);
     std::vector<float> out(q.size(), std::nanf(""));
     cache.attend(0, {q.data(), n, kQHeads, kDim}, {out.data(), n, kQHeads, kDim}, 0.2f);
-    return relative_error(out, ref);
-  };
-  const double e8 = error(int8), e4 = error(int4), e2 = error(int2), e43 = error(lead3);
-  EXPECT_EQ(error(also8), e8);
-  EXPECT_EQ(error(lead8), e8);  // every column (rank 8) leads: all INT8
-  EXPECT_GT(e4, e8);
-  EXPECT_GT(e2, e4);
-  EXPECT_GT(e43, e8);  // the leading columns carry most of the energy: INT8 there recovers most of it
-  EXPECT_LT(e43, e4);
-  // Each block: kKvHeads heads × L rows × (r_K + r_V) codes, 8 − b bits fewer each.
-  const std::int64_t codes = 3 * kKvHeads * c.block_size * (8 + 8);
-  EXPECT_EQ(int8.bytes().stored - int4.bytes().stored, codes / 2);
-  EXPECT_EQ(int8.bytes().stored - int2.bytes().stored, codes * 6 / 8);
-  EXPECT_EQ(int8.bytes().stored, lead8.bytes().stored);
-  EXPECT_EQ(int8.bytes().stored - lead3.bytes().stored, codes * 5 / 8 / 2);  // 5 of 8 columns at 4 bits
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {1, 0}), InvalidArgument);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {9, 0}), InvalidArgument);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {4, -1}), InvalidArgument);
+    runs.push_back({relative_error(out, ref), cache.bytes().stored});
+  }
+  return runs;
+}
+
+/// The experimental narrower coefficients: 8 bits is the stored INT8 exactly; fewer bits round every
+/// coefficient to a coarser grid (the error against dense attention grows) unless its column leads, and
+/// the bytes count the code sections at their width.
+TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
+  // INT8 (default), 8 bits, 4, 2, 2 with all 8 columns leading, 4 with 3 leading.
+  const auto r = narrow_runs({{}, {8, 0}, {4, 0}, {2, 0}, {2, 8}, {4, 3}}, 41);
+  EXPECT_EQ(r[1].error, r[0].error);
+  EXPECT_EQ(r[4].error, r[0].error);  // every column (rank 8) leads: all INT8
+  EXPECT_GT(r[2].error, r[0].error);
+  EXPECT_GT(r[3].error, r[2].error);
+  EXPECT_GT(r[5].error, r[0].error);  // the leading columns carry most of the energy: INT8 there recovers most of it
+  EXPECT_LT(r[5].error, r[2].error);
+  // Each block: kKvHeads heads × L = 32 rows × (r_K + r_V) codes, 8 − b bits fewer each.
+  const std::int64_t codes = 3 * kKvHeads * 32 * (8 + 8);
+  EXPECT_EQ(r[0].bytes - r[2].bytes, codes / 2);
+  EXPECT_EQ(r[0].bytes - r[3].bytes, codes * 6 / 8);
+  EXPECT_EQ(r[0].bytes, r[4].bytes);
+  EXPECT_EQ(r[0].bytes - r[5].bytes, codes * 5 / 8 / 2);  // 5 of 8 columns at 4 bits
+  CacheConfig c;
+  c.num_q_heads = kQHeads;
+  c.num_kv_heads = kKvHeads;
+  c.head_dim = kDim;
+  for (NarrowCodes bad : std::vector<NarrowCodes>{{1, 0}, {9, 0}, {4, -1}, {8, 0, 1}, {8, 0, 17}})
+    EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, bad), InvalidArgument);
   EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kLibrary, 0, {4, 0}), InvalidArgument);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {8, 0, 1}), InvalidArgument);
-  EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, {8, 0, 17}), InvalidArgument);
 }
 
 /// Narrower bases: 16 bits is the stored FP16; 8-bit rows add little error, 3-bit rows much more; the
 /// bytes count the basis sections at their width plus a scale per row.
 TEST(SpectralKvCache, NarrowerBasesCoarsenAndShrink) {
-  CacheConfig c;
-  c.num_layers = 1;
-  c.num_q_heads = kQHeads;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kDim;
-  c.block_size = 32;
-  c.hot_tokens = 8;
-  c.sink_tokens = 2;
-  c.default_ranks = {8, 8};
-  SpectralKvCache fp16(c), also16(c, false, AttendPath::kFast, 0, {8, 0, 16}), b8(c, false, AttendPath::kFast, 0, {8, 0, 8}),
-      b3(c, false, AttendPath::kFast, 0, {8, 0, 3});
-  const std::int64_t len = 120;
-  const auto k = tokens(len, kKvHeads, 51), v = tokens(len, kKvHeads, 52);
-  for (SpectralKvCache* cache : {&fp16, &also16, &b8, &b3})
-    cache->append(0, {k.data(), len, kKvHeads, kDim}, {v.data(), len, kKvHeads, kDim});
-  const std::int64_t n = 4;
-  const auto q = tokens(n, kQHeads, 53);
-  const auto ref = naive_attention(k, v, len, q, n, 0.2f);
-  auto error = [&](SpectralKvCache& cache) {
-    std::vector<float> out(q.size(), std::nanf(""));
-    cache.attend(0, {q.data(), n, kQHeads, kDim}, {out.data(), n, kQHeads, kDim}, 0.2f);
-    return relative_error(out, ref);
-  };
-  const double e16 = error(fp16), e8 = error(b8), e3 = error(b3);
-  EXPECT_EQ(error(also16), e16);
-  EXPECT_GT(e3, e8);
-  EXPECT_LT(std::fabs(e8 - e16), 0.1 * e16);  // 8-bit rows: ~1/254 of each row's range
+  const auto r = narrow_runs({{}, {8, 0, 16}, {8, 0, 8}, {8, 0, 3}}, 51);
+  EXPECT_EQ(r[1].error, r[0].error);
+  EXPECT_GT(r[3].error, r[2].error);
+  EXPECT_LT(std::fabs(r[2].error - r[0].error), 0.1 * r[0].error);  // 8-bit rows: ~1/254 of each row's range
   // Each block: kKvHeads heads × (r_K + r_V) rows of kDim values, (16 − P) bits fewer each, + 4 B scale.
   const std::int64_t rows = 3 * kKvHeads * (8 + 8);
-  EXPECT_EQ(fp16.bytes().stored - b8.bytes().stored, rows * (kDim * 8 / 8 - 4));
-  EXPECT_EQ(fp16.bytes().stored - b3.bytes().stored, rows * (kDim * 13 / 8 - 4));
+  EXPECT_EQ(r[0].bytes - r[2].bytes, rows * (kDim * 8 / 8 - 4));
+  EXPECT_EQ(r[0].bytes - r[3].bytes, rows * (kDim * 13 / 8 - 4));
 }
 
 }  // namespace
