@@ -50,6 +50,20 @@ std::vector<float> naive_attention(const std::vector<float>& k, const std::vecto
   return out;
 }
 
+/// Blocks of 32 tokens, 8 hot tokens: small enough that a few hundred tokens make several cold blocks.
+CacheConfig small_config(int layers, int sinks, LayerRanks ranks) {
+  CacheConfig c;
+  c.num_layers = layers;
+  c.num_q_heads = kQHeads;
+  c.num_kv_heads = kKvHeads;
+  c.head_dim = kDim;
+  c.block_size = 32;
+  c.hot_tokens = 8;
+  c.sink_tokens = sinks;
+  c.default_ranks = ranks;
+  return c;
+}
+
 using test::relative_error;
 
 TEST(DenseKvCache, MatchesTheDefinition) {
@@ -86,16 +100,8 @@ void PrintTo(const Case& c, std::ostream* os) {
 class SpectralAttention : public ::testing::TestWithParam<Case> {};
 
 TEST_P(SpectralAttention, FastPathEqualsLibraryReference) {
-  CacheConfig c;
-  c.num_layers = 2;
-  c.num_q_heads = kQHeads;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kDim;
-  c.block_size = 32;
-  c.hot_tokens = 8;
-  c.sink_tokens = GetParam().sinks;
+  CacheConfig c = small_config(2, GetParam().sinks, {6, 10});
   c.mean_center = GetParam().mean_center;
-  c.default_ranks = {6, 10};
   SpectralCache<float> cache(c);
   cache.add_sequence(7);
   const std::int64_t len = 150;  // sinks, 3-4 cold blocks and a tail
@@ -122,15 +128,7 @@ INSTANTIATE_TEST_SUITE_P(Configs, SpectralAttention,
                          });
 
 TEST(SpectralKvCache, ShadowRecordsFidelityAndBytesCountColdBlocks) {
-  CacheConfig c;
-  c.num_layers = 1;
-  c.num_q_heads = kQHeads;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kDim;
-  c.block_size = 32;
-  c.hot_tokens = 8;
-  c.sink_tokens = 0;
-  c.default_ranks = {6, 10};
+  const CacheConfig c = small_config(1, 0, {6, 10});
   SpectralKvCache cache(c, /*shadow=*/true);
   EXPECT_EQ(cache.tokens_until_compression(0), 39);
   const std::int64_t len = 100;
@@ -155,15 +153,7 @@ TEST(SpectralKvCache, ShadowRecordsFidelityAndBytesCountColdBlocks) {
 /// The experimental outlier rows: with every token of every block kept exact, spectral attention is dense
 /// attention over FP16-rounded cold tokens, whatever the ranks.
 TEST(SpectralKvCache, AllTokensAsOutliersIsDenseAttention) {
-  CacheConfig c;
-  c.num_layers = 1;
-  c.num_q_heads = kQHeads;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kDim;
-  c.block_size = 32;
-  c.hot_tokens = 8;
-  c.sink_tokens = 2;
-  c.default_ranks = {2, 2};  // a poor approximation, so any compressed row left in would show
+  const CacheConfig c = small_config(1, 2, {2, 2});  // a poor approximation, so any compressed row left in would show
   SpectralKvCache all_exact(c, false, AttendPath::kFast, c.block_size), compressed(c);
   const std::int64_t len = 120;
   const auto k = tokens(len, kKvHeads, 31), v = tokens(len, kKvHeads, 32);
@@ -195,15 +185,7 @@ struct NarrowRun {
   std::int64_t bytes;
 };
 std::vector<NarrowRun> narrow_runs(const std::vector<NarrowCodes>& codes, std::uint32_t seed) {
-  CacheConfig c;
-  c.num_layers = 1;
-  c.num_q_heads = kQHeads;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kDim;
-  c.block_size = 32;
-  c.hot_tokens = 8;
-  c.sink_tokens = 2;
-  c.default_ranks = {8, 8};
+  const CacheConfig c = small_config(1, 2, {8, 8});
   const std::int64_t len = 120, n = 4;
   const auto k = tokens(len, kKvHeads, seed), v = tokens(len, kKvHeads, seed + 1), q = tokens(n, kQHeads, seed + 2);
   const auto ref = naive_attention(k, v, len, q, n, 0.2f);
@@ -237,10 +219,7 @@ TEST(SpectralKvCache, NarrowerCoefficientsCoarsenAndShrink) {
   EXPECT_EQ(r[0].bytes - r[3].bytes, codes * 6 / 8);
   EXPECT_EQ(r[0].bytes, r[4].bytes);
   EXPECT_EQ(r[0].bytes - r[5].bytes, codes * 5 / 8 / 2);  // 5 of 8 columns at 4 bits
-  CacheConfig c;
-  c.num_q_heads = kQHeads;
-  c.num_kv_heads = kKvHeads;
-  c.head_dim = kDim;
+  const CacheConfig c = small_config(1, 2, {8, 8});
   for (NarrowCodes bad : std::vector<NarrowCodes>{{1, 0}, {9, 0}, {4, -1}, {8, 0, 1}, {8, 0, 17}})
     EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kFast, 0, bad), InvalidArgument);
   EXPECT_THROW(SpectralKvCache(c, false, AttendPath::kLibrary, 0, {4, 0}), InvalidArgument);
