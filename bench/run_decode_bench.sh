@@ -3,20 +3,26 @@
 # runs it and bench/torch_sdpa.py on the same GPU, and prints the markdown table.
 #
 # Usage: bench/run_decode_bench.sh [OUT_DIR]   (default bench/results)
-# Environment: BUILD_DIR (default build-bench), JOBS (default 16).
+# Environment: BUILD_DIR (default build-bench), JOBS (default 16); BENCH_BIN: a bench_decode binary built
+# beforehand (same flags as below), which skips the build.
 set -euo pipefail
 
 out_dir=${1:-bench/results}
 build_dir=${BUILD_DIR:-build-bench}
 jobs=${JOBS:-16}
-mkdir -p "$out_dir" "$build_dir"
+bench_bin=${BENCH_BIN:-}
+mkdir -p "$out_dir"
 
-cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-  -DSPECTRALKV_BUILD_TESTS=OFF -DSPECTRALKV_BUILD_EXAMPLES=OFF > "$build_dir/configure.log"
-cmake --build "$build_dir" --target bench_decode -j "$jobs" > "$build_dir/build.log"
+if [[ -z "$bench_bin" ]]; then
+  mkdir -p "$build_dir"
+  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DSPECTRALKV_BUILD_TESTS=OFF -DSPECTRALKV_BUILD_EXAMPLES=OFF > "$build_dir/configure.log"
+  cmake --build "$build_dir" --target bench_decode -j "$jobs" > "$build_dir/build.log"
+  bench_bin="$build_dir/bench/bench_decode"
+fi
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
-"$build_dir/bench/bench_decode" --benchmark_out="$out_dir/decode_bench.json" --benchmark_out_format=json \
+"$bench_bin" --benchmark_out="$out_dir/decode_bench.json" --benchmark_out_format=json \
   --benchmark_counters_tabular=true
 PYTHONUNBUFFERED=1 python3 bench/torch_sdpa.py --out "$out_dir/torch_sdpa.json"
 

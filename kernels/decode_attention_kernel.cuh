@@ -4,30 +4,34 @@
 // instantiation files (decode_spectral_*.cu, decode_dense.cu) include it, the public API is
 // spectralkv/cuda/decode_attention.cuh.
 //
-// One CTA = 8 warps. The grid has one CTA per SM and every CTA takes an equal, contiguous share of the
-// flattened item list (sequence-major, then KV head, then item). Items are:
+// CTA shape (decode_kernel_args.cuh): the fused instantiations (cold blocks) run 4 warps per CTA and two
+// CTAs per SM, the dense-only ones 8 warps and one CTA per SM. The grid has that many CTAs per SM and
+// every CTA takes an equal, contiguous share of the flattened item list (sequence-major, then KV head,
+// then item). Items are:
 //   - a cold block: all sections of one KV head of one block: the bases by 16-byte cp.async into padded
 //     rows (8 consecutive rows hit distinct banks), the scales and coefficients (~2/3 of the bytes,
 //     contiguous) by one bulk copy of the copy engine completing on the stage's mbarrier;
 //   - a dense chunk: up to 64 consecutive tokens of one dense tier, K rows then V rows, padded, by 16-byte
 //     cp.async (rows past the tier's end zero-filled).
-// Each thread owns one 16-byte column of every 16th (head_dim 128) or 32nd row, so a row copy costs one
+// Each thread owns one 16-byte column of every (threads / (head_dim/8))-th row, so a row copy costs one
 // address add. Measured on an H200: one bulk copy per 256-byte row starves the copy engine, and 16-byte
 // copies with general index arithmetic cost ~57 instructions each; this split avoids both.
-// Stages form a ring S deep (2..4 by shared memory), so S-1 items are in flight while one is computed.
+// Stages form a ring S deep (2..6 by shared memory), so S-1 items are in flight while one is computed.
+//
+// Every warp keeps a private online-softmax state (m, l, o over all of head_dim) that cold blocks and
+// dense chunks both feed; the warps' states merge once, when a (sequence, head) segment ends, so within
+// an item warps never wait for each other.
 //
 // Cold block (GQA group of g <= 16 query heads packed as the 16 rows of the MMA tiles, so every INT8
-// coefficient is loaded and converted once per group):
+// coefficient is loaded and converted once per group); each warp takes every 4th 16-token step:
 //   W = q·B_Kᵀ            m16n8k16 over head_dim, q as FP16 (power-of-two normalised), B_K from smem;
 //   W *= scale_k · scale  FP32, then split W = W_hi + W_lo (two FP16 halves, ~22 significant bits);
 //   s = W·C_Kᵀ (+ q·mean_k) m16n8k16 with C_K converted to FP16 exactly (int8 -> half by byte permutes);
 //   p = exp2(s - m)       FP32 online softmax per warp over its tokens;
 //   PC += p·C_V           m16n8k16 with P in FP16 and C_V exact;
-//   warp partials (m, l, PC) merged through shared memory, PC *= scale_v, split hi/lo, and
-//   o_slice += PC·B_V (+ l·mean_v), each warp owning head_dim/8 output columns of the CTA's state.
-// Dense chunk: each warp scores its 8 tokens (m16n8k16 in T) and accumulates P·V (m16n8k8) into a
-// warp-private state over all head_dim columns; warp states merge into the CTA state when a (sequence,
-// head) segment ends.
+//   o = α·o + (β·PC·diag(scale_v))·B_V (+ β·l·mean_v): the PC accumulator, rescaled and split hi/lo, is
+//                         the A operand of the projection, which accumulates into the warp's o directly.
+// Dense chunk: each warp scores its 8-token tiles (m16n8k16 in T) and accumulates P·V (m16n8k8).
 // A segment that is the whole (sequence, head) writes the output; otherwise it writes a partial (m, l, o)
 // and the last CTA of that (sequence, head) to finish, found by an atomic counter, merges all of them.
 
@@ -94,7 +98,9 @@ __device__ __forceinline__ void cp_async_wait(int newest_pending) {
   switch (newest_pending) {
     case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
     case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
   }
 }
 /// Orders ordinary shared-memory accesses (made visible by a barrier) before later bulk copies into the
@@ -258,10 +264,13 @@ struct DecodeTraits {
   static_assert(RK == 0 || RK == 8 || RK == 16 || RK == 32 || RK == 64, "rank_k 8, 16, 32 or 64");
   static_assert(RV == 0 || RV == 8 || RV == 16 || RV == 32 || RV == 64, "rank_v 8, 16, 32 or 64");
   static constexpr bool kCold = RK > 0;
+  static constexpr int kWarps = warps_per_cta(kCold);
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kCtasPerSm = ctas_per_sm(kCold);
   static constexpr int kRow = 2 * D + 16;    ///< padded smem row: 8 consecutive rows hit distinct banks
   static constexpr int kKd = D / 16;         ///< MMA k-steps over head_dim
   static constexpr int kDTiles = D / 8;      ///< MMA n-tiles over head_dim
-  static constexpr int kSlice = kDTiles / kWarps;  ///< n-tiles of the CTA state each warp owns
+  static constexpr int kSlice = kDTiles / kWarps;  ///< output n-tiles each warp writes at a segment's end
   static constexpr int kKT = kCold ? RK / 8 : 1;   ///< n-tiles of W
   static constexpr int kVT = kCold ? RV / 8 : 1;   ///< n-tiles of PC
   static constexpr int kRKs = RK >= 16 ? RK / 16 : 1;  ///< k-steps of the score MMA (RK 8: one m16n8k8)
@@ -278,11 +287,21 @@ struct DecodeTraits {
   __host__ __device__ static constexpr int sigma(int nt, int n) {
     return RK == 8 ? n : (RK / 4) * (n >> 1) + 4 * (nt >> 1) + 2 * (nt & 1) + (n & 1);
   }
+  /// Smem slot of B_V row j (relative to the B_V section): PC·B_V's A operand is PC's accumulator as is,
+  /// whose column n of n-tile i is rank n·RV/8 + i, so k-step kp of the projection needs ranks
+  /// n·RV/8 + 2kp + h (k = 8h + n); storing rank j at slot 8·(j mod RV/8) + j div RV/8 makes them the
+  /// 16 consecutive slots 16kp..16kp+15 (8 consecutive padded rows hit distinct banks).
+  __host__ __device__ static constexpr int vslot(int j) {
+    return kCold ? 8 * (j % (RV / 8)) + j / (RV / 8) : j;
+  }
 };
 
 template <class T, int D, int RK, int RV>
-__global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __grid_constant__ KernelArgs a) {
+__global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTraits<T, D, RK, RV>::kCtasPerSm)
+    decode_attention_kernel(const __grid_constant__ KernelArgs a) {
   using Tr = DecodeTraits<T, D, RK, RV>;
+  constexpr int kWarps = Tr::kWarps;
+  constexpr int kThreads = Tr::kThreads;
   constexpr int kRow = Tr::kRow;
   constexpr int kKd = Tr::kKd;
   constexpr int kDTiles = Tr::kDTiles;
@@ -471,17 +490,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
         mbar_arrive_expect_tx(bar, a.region_bytes);
         bulk_load(sdst + Tr::kBaseRows * kRow, src + a.off_region, a.region_bytes, bar);
       }
-      const int rows = RK + RV + (a.has_mean ? 2 : 0);
-      for (int r = my_row; r < rows; r += kRowsPerPass) {
-        long long off;  // B_K rows in the sigma order the W MMA reads
-        if (r < RK) {
-          off = a.off_basis_k + static_cast<long long>(Tr::sigma(r >> 3, r & 7)) * kRowBytes;
-        } else if (r < RK + RV) {
-          off = a.off_basis_v + static_cast<long long>(r - RK) * kRowBytes;
-        } else {
-          off = r == RK + RV ? a.off_mean_k : a.off_mean_v;
-        }
-        cp_async_16(sdst + r * kRow + my_ch * 16, src + off + my_ch * 16, true);
+      // Compile-time row loops: a copy costs an address add (B_K rows go in the sigma order the W MMA reads).
+      if constexpr (kCold) {
+#pragma unroll
+        for (int r = my_row; r < RK; r += kRowsPerPass)
+          cp_async_16(sdst + r * kRow + my_ch * 16,
+                      src + a.off_basis_k + Tr::sigma(r >> 3, r & 7) * kRowBytes + my_ch * 16, true);
+        const unsigned char* bv = src + a.off_basis_v + my_row * kRowBytes + my_ch * 16;
+#pragma unroll
+        for (int r = my_row; r < RV; r += kRowsPerPass, bv += kRowsPerPass * kRowBytes)
+          cp_async_16(sdst + (RK + Tr::vslot(r)) * kRow + my_ch * 16, bv, true);
+        if (a.has_mean && my_row < 2)
+          cp_async_16(sdst + (RK + RV + my_row) * kRow + my_ch * 16,
+                      src + (my_row == 0 ? a.off_mean_k : a.off_mean_v) + my_ch * 16, true);
       }
     } else if (it.kind == 1) {
       const int len = seqs[lc.b].len[it.tier];
@@ -511,45 +532,46 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
   };
 
   // ---- State. ----------------------------------------------------------------------------------------
-  // CTA state over this warp's slice of head_dim (rows gid and gid + 8 of the group).
-  float o_c[kSlice][4];
-  float m_c[2], l_c[2];
-  // Warp-private dense state over all of head_dim.
+  // Warp-private state over all of head_dim (rows gid and gid + 8 of the group), fed by cold blocks and
+  // dense chunks alike; the warps' states merge when a (sequence, head) segment ends.
   float o_d[kDTiles][4];
   float m_d[2], l_d[2];
   float qscale = 0.0f;  // score_scale * 2^e: undoes the normalisation of the FP16 query
   auto reset_state = [&]() {
 #pragma unroll
-    for (int i = 0; i < kSlice; ++i) o_c[i][0] = o_c[i][1] = o_c[i][2] = o_c[i][3] = 0.0f;
-#pragma unroll
     for (int i = 0; i < kDTiles; ++i) o_d[i][0] = o_d[i][1] = o_d[i][2] = o_d[i][3] = 0.0f;
-    m_c[0] = m_c[1] = m_d[0] = m_d[1] = -INFINITY;
-    l_c[0] = l_c[1] = l_d[0] = l_d[1] = 0.0f;
+    m_d[0] = m_d[1] = -INFINITY;
+    l_d[0] = l_d[1] = 0.0f;
   };
 
   // Query fragments of (b, h): A operands of m16n8k16, entry [kd][lane] = rows gid/gid+8, columns
   // 16kd + 2tig (+1) and +8 (+9). Rows >= g are zero.
+  constexpr int kQPasses = (32 * kKd + kThreads - 1) / kThreads;  // fragment entries per thread
   auto begin_segment = [&](int b, int h) {
-    float v[8];
-    std::uint32_t raw[4] = {0u, 0u, 0u, 0u};
+    float v[kQPasses][8];
+    std::uint32_t raw[kQPasses][4];
     float mx = 0.0f;
-    const bool builder = tid < 32 * kKd;
-    if (builder) {
-      const int kd = tid / 32, ln = tid % 32;
-      const int r0 = ln >> 2, c0 = 16 * kd + 2 * (ln & 3);
-      const std::uint32_t* qp = static_cast<const std::uint32_t*>(a.q);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int r = r0 + 8 * (k & 1);
-        const int col = c0 + 8 * (k >> 1);
-        if (r < g) {
-          const long long e = ((static_cast<long long>(b) * H + h) * g + r) * D + col;
-          raw[k] = __ldg(qp + e / 2);
+    for (int ip = 0; ip < kQPasses; ++ip) {
+      const int idx = tid + kThreads * ip;
+      raw[ip][0] = raw[ip][1] = raw[ip][2] = raw[ip][3] = 0u;
+      if (idx < 32 * kKd) {
+        const int kd = idx / 32, ln = idx % 32;
+        const int r0 = ln >> 2, c0 = 16 * kd + 2 * (ln & 3);
+        const std::uint32_t* qp = static_cast<const std::uint32_t*>(a.q);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int r = r0 + 8 * (k & 1);
+          const int col = c0 + 8 * (k >> 1);
+          if (r < g) {
+            const long long e = ((static_cast<long long>(b) * H + h) * g + r) * D + col;
+            raw[ip][k] = __ldg(qp + e / 2);
+          }
+          const float2 f = unpack2<T>(raw[ip][k]);
+          v[ip][2 * k] = f.x;
+          v[ip][2 * k + 1] = f.y;
+          mx = fmaxf(mx, fmaxf(fabsf(f.x), fabsf(f.y)));
         }
-        const float2 f = unpack2<T>(raw[k]);
-        v[2 * k] = f.x;
-        v[2 * k + 1] = f.y;
-        mx = fmaxf(mx, fmaxf(fabsf(f.x), fabsf(f.y)));
       }
     }
     if constexpr (kCold) {
@@ -563,16 +585,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
       // Power-of-two normalisation: exact, and keeps a BF16 query inside FP16's range.
       const int e = mx > 0.0f ? ilogbf(mx) : 0;
       qscale = ldexpf(a.score_scale, e);
-      if (builder) {
-        uint4 f;
-        f.x = pack2<__half>(ldexpf(v[0], -e), ldexpf(v[1], -e));
-        f.y = pack2<__half>(ldexpf(v[2], -e), ldexpf(v[3], -e));
-        f.z = pack2<__half>(ldexpf(v[4], -e), ldexpf(v[5], -e));
-        f.w = pack2<__half>(ldexpf(v[6], -e), ldexpf(v[7], -e));
-        qf[tid] = f;
+#pragma unroll
+      for (int ip = 0; ip < kQPasses; ++ip) {
+        const int idx = tid + kThreads * ip;
+        if (idx < 32 * kKd) {
+          uint4 f;
+          f.x = pack2<__half>(ldexpf(v[ip][0], -e), ldexpf(v[ip][1], -e));
+          f.y = pack2<__half>(ldexpf(v[ip][2], -e), ldexpf(v[ip][3], -e));
+          f.z = pack2<__half>(ldexpf(v[ip][4], -e), ldexpf(v[ip][5], -e));
+          f.w = pack2<__half>(ldexpf(v[ip][6], -e), ldexpf(v[ip][7], -e));
+          qf[idx] = f;
+        }
       }
     }
-    if (builder) qt[tid] = make_uint4(raw[0], raw[1], raw[2], raw[3]);
+#pragma unroll
+    for (int ip = 0; ip < kQPasses; ++ip) {
+      const int idx = tid + kThreads * ip;
+      if (idx < 32 * kKd) qt[idx] = make_uint4(raw[ip][0], raw[ip][1], raw[ip][2], raw[ip][3]);
+    }
     reset_state();
     __syncthreads();
   };
@@ -591,64 +621,66 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
     return alpha;
   };
 
-  // ---- Dense chunk: this warp's 8 tokens, warp-private online softmax. -----------------------------
+  // ---- Dense chunk: this warp's 8-token tiles, warp-private online softmax. ------------------------
   auto dense_item = [&](const unsigned char* st, int nvalid) {
     const std::uint32_t sk = smem_u32(st);
     const std::uint32_t sv = sk + kChunk * kRow;
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+    for (int tw = warp; tw < kChunk / 8; tw += kWarps) {
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int kd2 = 0; kd2 < kKd / 2; ++kd2) {
-      std::uint32_t r[4];
-      ldsm_x4(sk + (8 * warp + (lane & 7)) * kRow + (4 * kd2 + (lane >> 3)) * 16, r);
-      const uint4 q0 = qt[(2 * kd2) * 32 + lane];
-      const uint4 q1 = qt[(2 * kd2 + 1) * 32 + lane];
-      mma16816<T>(s, q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
-      mma16816<T>(s, q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
-    }
-    const int tok = 8 * warp + 2 * tig;
-    const bool v0 = tok < nvalid, v1 = tok + 1 < nvalid;
-    float p[4] = {0.0f, 0.0f, 0.0f, 0.0f}, al[2] = {1.0f, 1.0f};
-    al[0] = softmax_row(v0 ? s[0] * a.score_scale : -INFINITY, v1 ? s[1] * a.score_scale : -INFINITY, m_d[0],
-                        l_d[0], p[0], p[1]);
-    if (hi_rows)
-      al[1] = softmax_row(v0 ? s[2] * a.score_scale : -INFINITY, v1 ? s[3] * a.score_scale : -INFINITY, m_d[1],
-                          l_d[1], p[2], p[3]);
-    const std::uint32_t a0 = pack2<T>(p[0], p[1]);
-    const std::uint32_t a1 = pack2<T>(p[2], p[3]);
-    std::uint32_t a0l = 0, a1l = 0;
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      // BF16 keeps 8 bits of p; the remainder as a second BF16 operand brings P to ~16 bits.
-      const float2 h0 = unpack2<T>(a0), h1 = unpack2<T>(a1);
-      a0l = pack2<T>(p[0] - h0.x, p[1] - h0.y);
-      a1l = pack2<T>(p[2] - h1.x, p[3] - h1.y);
-    }
-    // The running max rarely moves after the first chunks: skip the rescale when no lane needs it.
-    if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
-#pragma unroll
-      for (int n = 0; n < kDTiles; ++n) {
-        o_d[n][0] *= al[0];
-        o_d[n][1] *= al[0];
-        o_d[n][2] *= al[1];
-        o_d[n][3] *= al[1];
+      for (int kd2 = 0; kd2 < kKd / 2; ++kd2) {
+        std::uint32_t r[4];
+        ldsm_x4(sk + (8 * tw + (lane & 7)) * kRow + (4 * kd2 + (lane >> 3)) * 16, r);
+        const uint4 q0 = qt[(2 * kd2) * 32 + lane];
+        const uint4 q1 = qt[(2 * kd2 + 1) * 32 + lane];
+        mma16816<T>(s, q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
+        mma16816<T>(s, q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
       }
-    }
+      const int tok = 8 * tw + 2 * tig;
+      const bool v0 = tok < nvalid, v1 = tok + 1 < nvalid;
+      float p[4] = {0.0f, 0.0f, 0.0f, 0.0f}, al[2] = {1.0f, 1.0f};
+      al[0] = softmax_row(v0 ? s[0] * a.score_scale : -INFINITY, v1 ? s[1] * a.score_scale : -INFINITY, m_d[0],
+                          l_d[0], p[0], p[1]);
+      if (hi_rows)
+        al[1] = softmax_row(v0 ? s[2] * a.score_scale : -INFINITY, v1 ? s[3] * a.score_scale : -INFINITY, m_d[1],
+                            l_d[1], p[2], p[3]);
+      const std::uint32_t a0 = pack2<T>(p[0], p[1]);
+      const std::uint32_t a1 = pack2<T>(p[2], p[3]);
+      std::uint32_t a0l = 0, a1l = 0;
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        // BF16 keeps 8 bits of p; the remainder as a second BF16 operand brings P to ~16 bits.
+        const float2 h0 = unpack2<T>(a0), h1 = unpack2<T>(a1);
+        a0l = pack2<T>(p[0] - h0.x, p[1] - h0.y);
+        a1l = pack2<T>(p[2] - h1.x, p[3] - h1.y);
+      }
+      // The running max rarely moves after the first chunks: skip the rescale when no lane needs it.
+      if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
 #pragma unroll
-    for (int n4 = 0; n4 < kDTiles / 4; ++n4) {
-      std::uint32_t r[4];
-      ldsm_x4_t(sv + (8 * warp + (lane & 7)) * kRow + (4 * n4 + (lane >> 3)) * 16, r);
+        for (int n = 0; n < kDTiles; ++n) {
+          o_d[n][0] *= al[0];
+          o_d[n][1] *= al[0];
+          o_d[n][2] *= al[1];
+          o_d[n][3] *= al[1];
+        }
+      }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        mma1688<T>(o_d[4 * n4 + i], a0, a1, r[i]);
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) mma1688<T>(o_d[4 * n4 + i], a0l, a1l, r[i]);
+      for (int n4 = 0; n4 < kDTiles / 4; ++n4) {
+        std::uint32_t r[4];
+        ldsm_x4_t(sv + (8 * tw + (lane & 7)) * kRow + (4 * n4 + (lane >> 3)) * 16, r);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          mma1688<T>(o_d[4 * n4 + i], a0, a1, r[i]);
+          if constexpr (std::is_same_v<T, __nv_bfloat16>) mma1688<T>(o_d[4 * n4 + i], a0l, a1l, r[i]);
+        }
       }
     }
   };
 
-  // ---- Cold block: dual-spectral attention for the whole group, state update on this warp's slice. --
+  // ---- Cold block: dual-spectral attention for the whole group, into this warp's private state. ----
   auto cold_item = [&](const unsigned char* st) {
     if constexpr (kCold) {
       constexpr int kKT = Tr::kKT, kVT = Tr::kVT, kRKs = Tr::kRKs, kRVs = Tr::kRVs;
-      constexpr int kRVP = RV + 8;  // partial-PC row stride (floats), staggers banks across rows
       const std::uint32_t sb = smem_u32(st);
       const unsigned char* reg = st + Tr::kBaseRows * kRow;
       const float* scale_k = reinterpret_cast<const float*>(reg);
@@ -656,6 +688,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
       const unsigned char* ck = reg + a.reg_coeff_k;
       const unsigned char* cv = reg + a.reg_coeff_v;
       const bool has_mean = a.has_mean != 0;
+      if (warp * 16 >= a.block_size) return;  // no 16-token step of this block is this warp's
 
       // (A) W = q·B_Kᵀ (and q·mean_k), accumulators in the layout the score MMA takes as A.
       float wk[kKT][4];
@@ -694,14 +727,17 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
       const float qm0 = has_mean ? wm[0] * qscale : 0.0f;
       const float qm1 = has_mean ? wm[2] * qscale : 0.0f;
 
-      // (B-D) scores, softmax, PC = P·C_V over this warp's 16-token steps ks = warp, warp + 8, ...
+      // (B-D) scores, softmax, PC = P·C_V over this warp's 16-token steps ks = warp, warp + kWarps, ...
       float pc[kVT][4];
 #pragma unroll
       for (int i = 0; i < kVT; ++i) pc[i][0] = pc[i][1] = pc[i][2] = pc[i][3] = 0.0f;
       float mw[2] = {-INFINITY, -INFINITY}, lw[2] = {0.0f, 0.0f};
       const int L = a.block_size;
       const int nks = (L + 15) / 16;
-      for (int ks0 = warp; ks0 < nks; ks0 += kWarps * kKStepsPerGroup) {
+      // One group of kKStepsPerGroup 16-token steps; kFull: every step lies inside the block, so the
+      // range checks compile away (all groups but the last of a block whose size is a multiple of 16).
+      auto score_group = [&](int ks0, auto full_tag) {
+        constexpr bool kFull = decltype(full_tag)::value;
         float s[kKStepsPerGroup][2][4];
 #pragma unroll
         for (int u = 0; u < kKStepsPerGroup; ++u) {
@@ -709,7 +745,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             s[u][e][0] = s[u][e][1] = s[u][e][2] = s[u][e][3] = -INFINITY;
-            if (ks < nks) {
+            if (kFull || ks < nks) {
               float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
               // n-tile column n holds token 16ks + 8e + 4(n&1) + (n>>1): then the C_V loads below read
               // 4 consecutive rows per instruction (conflict-free).
@@ -731,11 +767,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
                 }
               }
               const int tok = 16 * ks + 8 * e + tig;
-              if (tok < L) {
+              if (kFull || tok < L) {
                 s[u][e][0] = acc[0] + qm0;
                 s[u][e][2] = acc[2] + qm1;
               }
-              if (tok + 4 < L) {
+              if (kFull || tok + 4 < L) {
                 s[u][e][1] = acc[1] + qm0;
                 s[u][e][3] = acc[3] + qm1;
               }
@@ -768,7 +804,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
 #pragma unroll
         for (int u = 0; u < kKStepsPerGroup; ++u) {
           const int ks = ks0 + kWarps * u;
-          if (ks < nks) {
+          if (kFull || ks < nks) {
             float p[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
@@ -800,116 +836,81 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
             }
           }
         }
+      };
+      for (int ks0 = warp; ks0 < nks; ks0 += kWarps * kKStepsPerGroup) {
+        if (16 * (ks0 + kWarps * (kKStepsPerGroup - 1)) + 16 <= L) {
+          score_group(ks0, std::true_type{});
+        } else {
+          score_group(ks0, std::false_type{});
+        }
       }
 
-      // (E) Warp partials -> shared memory. PC column n of n-tile i is rank j = n * RV/8 + i.
-      lw[0] = quad_sum(lw[0]);
-      if (hi_rows) lw[1] = quad_sum(lw[1]);
-      float2* wml = reinterpret_cast<float2*>(work);  // [kWarps][16]: (max, sum) per warp and row
-      float* wpc = work + 2 * kWarps * kMaxGroup;      // [kWarps][g][kRVP]
-      float* pcm = wpc + kWarps * g * kRVP;            // [g][RV]: merged PC, times scale_v
-      float2* mlb = reinterpret_cast<float2*>(pcm + g * RV);  // [16]: merged (max, sum)
+      // (E) The warp's partial of this block goes straight into its private state (the state dense chunks
+      // use), so warps never wait for each other inside a block:
+      //   m = max(m, mw);  o = α·o + (β·PC·diag(scale_v))·B_V (+ β·l_w·mean_v);  l = α·l + β·l_w.
+      // PC column n of n-tile i is rank j = n·RV/8 + i; the loader stored B_V row j in smem slot
+      // 8·(j mod RV/8) + j div RV/8, so the projection's k-steps read 16 consecutive slots.
+      float al[2] = {1.0f, 1.0f}, be[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
-        const int r = gid + 8 * ri;
-        if (r < g) {
-          float* dst = wpc + (warp * g + r) * kRVP;
+        if (ri == 1 && !hi_rows) break;  // rows 8..15 are padding: leave their (zero) state alone
+        const float mn = fmaxf(m_d[ri], mw[ri]);
+        const float mu = finite_or_zero(mn);
+        al[ri] = fast_exp2(m_d[ri] - mu);
+        be[ri] = fast_exp2(mw[ri] - mu);
+        l_d[ri] = al[ri] * l_d[ri] + be[ri] * lw[ri];
+        m_d[ri] = mn;
+      }
+      if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
 #pragma unroll
-          for (int i = 0; i < kVT; ++i) {
-            dst[(2 * tig) * Tr::kVBytes + i] = pc[i][2 * ri];
-            dst[(2 * tig + 1) * Tr::kVBytes + i] = pc[i][2 * ri + 1];
-          }
-          if (tig == 0) wml[warp * kMaxGroup + r] = make_float2(mw[ri], lw[ri]);
+        for (int n = 0; n < kDTiles; ++n) {
+          o_d[n][0] *= al[0];
+          o_d[n][1] *= al[0];
+          o_d[n][2] *= al[1];
+          o_d[n][3] *= al[1];
         }
       }
-      __syncthreads();
-      // (F) Merge: one thread per (row, rank) sums the 8 warps' partials.
-      for (int t = tid; t < g * RV; t += kThreads) {
-        const int r = t / RV, j = t % RV;
-        float m = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) m = fmaxf(m, wml[w * kMaxGroup + r].x);
-        const float mref = finite_or_zero(m);
-        float acc = 0.0f, l = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-          const float2 ml = wml[w * kMaxGroup + r];
-          const float f = fast_exp2(ml.x - mref);
-          acc += f * wpc[(w * g + r) * kRVP + j];
-          l += f * ml.y;
-        }
-        pcm[t] = acc * scale_v[j];
-        if (j == 0) mlb[r] = make_float2(m, l);
-      }
-      __syncthreads();
-      // PC rows gid (and gid + 8) as FP16 hi + lo A operands of the projection.
+      // β·scale_v·PC as FP16 hi + lo A operands of the projection (C fragment -> A fragment in place).
       std::uint32_t pa_hi[kRVs][4], pa_lo[kRVs][4];
 #pragma unroll
-      for (int kp = 0; kp < kRVs; ++kp)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pa_hi[kp][i] = pa_lo[kp][i] = 0u;
-      float mb[2] = {-INFINITY, -INFINITY}, lb[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const int r = gid + 8 * ri;
-        if (r < g) {
-          const float2 ml = mlb[r];
-          mb[ri] = ml.x;
-          lb[ri] = ml.y;
-#pragma unroll
-          for (int kp = 0; kp < kRVs; ++kp) {
-#pragma unroll
-            for (int hh = 0; hh < (RV == 8 ? 1 : 2); ++hh) {
-              const int j = 16 * kp + 8 * hh + 2 * tig;
-              const float2 v = *reinterpret_cast<const float2*>(pcm + r * RV + j);
-              const int slot = RV == 8 ? ri : 2 * hh + ri;
-              split_half2(v.x, v.y, pa_hi[kp][slot], pa_lo[kp][slot]);
-            }
-          }
-        }
-      }
-
-      // (G) o_slice = α·o_slice + β·(PC·B_V + l·mean_v).
-      float al[2], be[2];
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const float mn = fmaxf(m_c[ri], mb[ri]);
-        const float mu = finite_or_zero(mn);
-        al[ri] = fast_exp2(m_c[ri] - mu);
-        be[ri] = fast_exp2(mb[ri] - mu);
-        l_c[ri] = al[ri] * l_c[ri] + be[ri] * lb[ri];
-        m_c[ri] = mn;
+      for (int i = 0; i < kVT; ++i) {
+        const float sv0 = scale_v[(2 * tig) * Tr::kVBytes + i];
+        const float sv1 = scale_v[(2 * tig + 1) * Tr::kVBytes + i];
+        const int kp = RV == 8 ? 0 : i >> 1;
+        const int hh = RV == 8 ? 0 : i & 1;
+        split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_lo[kp][2 * hh]);
+        split_half2(pc[i][2] * (sv0 * be[1]), pc[i][3] * (sv1 * be[1]), pa_hi[kp][2 * hh + 1],
+                    pa_lo[kp][2 * hh + 1]);
       }
 #pragma unroll
-      for (int sl = 0; sl < kSlice; ++sl) {
-        const int dt = warp * kSlice + sl;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int dt = 0; dt < kDTiles; ++dt) {
 #pragma unroll
         for (int kp = 0; kp < kRVs; ++kp) {
           if constexpr (RV == 8) {
             std::uint32_t b0;
             ldsm_x1_t(sb + (RK + (lane & 7)) * kRow + dt * 16, b0);
-            mma1688<__half>(acc, pa_hi[0][0], pa_hi[0][1], b0);
-            mma1688<__half>(acc, pa_lo[0][0], pa_lo[0][1], b0);
+            mma1688<__half>(o_d[dt], pa_hi[0][0], pa_hi[0][1], b0);
+            mma1688<__half>(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
           } else {
             std::uint32_t b0, b1;
             ldsm_x2_t(sb + (RK + 16 * kp + (lane & 15)) * kRow + dt * 16, b0, b1);
-            mma16816<__half>(acc, pa_hi[kp][0], pa_hi[kp][1], pa_hi[kp][2], pa_hi[kp][3], b0, b1);
-            mma16816<__half>(acc, pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], b0, b1);
+            mma16816<__half>(o_d[dt], pa_hi[kp][0], pa_hi[kp][1], pa_hi[kp][2], pa_hi[kp][3], b0, b1);
+            mma16816<__half>(o_d[dt], pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], b0, b1);
           }
         }
-        if (has_mean) {
-          const __half2 mv2 = *reinterpret_cast<const __half2*>(st + (RK + RV + 1) * kRow + (8 * dt + 2 * tig) * 2);
-          const float2 mv = __half22float2(mv2);
-          acc[0] += lb[0] * mv.x;
-          acc[1] += lb[0] * mv.y;
-          acc[2] += lb[1] * mv.x;
-          acc[3] += lb[1] * mv.y;
+      }
+      if (has_mean) {
+        const float l0 = quad_sum(lw[0]) * be[0];
+        const float l1 = quad_sum(lw[1]) * be[1];
+        const unsigned char* mean_v = st + (RK + RV + 1) * kRow;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          const float2 mv = __half22float2(*reinterpret_cast<const __half2*>(mean_v + (8 * dt + 2 * tig) * 2));
+          o_d[dt][0] += l0 * mv.x;
+          o_d[dt][1] += l0 * mv.y;
+          o_d[dt][2] += l1 * mv.x;
+          o_d[dt][3] += l1 * mv.y;
         }
-        o_c[sl][0] = al[0] * o_c[sl][0] + be[0] * acc[0];
-        o_c[sl][1] = al[0] * o_c[sl][1] + be[0] * acc[1];
-        o_c[sl][2] = al[1] * o_c[sl][2] + be[1] * acc[2];
-        o_c[sl][3] = al[1] * o_c[sl][3] + be[1] * acc[3];
       }
     }
   };
@@ -923,7 +924,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
     // CTAs each item has its own CTA and the CTAs in between hold nothing.
     const bool every_cta_busy = total >= G;
     const long long nseg = every_cta_busy ? cta_of(start + n_items - 1) - first + 1 : n_items;
-    auto segment_slot = [&](long long s) { return (every_cta_busy ? first + s : cta_of(start + s)) + p; };
+    // Sparse case (fewer items than CTAs): every value is below G, so 32-bit division suffices.
+    auto segment_slot = [&](long long s) {
+      const long long c =
+          every_cta_busy ? first + s
+                         : static_cast<long long>((static_cast<int>(start + s) + 1) * static_cast<int>(G) - 1) /
+                               static_cast<int>(total);
+      return c + p;
+    };
     const long long slot = static_cast<long long>(blockIdx.x) + p;  // distinct per (CTA, pair), < G + pairs
 
     l_d[0] = quad_sum(l_d[0]);
@@ -946,13 +954,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
     for (int ri = 0; ri < 2; ++ri) {
       const int r = gid + 8 * ri;
       if (r >= g) continue;
-      float m = m_c[ri];
+      float m = -INFINITY;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) m = fmaxf(m, wml[w * kMaxGroup + r].x);
       const float mref = finite_or_zero(m);
-      const float fc = fast_exp2(m_c[ri] - mref);
       float f[kWarps];
-      float l = l_c[ri] * fc;
+      float l = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float2 ml = wml[w * kMaxGroup + r];
@@ -963,7 +970,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
 #pragma unroll
       for (int sl = 0; sl < kSlice; ++sl) {
         const int d = 8 * (warp * kSlice + sl) + 2 * tig;
-        float2 acc = make_float2(o_c[sl][2 * ri] * fc, o_c[sl][2 * ri + 1] * fc);
+        float2 acc = make_float2(0.0f, 0.0f);
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) {
           const float2 v = *reinterpret_cast<const float2*>(wo + (w * g + r) * D + d);
@@ -989,22 +996,43 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
       __syncthreads();
       if (*flag) {
         __threadfence();
+        // Online log-sum-exp over the segments, eight at a time so their L2 loads are in flight together
+        // (one dependent L2 round trip per segment made this merge the critical path at small B·T).
         for (int e = tid; e < g * (D / 2); e += kThreads) {
           const int r = e / (D / 2);
           const int d = 2 * (e % (D / 2));
-          float m = -INFINITY;
-          for (long long s = 0; s < nseg; ++s) m = fmaxf(m, __ldcg(a.partial_ml + segment_slot(s) * g + r).x);
-          const float mref = finite_or_zero(m);
-          float l = 0.0f;
+          float m = -INFINITY, l = 0.0f;
           float2 acc = make_float2(0.0f, 0.0f);
-          for (long long s = 0; s < nseg; ++s) {
-            const long long ss = segment_slot(s);
-            const float2 ml = __ldcg(a.partial_ml + ss * g + r);
-            const float w = ml.y * fast_exp2(ml.x - mref);
-            const float2 v = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r) * D + d));
-            l += w;
-            acc.x += w * v.x;
-            acc.y += w * v.y;
+          constexpr int kBatch = 8;
+          for (long long s0 = 0; s0 < nseg; s0 += kBatch) {
+            const int n = static_cast<int>(min(static_cast<long long>(kBatch), nseg - s0));
+            float2 ml[kBatch], v[kBatch];
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+              ml[u] = make_float2(-INFINITY, 0.0f);
+              v[u] = make_float2(0.0f, 0.0f);
+              if (u < n) {
+                const long long ss = segment_slot(s0 + u);
+                ml[u] = __ldcg(a.partial_ml + ss * g + r);
+                v[u] = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r) * D + d));
+              }
+            }
+            float mx = m;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) mx = fmaxf(mx, ml[u].x);
+            const float mref = finite_or_zero(mx);
+            const float f = fast_exp2(m - mref);
+            l *= f;
+            acc.x *= f;
+            acc.y *= f;
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {  // padding entries: weight 0 · exp2(-inf) = 0
+              const float w = ml[u].y * fast_exp2(ml[u].x - mref);
+              l += w;
+              acc.x += w * v[u].x;
+              acc.y += w * v[u].y;
+            }
+            m = mx;
           }
           const float inv = l > 0.0f ? 1.0f / l : 0.0f;
           const long long oe = ((static_cast<long long>(b) * H + h) * g + r) * D + d;
@@ -1075,14 +1103,17 @@ void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_
   int device = 0;
   cudaGetDevice(&device);
   if (device < 64 && raised[device] < smem_bytes) {
-    const cudaError_t st = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    cudaError_t st = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    // Two CTAs per SM need the largest shared-memory carveout; the default may pick a smaller one.
+    if (st == cudaSuccess)
+      st = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     if (st != cudaSuccess) {
       cudaGetLastError();
       check(st, "cudaFuncSetAttribute(decode_attention_kernel)");
     }
     raised[device] = smem_bytes;
   }
-  fn<<<grid, kThreads, smem_bytes, stream>>>(args);
+  fn<<<grid, DecodeTraits<T, D, RK, RV>::kThreads, smem_bytes, stream>>>(args);
   check_launch("decode_attention_kernel");
 }
 

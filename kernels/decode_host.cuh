@@ -22,7 +22,9 @@ inline long long align_up(long long n, long long a) { return (n + a - 1) / a * a
 
 struct DeviceInfo {
   int sm_count = 0;
-  int smem_optin = 0;  ///< dynamic shared memory one CTA may opt into
+  int smem_optin = 0;     ///< dynamic shared memory one CTA may opt into
+  int smem_per_sm = 0;    ///< shared memory of one SM
+  int smem_reserved = 0;  ///< shared memory the system reserves per CTA
 };
 
 /// Attributes of the current device, read once per device. False (and `why`) without a usable device.
@@ -44,6 +46,10 @@ inline bool device_info(DeviceInfo& info, std::string& why) {
   DeviceInfo d;
   st = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
   if (st == cudaSuccess) st = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (st == cudaSuccess)
+    st = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  if (st == cudaSuccess)
+    st = cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
   if (st != cudaSuccess) {
     cudaGetLastError();
     why = detail::concat("cannot read device ", device, " attributes (", cudaGetErrorName(st), ")");
@@ -63,7 +69,7 @@ struct Shape {
 };
 
 struct Plan {
-  int grid = 0, stages = 0, stage_bytes = 0, smem_bytes = 0;
+  int grid = 0, stages = 0, stage_bytes = 0, smem_bytes = 0, ctas_per_sm = 0;
   int smem_seq = 0, smem_prefix = 0, smem_qf = 0, smem_qt = 0, smem_work = 0, smem_misc = 0, smem_bar = 0,
       smem_stage = 0;
   long long pairs = 0, slots = 0;
@@ -74,7 +80,8 @@ struct Plan {
 inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::string& why) {
   using kernel::kChunk;
   using kernel::kMaxGroup;
-  using kernel::kWarps;
+  const bool cold = s.rank_k > 0;
+  const int warps = kernel::warps_per_cta(cold);
   const long long row = 2LL * s.head_dim + 16;
   const long long dense_stage = 2LL * kChunk * row;
   long long cold_stage = 0;
@@ -93,18 +100,24 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   p.smem_qt = static_cast<int>(off);
   off += (s.head_dim / 16) * 32 * 16;
   p.smem_work = static_cast<int>(off);
-  // Work area: warp partials of a cold block (m, l; PC) and their merge, or the warps' dense states.
-  const long long cold_work = static_cast<long long>(kWarps) * s.group * (s.rank_v + 8) +
-                              static_cast<long long>(s.group) * s.rank_v + 2 * kMaxGroup;
-  const long long dense_work = static_cast<long long>(kWarps) * s.group * s.head_dim;
-  const long long work_floats = 2LL * kWarps * kMaxGroup + std::max(cold_work, dense_work);
+  // Work area: the warps' states (m, l; o over head_dim) when a (sequence, head) segment ends.
+  const long long work_floats = 2LL * warps * kMaxGroup + static_cast<long long>(warps) * s.group * s.head_dim;
   off = align_up(off + 4 * work_floats, 16);
   p.smem_misc = static_cast<int>(off);
   off = align_up(off + 64, 16);
   p.smem_bar = static_cast<int>(off);  // one 8-byte mbarrier per stage
   off = align_up(off + 8 * kernel::kMaxStages, 128);
   p.smem_stage = static_cast<int>(off);
-  const long long fit = (dev.smem_optin - off) / stage;
+  // The instantiation's CTAs per SM when two stages fit in their share of the SM's shared memory (large
+  // ranks do not), else one CTA per SM with all of it. The work list is cut into one equal share per CTA.
+  int ctas = kernel::ctas_per_sm(cold);
+  long long budget = dev.smem_optin;
+  for (; ctas > 1; --ctas) {
+    budget = std::min<long long>(dev.smem_optin, dev.smem_per_sm / ctas - dev.smem_reserved);
+    if ((budget - off) / stage >= 2) break;
+    budget = dev.smem_optin;
+  }
+  const long long fit = (budget - off) / stage;
   if (fit < 2) {
     why = detail::concat("needs ", off + 2 * stage, " bytes of shared memory (two stages of ", stage,
                          " bytes), the device offers ", dev.smem_optin);
@@ -113,8 +126,8 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   p.stages = static_cast<int>(std::min<long long>(kernel::kMaxStages, fit));
   p.stage_bytes = static_cast<int>(stage);
   p.smem_bytes = static_cast<int>(off + p.stages * stage);
-  // One CTA per SM: each CTA holds a deep stage ring, and the work list is cut into equal shares.
-  p.grid = dev.sm_count;
+  p.ctas_per_sm = ctas;
+  p.grid = dev.sm_count * ctas;
   p.pairs = static_cast<long long>(s.batch) * s.num_kv_heads;
   p.slots = p.grid + p.pairs;  // a segment (CTA c, pair q) uses slot c + q: distinct, below grid + pairs
   std::size_t w = 0;

@@ -9,12 +9,18 @@
 
 namespace spectralkv::cuda::kernel {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
+/// Warps per CTA and CTAs per SM of an instantiation (cold: it reads cold blocks, RK > 0).
+/// A cold block has a fixed cost per warp (q·B_Kᵀ, the projection onto B_V, the loop) next to its
+/// per-token work, so the fused kernel gives each block 4 warps (128 tokens each of a 512-token block)
+/// and runs two CTAs per SM, so one CTA's stage barriers overlap the other's work. The plan falls back to
+/// one CTA per SM when two stages do not fit in half an SM's shared memory (large ranks). The dense-only
+/// instantiation keeps one CTA of 8 warps with a deep stage ring (bytes in flight).
+constexpr int warps_per_cta(bool cold) { return cold ? 4 : 8; }
+constexpr int ctas_per_sm(bool cold) { return cold ? 2 : 1; }
 constexpr int kChunk = 64;         ///< dense tokens per item
 constexpr int kNumTiers = 3;       ///< dense tiers: sinks, (rebuilt tokens,) tail
 constexpr int kMaxGroup = 16;      ///< query heads per KV head: the 16 rows of an MMA tile
-constexpr int kMaxStages = 4;
+constexpr int kMaxStages = 6;
 constexpr int kMaxBatch = 1024;    ///< sequences per launch (their lengths are staged in shared memory)
 constexpr int kKStepsPerGroup = 4; ///< 16-token steps a warp scores before one softmax update
 

@@ -319,6 +319,34 @@ TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
   EXPECT_EQ(0, compare(ref, got, 3 * 8, 128, 2e-3, "long sequences"));
 }
 
+/// One sequence and one KV head with more items than the grid has CTAs: the (sequence, head) is split over
+/// every CTA, so the last CTA merges hundreds of partials (the merge takes them in batches of eight).
+TEST(SpectralDecode, OneSequenceSpansEveryCta) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  CacheConfig cfg;
+  cfg.num_q_heads = 4;
+  cfg.num_kv_heads = 1;
+  cfg.head_dim = 128;
+  cfg.block_size = 16;
+  cfg.hot_tokens = 8;
+  cfg.sink_tokens = 0;
+  cfg.default_ranks = {8, 16};
+  SpectralCache<Half> cache(cfg);
+  const std::int64_t length = 16 * 700 + 37;  // 700 cold blocks: more items than any grid of this kernel
+  const SequenceId id = 3;
+  cache.add_sequence(id);
+  const auto k = test::low_rank_tokens<Half>(length, 1, 128, 6, 700);
+  const auto v = test::low_rank_tokens<Half>(length, 1, 128, 6, 701);
+  cache.append(0, id, test::view(k, length, 1, 128), test::view(v, length, 1, 128));
+  const auto q = test::normal_tokens<Half>(1, 4, 128, 17);
+  std::vector<float> ref(4 * 128);
+  cache.attend(0, {id}, {1}, test::view(q, 1, 4, 128), test::view(ref, 1, 4, 128), 0.0884f);
+  UploadedLayer u = upload_layer(cache, 0, {id});
+  u.params.scale = 0.0884f;
+  const auto got = run_decode(u.params, q, ref.size());
+  EXPECT_EQ(0, compare(ref, got, 4, 128, 2e-3, "one sequence over every CTA"));
+}
+
 // ---- Dense kernel ----------------------------------------------------------------------------------------
 
 template <class T>
