@@ -213,7 +213,7 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
   std::map<SequenceId, std::vector<T>> hist_k, hist_v;  // every token appended (the same for every layer)
   StateStats state;
   StepErrors worst;  // the checked step with the largest gpu_vs_cpu
-  double sum_gpu_cpu = 0, sum_cpu_dense = 0;  // squared differences over every compared step
+  double sum_gpu_cpu = 0, sum_cpu_dense = 0, sum_cpu = 0;  // squared norms over every compared step
   const bool bf16 = std::is_same_v<T, BFloat16>;
   for (int step = 0; step < steps; ++step) {
     // Joins and removals.
@@ -365,6 +365,7 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
       EXPECT_LE(now.gpu_vs_cpu, now.cpu_vs_dense + rounding) << "step " << step << " layer " << layer;
       sum_gpu_cpu += gc;
       sum_cpu_dense += cd;
+      sum_cpu += cc;
       if (now.gpu_vs_cpu > worst.gpu_vs_cpu) worst = now;
     }
   }
@@ -374,12 +375,14 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
   // the H200: 0.2–0.3% of it with the cuSOLVER path and half-precision outputs; up to a quarter of it
   // on single steps of the fast path; bfloat16 outputs add their own rounding (2^-8) to the difference.
   // One bound for every algorithm and type: a systematic deviation (a wrong position, tier or block)
-  // is of the order of the output and exceeds it.
-  EXPECT_LE(std::sqrt(sum_gpu_cpu), 0.5 * std::sqrt(sum_cpu_dense));
+  // is of the order of the output and exceeds it. The per-step rounding allowance applies here too: a
+  // short run that compresses no block has no compression error to compare against.
+  const double rounding = 2e-3 + std::ldexp(1.0, bf16 ? -8 : -11);
+  EXPECT_LE(std::sqrt(sum_gpu_cpu), 0.5 * std::sqrt(sum_cpu_dense) + rounding * std::sqrt(sum_cpu));
   std::printf("[ scenario ] steps %d, compared %d; worst block error gpu %.3e cpu %.3e; worst step: gpu-cpu %.3e, "
               "gpu-dense %.3e, cpu-dense %.3e; whole run: |gpu-cpu| / |cpu-dense| %.3f\n",
               steps, *compared, state.gpu_error, state.cpu_error, worst.gpu_vs_cpu, worst.gpu_vs_dense, worst.cpu_vs_dense,
-              std::sqrt(sum_gpu_cpu / std::max(sum_cpu_dense, 1e-300)));
+              sum_cpu_dense > 0 ? std::sqrt(sum_gpu_cpu / sum_cpu_dense) : 0.0);
   for (SequenceId id : live) {
     cpu.remove_sequence(id);
     gpu.remove_sequence(id);
@@ -406,7 +409,7 @@ TYPED_TEST(DeviceCache, SynchronousMatchesCpuAtEveryStep) {
       run_scenario<TypeParam>(scenario_config(sinks, centre), skc::CompressionMode::kSynchronous,
                               skc::CompressAlgorithm::kCusolver, steps,
                               static_cast<std::uint32_t>(17 + sinks + centre), &compared, &pending);
-      EXPECT_GT(compared, steps);  // two layers per step, a few steps have no batch
+      EXPECT_GE(compared, steps);  // two layers per step, a few steps have no batch
       EXPECT_EQ(pending, 0);  // synchronous mode never leaves a block pending
     }
   }
