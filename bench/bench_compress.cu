@@ -114,12 +114,10 @@ const DeviceMemory& device_inputs(int n) {
   return ref;
 }
 
-/// rank_mode: 16, 32, or 0 for mixed (even jobs 16, odd jobs 32); centre: mean-centred jobs.
-void BM_Compress(benchmark::State& state) {
-  const int n = static_cast<int>(state.range(0));
-  const int rank_mode = static_cast<int>(state.range(1));
-  const auto algorithm = static_cast<CompressAlgorithm>(state.range(2));
-  const bool centre = state.range(3) != 0;
+/// rank_mode: 16, 32, or 0 for mixed (even jobs 16, odd jobs 32); centre: mean-centred jobs;
+/// options: the subspace-iteration knobs (defaults unless a benchmark sweeps them).
+void run_compress(benchmark::State& state, int n, int rank_mode, CompressAlgorithm algorithm, bool centre,
+                  const spectralkv::cuda::CompressOptions& options) {
   auto rank_of = [&](int j) { return rank_mode != 0 ? rank_mode : (j % 2 == 0 ? 16 : 32); };
 
   const DeviceMemory& x = device_inputs(n);
@@ -149,6 +147,7 @@ void BM_Compress(benchmark::State& state) {
   p.max_jobs = n;
   p.max_rank = kMaxRank;
   p.algorithm = algorithm;
+  p.options = options;
   BatchedCompressor comp(p);
   BatchedCompressor::validate_jobs(p, jobs.data(), n);
   DeviceMemory ws(comp.get_workspace_size());
@@ -209,11 +208,28 @@ void BM_Compress(benchmark::State& state) {
   state.counters["input_GBps"] = median > 0 ? static_cast<double>(n) * kRows * kDim * 2 / (median * 1e-3) / 1e9 : 0.0;
   state.counters["ratio_max"] = worst;
   state.SetLabel(std::string(algorithm == CompressAlgorithm::kCusolver ? "cusolver" : "subspace") + " rank " +
-                 (rank_mode == 0 ? std::string("16/32") : std::to_string(rank_mode)) + (centre ? " centred" : ""));
+                 (rank_mode == 0 ? std::string("16/32") : std::to_string(rank_mode)) + (centre ? " centred" : "") +
+                 " it " + std::to_string(options.iterations) + " sweeps " + std::to_string(options.jacobi_sweeps) +
+                 " p " + std::to_string(options.oversample));
 
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   cudaStreamDestroy(stream);
+}
+
+void BM_Compress(benchmark::State& state) {
+  run_compress(state, static_cast<int>(state.range(0)), static_cast<int>(state.range(1)),
+               static_cast<CompressAlgorithm>(state.range(2)), state.range(3) != 0, {});
+}
+
+/// N = 512 mixed with the subspace-iteration knobs swept: what each iteration, sweep and oversampling
+/// column costs and buys (time against the ratio counter).
+void BM_CompressOptions(benchmark::State& state) {
+  spectralkv::cuda::CompressOptions o;
+  o.iterations = static_cast<int>(state.range(0));
+  o.jacobi_sweeps = static_cast<int>(state.range(1));
+  o.oversample = static_cast<int>(state.range(2));
+  run_compress(state, 512, 0, CompressAlgorithm::kSubspaceIteration, false, o);
 }
 
 void Args(benchmark::internal::Benchmark* b) {
@@ -229,6 +245,14 @@ void Args(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_Compress)->Apply(Args);
+BENCHMARK(BM_CompressOptions)
+    ->ArgsProduct({{1, 2, 3, 4}, {1, 2}, {0}})
+    ->Args({2, 2, 8})
+    ->Args({2, 2, 16})
+    ->ArgNames({"iterations", "sweeps", "oversample"})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(30);
 
 }  // namespace
 

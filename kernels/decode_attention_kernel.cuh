@@ -4,8 +4,8 @@
 // instantiation files (decode_spectral_*.cu, decode_dense.cu) include it, the public API is
 // spectralkv/cuda/decode_attention.cuh.
 //
-// CTA shape (decode_kernel_args.cuh): the fused instantiations (cold blocks) run 4 warps per CTA and two
-// CTAs per SM, the dense-only ones 8 warps and one CTA per SM. The grid has that many CTAs per SM and
+// CTA shape (decode_kernel_args.cuh): 4 warps per CTA and two CTAs per SM (one where the stages of large
+// ranks do not fit twice). The grid has that many CTAs per SM and
 // every CTA takes an equal, contiguous share of the flattened item list (sequence-major, then KV head,
 // then item). Items are:
 //   - a cold block: all sections of one KV head of one block: the bases by 16-byte cp.async into padded
@@ -31,7 +31,7 @@
 //   PC += p·C_V           m16n8k16 with P in FP16 and C_V exact;
 //   o = α·o + (β·PC·diag(scale_v))·B_V (+ β·l·mean_v): the PC accumulator, rescaled and split hi/lo, is
 //                         the A operand of the projection, which accumulates into the warp's o directly.
-// Dense chunk: each warp scores its 8-token tiles (m16n8k16 in T) and accumulates P·V (m16n8k8).
+// Dense chunk: each warp scores its 16-token tiles (m16n8k16 in T) and accumulates P·V (m16n8k16).
 // A segment that is the whole (sequence, head) writes the output; otherwise it writes a partial (m, l, o)
 // and the last CTA of that (sequence, head) to finish, found by an atomic counter, merges all of them.
 
@@ -264,9 +264,9 @@ struct DecodeTraits {
   static_assert(RK == 0 || RK == 8 || RK == 16 || RK == 32 || RK == 64, "rank_k 8, 16, 32 or 64");
   static_assert(RV == 0 || RV == 8 || RV == 16 || RV == 32 || RV == 64, "rank_v 8, 16, 32 or 64");
   static constexpr bool kCold = RK > 0;
-  static constexpr int kWarps = warps_per_cta(kCold);
+  static constexpr int kWarps = kWarpsPerCta;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kCtasPerSm = ctas_per_sm(kCold);
+  static constexpr int kCtasPerSm = kernel::kCtasPerSm;
   static constexpr int kRow = 2 * D + 16;    ///< padded smem row: 8 consecutive rows hit distinct banks
   static constexpr int kKd = D / 16;         ///< MMA k-steps over head_dim
   static constexpr int kDTiles = D / 8;      ///< MMA n-tiles over head_dim
@@ -607,52 +607,61 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     __syncthreads();
   };
 
-  // One row of an online-softmax update: two new logits of this lane, the running max and sum.
-  // Returns the factor the old accumulators are to be scaled by; p receives the weights.
-  auto softmax_row = [](float s0, float s1, float& m, float& l, float& p0, float& p1) {
-    const float mx = quad_max(fmaxf(s0, s1));
-    const float mn = fmaxf(m, mx);
-    const float mu = finite_or_zero(mn);
-    const float alpha = fast_exp2(m - mu);
-    p0 = fast_exp2(s0 - mu);
-    p1 = fast_exp2(s1 - mu);
-    l = l * alpha + p0 + p1;
-    m = mn;
-    return alpha;
-  };
-
-  // ---- Dense chunk: this warp's 8-token tiles, warp-private online softmax. ------------------------
+  // ---- Dense chunk: this warp's 16-token tiles, warp-private online softmax. -----------------------
+  // Scores of a tile are two m16n8k16 n-tiles (tokens 0-7 and 8-15); their 16 weights per row are the
+  // A operand of one m16n8k16 per head_dim n-tile for P·V, so a tile costs one softmax update and
+  // kDTiles MMAs for 16 tokens.
   auto dense_item = [&](const unsigned char* st, int nvalid) {
     const std::uint32_t sk = smem_u32(st);
     const std::uint32_t sv = sk + kChunk * kRow;
 #pragma unroll 1
-    for (int tw = warp; tw < kChunk / 8; tw += kWarps) {
-      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int tw = warp; tw < kChunk / 16; tw += kWarps) {
+      float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
       for (int kd2 = 0; kd2 < kKd / 2; ++kd2) {
-        std::uint32_t r[4];
-        ldsm_x4(sk + (8 * tw + (lane & 7)) * kRow + (4 * kd2 + (lane >> 3)) * 16, r);
         const uint4 q0 = qt[(2 * kd2) * 32 + lane];
         const uint4 q1 = qt[(2 * kd2 + 1) * 32 + lane];
-        mma16816<T>(s, q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
-        mma16816<T>(s, q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          std::uint32_t r[4];
+          ldsm_x4(sk + (16 * tw + 8 * h + (lane & 7)) * kRow + (4 * kd2 + (lane >> 3)) * 16, r);
+          mma16816<T>(s[h], q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
+          mma16816<T>(s[h], q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
+        }
       }
-      const int tok = 8 * tw + 2 * tig;
-      const bool v0 = tok < nvalid, v1 = tok + 1 < nvalid;
-      float p[4] = {0.0f, 0.0f, 0.0f, 0.0f}, al[2] = {1.0f, 1.0f};
-      al[0] = softmax_row(v0 ? s[0] * a.score_scale : -INFINITY, v1 ? s[1] * a.score_scale : -INFINITY, m_d[0],
-                          l_d[0], p[0], p[1]);
-      if (hi_rows)
-        al[1] = softmax_row(v0 ? s[2] * a.score_scale : -INFINITY, v1 ? s[3] * a.score_scale : -INFINITY, m_d[1],
-                            l_d[1], p[2], p[3]);
-      const std::uint32_t a0 = pack2<T>(p[0], p[1]);
-      const std::uint32_t a1 = pack2<T>(p[2], p[3]);
-      std::uint32_t a0l = 0, a1l = 0;
+      // Lane (gid, tig) holds tokens 16tw + 8h + 2tig (+1) of rows gid (s[h][0..1]) and gid + 8 (s[h][2..3]).
+      const int tok = 16 * tw + 2 * tig;
+      const bool v00 = tok < nvalid, v01 = tok + 1 < nvalid, v10 = tok + 8 < nvalid, v11 = tok + 9 < nvalid;
+      float p[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}, al[2] = {1.0f, 1.0f};
+#pragma unroll
+      for (int row = 0; row < 2; ++row) {
+        if (row == 1 && !hi_rows) break;
+        const float x0 = v00 ? s[0][2 * row] * a.score_scale : -INFINITY;
+        const float x1 = v01 ? s[0][2 * row + 1] * a.score_scale : -INFINITY;
+        const float x2 = v10 ? s[1][2 * row] * a.score_scale : -INFINITY;
+        const float x3 = v11 ? s[1][2 * row + 1] * a.score_scale : -INFINITY;
+        const float mx = quad_max(fmaxf(fmaxf(x0, x1), fmaxf(x2, x3)));
+        const float mn = fmaxf(m_d[row], mx);
+        const float mu = finite_or_zero(mn);
+        al[row] = fast_exp2(m_d[row] - mu);
+        p[0][2 * row] = fast_exp2(x0 - mu);
+        p[0][2 * row + 1] = fast_exp2(x1 - mu);
+        p[1][2 * row] = fast_exp2(x2 - mu);
+        p[1][2 * row + 1] = fast_exp2(x3 - mu);
+        l_d[row] = l_d[row] * al[row] + ((p[0][2 * row] + p[0][2 * row + 1]) + (p[1][2 * row] + p[1][2 * row + 1]));
+        m_d[row] = mn;
+      }
+      // A operand of P·V: (row gid, tokens 2tig..), (gid + 8, 2tig..), (gid, 2tig + 8..), (gid + 8, 2tig + 8..).
+      std::uint32_t pa[4] = {pack2<T>(p[0][0], p[0][1]), pack2<T>(p[0][2], p[0][3]), pack2<T>(p[1][0], p[1][1]),
+                             pack2<T>(p[1][2], p[1][3])};
+      std::uint32_t pl[4] = {0u, 0u, 0u, 0u};
       if constexpr (std::is_same_v<T, __nv_bfloat16>) {
         // BF16 keeps 8 bits of p; the remainder as a second BF16 operand brings P to ~16 bits.
-        const float2 h0 = unpack2<T>(a0), h1 = unpack2<T>(a1);
-        a0l = pack2<T>(p[0] - h0.x, p[1] - h0.y);
-        a1l = pack2<T>(p[2] - h1.x, p[3] - h1.y);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 h = unpack2<T>(pa[i]);
+          pl[i] = pack2<T>(p[i >> 1][2 * (i & 1)] - h.x, p[i >> 1][2 * (i & 1) + 1] - h.y);
+        }
       }
       // The running max rarely moves after the first chunks: skip the rescale when no lane needs it.
       if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
@@ -664,14 +673,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           o_d[n][3] *= al[1];
         }
       }
+      // B operands: one x4 transposed load gives tokens 0-7 and 8-15 of two head_dim n-tiles.
 #pragma unroll
-      for (int n4 = 0; n4 < kDTiles / 4; ++n4) {
+      for (int n2 = 0; n2 < kDTiles / 2; ++n2) {
         std::uint32_t r[4];
-        ldsm_x4_t(sv + (8 * tw + (lane & 7)) * kRow + (4 * n4 + (lane >> 3)) * 16, r);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          mma1688<T>(o_d[4 * n4 + i], a0, a1, r[i]);
-          if constexpr (std::is_same_v<T, __nv_bfloat16>) mma1688<T>(o_d[4 * n4 + i], a0l, a1l, r[i]);
+        ldsm_x4_t(sv + (16 * tw + (lane & 7) + 8 * ((lane >> 3) & 1)) * kRow + (2 * n2 + (lane >> 4)) * 16, r);
+        mma16816<T>(o_d[2 * n2], pa[0], pa[1], pa[2], pa[3], r[0], r[1]);
+        mma16816<T>(o_d[2 * n2 + 1], pa[0], pa[1], pa[2], pa[3], r[2], r[3]);
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+          mma16816<T>(o_d[2 * n2], pl[0], pl[1], pl[2], pl[3], r[0], r[1]);
+          mma16816<T>(o_d[2 * n2 + 1], pl[0], pl[1], pl[2], pl[3], r[2], r[3]);
         }
       }
     }

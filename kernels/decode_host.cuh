@@ -81,7 +81,7 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   using kernel::kChunk;
   using kernel::kMaxGroup;
   const bool cold = s.rank_k > 0;
-  const int warps = kernel::warps_per_cta(cold);
+  const int warps = kernel::kWarpsPerCta;
   const long long row = 2LL * s.head_dim + 16;
   const long long dense_stage = 2LL * kChunk * row;
   long long cold_stage = 0;
@@ -110,7 +110,7 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   p.smem_stage = static_cast<int>(off);
   // The instantiation's CTAs per SM when two stages fit in their share of the SM's shared memory (large
   // ranks do not), else one CTA per SM with all of it. The work list is cut into one equal share per CTA.
-  int ctas = kernel::ctas_per_sm(cold);
+  int ctas = kernel::kCtasPerSm;
   long long budget = dev.smem_optin;
   for (; ctas > 1; --ctas) {
     budget = std::min<long long>(dev.smem_optin, dev.smem_per_sm / ctas - dev.smem_reserved);
