@@ -288,28 +288,40 @@ TEST_P(SpectralDecodeTest, MatchesCpuAttend) {
 
 INSTANTIATE_TEST_SUITE_P(AllShapes, SpectralDecodeTest, ::testing::ValuesIn(all_combos()), combo_name);
 
-/// Long sequences: each CTA processes several items of one (sequence, head) and segments cross from
-/// one (sequence, head) to the next, so the multi-item pipeline and partial merges both run.
-TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
-  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+/// One layer, head_dim 128, ranks (rank_k, rank_v) for every block: the fixed shapes of the tests below.
+CacheConfig config_d128(int q_heads, int kv_heads, int block_size, int hot, int sinks, int rank_k, int rank_v) {
   CacheConfig cfg;
-  cfg.num_q_heads = 8;
-  cfg.num_kv_heads = 2;
+  cfg.num_q_heads = q_heads;
+  cfg.num_kv_heads = kv_heads;
   cfg.head_dim = 128;
-  cfg.block_size = 32;
-  cfg.hot_tokens = 8;
-  cfg.sink_tokens = 2;
-  cfg.default_ranks = {16, 32};
-  SpectralCache<Half> cache(cfg);
-  const std::vector<std::int64_t> lengths = {3001, 1700, 2222};
+  cfg.block_size = block_size;
+  cfg.hot_tokens = hot;
+  cfg.sink_tokens = sinks;
+  cfg.default_ranks = {rank_k, rank_v};
+  return cfg;
+}
+
+/// Adds sequences 0, 1, ... with low-rank (rank 6) K and V of the given lengths to layer 0.
+std::vector<SequenceId> fill_low_rank(SpectralCache<Half>& cache, const std::vector<std::int64_t>& lengths,
+                                      int kv_heads, std::uint32_t seed) {
   std::vector<SequenceId> ids;
   for (std::size_t i = 0; i < lengths.size(); ++i) {
     ids.push_back(static_cast<SequenceId>(i));
     cache.add_sequence(ids.back());
-    const auto k = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 500 + 2 * static_cast<std::uint32_t>(i));
-    const auto v = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 501 + 2 * static_cast<std::uint32_t>(i));
-    cache.append(0, ids.back(), test::view(k, lengths[i], 2, 128), test::view(v, lengths[i], 2, 128));
+    const auto s = seed + 2 * static_cast<std::uint32_t>(i);
+    const auto k = test::low_rank_tokens<Half>(lengths[i], kv_heads, 128, 6, s);
+    const auto v = test::low_rank_tokens<Half>(lengths[i], kv_heads, 128, 6, s + 1);
+    cache.append(0, ids.back(), test::view(k, lengths[i], kv_heads, 128), test::view(v, lengths[i], kv_heads, 128));
   }
+  return ids;
+}
+
+/// Long sequences: each CTA processes several items of one (sequence, head) and segments cross from
+/// one (sequence, head) to the next, so the multi-item pipeline and partial merges both run.
+TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  SpectralCache<Half> cache(config_d128(8, 2, 32, 8, 2, 16, 32));
+  const std::vector<SequenceId> ids = fill_low_rank(cache, {3001, 1700, 2222}, 2, 500);
   const auto q = test::normal_tokens<Half>(3, 8, 128, 9);
   std::vector<float> ref(3 * 8 * 128);
   cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
@@ -323,15 +335,7 @@ TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
 /// every CTA, so the last CTA merges hundreds of partials (the merge takes them in batches of eight).
 TEST(SpectralDecode, OneSequenceSpansEveryCta) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
-  CacheConfig cfg;
-  cfg.num_q_heads = 4;
-  cfg.num_kv_heads = 1;
-  cfg.head_dim = 128;
-  cfg.block_size = 16;
-  cfg.hot_tokens = 8;
-  cfg.sink_tokens = 0;
-  cfg.default_ranks = {8, 16};
-  SpectralCache<Half> cache(cfg);
+  SpectralCache<Half> cache(config_d128(4, 1, 16, 8, 0, 8, 16));
   const std::int64_t length = 16 * 700 + 37;  // 700 cold blocks: more items than any grid of this kernel
   const SequenceId id = 3;
   cache.add_sequence(id);
@@ -412,25 +416,10 @@ TEST(DenseDecode, MatchesCpuDense) {
 TEST(DecompressThenAttend, MatchesCpuAttend) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   for (bool mean : {false, true}) {
-    CacheConfig cfg;
-    cfg.num_q_heads = 8;
-    cfg.num_kv_heads = 2;
-    cfg.head_dim = 128;
-    cfg.block_size = 48;
-    cfg.hot_tokens = 8;
-    cfg.sink_tokens = 3;
+    CacheConfig cfg = config_d128(8, 2, 48, 8, 3, 16, 32);
     cfg.mean_center = mean;
-    cfg.default_ranks = {16, 32};
     SpectralCache<Half> cache(cfg);
-    const std::vector<std::int64_t> lengths = {5, 300, 170};
-    std::vector<SequenceId> ids;
-    for (std::size_t i = 0; i < lengths.size(); ++i) {
-      ids.push_back(static_cast<SequenceId>(i));
-      cache.add_sequence(ids.back());
-      const auto k = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 900 + 2 * static_cast<std::uint32_t>(i));
-      const auto v = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, 901 + 2 * static_cast<std::uint32_t>(i));
-      cache.append(0, ids.back(), test::view(k, lengths[i], 2, 128), test::view(v, lengths[i], 2, 128));
-    }
+    const std::vector<SequenceId> ids = fill_low_rank(cache, {5, 300, 170}, 2, 900);
     const auto q = test::normal_tokens<Half>(3, 8, 128, 13);
     std::vector<float> ref(3 * 8 * 128);
     cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
