@@ -1165,6 +1165,37 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
 // Kernel 3: C = (X − mean)·B_hᵀ and INT8 quantisation, fused
 // ------------------------------------------------------------------------------------------------
 
+/// Column maxima → quantisation scales, shared by both projection kernels. Each lane holds the running
+/// max |C| of its two columns (2t, 2t + 1) of the n-tiles ng, ng + 2, ...; they are reduced over the
+/// lane's row group and published by atomicMax on the float bits (all values ≥ 0, so the bits order as
+/// the values), then scale = max / 127 goes to shared memory and to the job's output. Every thread calls
+/// it (two barriers).
+template <int kNT>
+__device__ __forceinline__ void publish_scales(const float (&cmax)[kNT][2], int ng, int ntiles, int r, unsigned* amax,
+                                               float* scale, float* scale_out) {
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nn = 0; nn < kNT; ++nn) {
+    const int nt = ng + 2 * nn;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = cmax[nn][h];
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+      const int col = nt * 8 + 2 * t + h;
+      if (nt < ntiles && g == 0 && col < r) atomicMax(&amax[col], __float_as_uint(m));
+    }
+  }
+  __syncthreads();
+  if (tid < r) {
+    const float sc = __uint_as_float(amax[tid]) / 127.0f;
+    scale[tid] = sc;
+    scale_out[tid] = sc;
+  }
+  __syncthreads();
+}
+
 template <int D>
 struct ProjectShape {
   static constexpr int kThreads = 256;
@@ -1241,28 +1272,7 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
     __syncthreads();
     if (it + kStages - 1 < total) load_chunk((it + kStages - 1) % chunks, (it + kStages - 1) % kStages);
     cp_async_commit();
-    if (it == chunks) {  // pass boundary: publish column maxima, derive the scales
-#pragma unroll
-      for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
-        const int nt = ng + 2 * nn;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float m = cmax[nn][h];
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-          const int col = nt * 8 + 2 * t + h;
-          if (nt < ntiles && g == 0 && col < r) atomicMax(&amax[col], __float_as_uint(m));  // m ≥ 0: bits order as values
-        }
-      }
-      __syncthreads();
-      if (tid < r) {
-        const float sc = __uint_as_float(amax[tid]) / 127.0f;
-        scale[tid] = sc;
-        job.scale_out[tid] = sc;
-      }
-      __syncthreads();
-    }
+    if (it == chunks) publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);  // pass boundary
 
     const T* s = stage + buf * kChunkRows * S::kLd;
     float acc[S::kMaxNTilesPerWarp][4];
@@ -1469,27 +1479,7 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
     }
   }
   cp_async_wait<0>();
-  // Column maxima → scales (as project_kernel).
-#pragma unroll
-  for (int nn = 0; nn < kNT; ++nn) {
-    const int nt = ng + 2 * nn;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float m = cmax[nn][h];
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-      const int col = nt * 8 + 2 * t + h;
-      if (nt < ntiles && g == 0 && col < r) atomicMax(&amax[col], __float_as_uint(m));  // m ≥ 0: bits order as values
-    }
-  }
-  __syncthreads();
-  if (tid < r) {
-    const float sc = __uint_as_float(amax[tid]) / 127.0f;
-    scale[tid] = sc;
-    job.scale_out[tid] = sc;
-  }
-  __syncthreads();
+  publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);
   // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the quotient
   // rounds into [-127, 127]. Consecutive threads write consecutive bytes of the [rows][r] section.
   auto quant = [&](int row, int col) {
