@@ -80,7 +80,6 @@ struct Plan {
 inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::string& why) {
   using kernel::kChunk;
   using kernel::kMaxGroup;
-  const bool cold = s.rank_k > 0;
   const int warps = kernel::kWarpsPerCta;
   const long long row = 2LL * s.head_dim + 16;
   const long long dense_stage = 2LL * kChunk * row;
