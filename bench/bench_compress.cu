@@ -11,6 +11,9 @@
 // memory). Half are key-like (σ_i = exp(-i/20) with three channels 20× the rest), half value-like
 // (σ_i = i^-0.5). Inputs of N = 16 stay in L2 between iterations; N ≥ 512 (≥ 64 MiB) do not fit.
 //
+// BM_CompressOptions repeats N = 512 mixed with the subspace-iteration knobs swept (iterations, Jacobi
+// sweeps, oversampling): what each costs against the ratio it buys.
+//
 // Run: bench_compress --benchmark_out=compress.json --benchmark_out_format=json
 
 #include <benchmark/benchmark.h>

@@ -156,18 +156,12 @@ __device__ __forceinline__ void mma16816(float (&c)[4], std::uint32_t a0, std::u
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 }
-// D(16x8) += A(16x8) * B(8x8). A regs: (g, 2t..2t+1), (g+8, 2t..); B reg: (k 2t..2t+1, col g).
-template <class T>
-__device__ __forceinline__ void mma1688(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t b0) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-  }
+// D(16x8) += A(16x8) * B(8x8) in FP16 (the rank-8 steps of the cold path). A regs: (g, 2t..2t+1),
+// (g+8, 2t..); B reg: (k 2t..2t+1, col g).
+__device__ __forceinline__ void mma1688_f16(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t b0) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(b0));
 }
 
 template <class T>
@@ -766,8 +760,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
               if constexpr (RK == 8) {
                 std::uint32_t b0, unused;
                 i8x4_to_half2(w[0], b0, unused);
-                mma1688<__half>(acc, wa_hi[0][0], wa_hi[0][1], b0);
-                mma1688<__half>(acc, wa_lo[0][0], wa_lo[0][1], b0);
+                mma1688_f16(acc, wa_hi[0][0], wa_hi[0][1], b0);
+                mma1688_f16(acc, wa_lo[0][0], wa_lo[0][1], b0);
               } else {
 #pragma unroll
                 for (int kk = 0; kk < kRKs; ++kk) {
@@ -900,8 +894,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           if constexpr (RV == 8) {
             std::uint32_t b0;
             ldsm_x1_t(sb + (RK + (lane & 7)) * kRow + dt * 16, b0);
-            mma1688<__half>(o_d[dt], pa_hi[0][0], pa_hi[0][1], b0);
-            mma1688<__half>(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
+            mma1688_f16(o_d[dt], pa_hi[0][0], pa_hi[0][1], b0);
+            mma1688_f16(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
           } else {
             std::uint32_t b0, b1;
             ldsm_x2_t(sb + (RK + 16 * kp + (lane & 15)) * kRow + dt * 16, b0, b1);
