@@ -537,6 +537,19 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     m_d[0] = m_d[1] = -INFINITY;
     l_d[0] = l_d[1] = 0.0f;
   };
+  // o *= α per row (rows gid and gid + 8). The running max rarely moves after the first items: the
+  // multiplies are skipped when no lane of the warp needs them.
+  auto rescale_state = [&](const float (&al)[2]) {
+    if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
+#pragma unroll
+      for (int n = 0; n < kDTiles; ++n) {
+        o_d[n][0] *= al[0];
+        o_d[n][1] *= al[0];
+        o_d[n][2] *= al[1];
+        o_d[n][3] *= al[1];
+      }
+    }
+  };
 
   // Query fragments of (b, h): A operands of m16n8k16, entry [kd][lane] = rows gid/gid+8, columns
   // 16kd + 2tig (+1) and +8 (+9). Rows >= g are zero.
@@ -657,16 +670,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           pl[i] = pack2<T>(p[i >> 1][2 * (i & 1)] - h.x, p[i >> 1][2 * (i & 1) + 1] - h.y);
         }
       }
-      // The running max rarely moves after the first chunks: skip the rescale when no lane needs it.
-      if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
-#pragma unroll
-        for (int n = 0; n < kDTiles; ++n) {
-          o_d[n][0] *= al[0];
-          o_d[n][1] *= al[0];
-          o_d[n][2] *= al[1];
-          o_d[n][3] *= al[1];
-        }
-      }
+      rescale_state(al);
       // B operands: one x4 transposed load gives tokens 0-7 and 8-15 of two head_dim n-tiles.
 #pragma unroll
       for (int n2 = 0; n2 < kDTiles / 2; ++n2) {
@@ -866,15 +870,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         l_d[ri] = al[ri] * l_d[ri] + be[ri] * lw[ri];
         m_d[ri] = mn;
       }
-      if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
-#pragma unroll
-        for (int n = 0; n < kDTiles; ++n) {
-          o_d[n][0] *= al[0];
-          o_d[n][1] *= al[0];
-          o_d[n][2] *= al[1];
-          o_d[n][3] *= al[1];
-        }
-      }
+      rescale_state(al);
       // β·scale_v·PC as FP16 hi + lo A operands of the projection (C fragment -> A fragment in place).
       std::uint32_t pa_hi[kRVs][4], pa_lo[kRVs][4];
 #pragma unroll
