@@ -1,5 +1,6 @@
 // Batched truncated SVD + INT8 quantisation (see include/spectralkv/cuda/compress.cuh for the
-// interface and the algorithm overview). Three kernels per run on the fast path:
+// interface and the algorithm overview). Four kernels per run on the fast path:
+//   order_kernel    the order in which the eigen kernel takes the jobs: widest subspace first
 //   gram_kernel     G = (X − m)ᵀ(X − m) (+ column sums), tensor cores, FP32 accumulation → workspace
 //                   (m = 0, or for centred jobs a provisional per-column shift, see below)
 //   eigen_kernel    centring, subspace iteration (CholQR), Rayleigh–Ritz + Jacobi, basis → basis_out, mean_out
@@ -855,6 +856,36 @@ struct EigenSmem {
   }
 };
 
+/// Order in which the eigen kernel's CTAs take the jobs: widest subspace first. CTAs start roughly in
+/// blockIdx order and an ℓ = 48 job runs about twice as long as an ℓ = 24 one (measured on an H200:
+/// ~675 K against ~342 K cycles), so with the jobs interleaved (the K and V of a layer) the last wave
+/// is made of long jobs; longest first lets the short ones fill in behind them (longest-processing-time
+/// scheduling). A counting sort by ℓ (a multiple of 8 up to D) in one CTA; the order within one ℓ is
+/// whatever the atomics give, which changes no result (a job's outputs depend on its own data only).
+__global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int dim, int oversample,
+                             int* __restrict__ order) {
+  constexpr int kBuckets = 128 / 8 + 1;
+  __shared__ int count[kBuckets];
+  __shared__ int start[kBuckets];
+  auto bucket = [&](int j) {
+    const int b = compress_subspace_width(jobs[j].rank, dim, oversample) / 8;
+    return b < 0 ? 0 : (b >= kBuckets ? kBuckets - 1 : b);  // ranks are validated by run(); stay in bounds
+  };
+  for (int b = threadIdx.x; b < kBuckets; b += blockDim.x) count[b] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += blockDim.x) atomicAdd(&count[bucket(j)], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int s = 0;
+    for (int b = kBuckets - 1; b >= 0; --b) {
+      start[b] = s;
+      s += count[b];
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += blockDim.x) order[atomicAdd(&start[bucket(j)], 1)] = j;
+}
+
 /// One CTA per job: loads G, centres it, runs `iterations` subspace-iteration steps with ℓ columns,
 /// the Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the
 /// top-r Ritz vectors V = Q·W (sorted, sign-fixed) as the basis.
@@ -871,7 +902,8 @@ template <int D>
 __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJob* __restrict__ jobs, int rows,
                                                               const float* __restrict__ gram,
                                                               const float* __restrict__ colsum,
-                                                              const float* __restrict__ shift, int lp, int panel,
+                                                              const float* __restrict__ shift,
+                                                              const int* __restrict__ job_order, int lp, int panel,
                                                               CompressOptions opt) {
   using S = EigenShape<D>;
   extern __shared__ __align__(16) float smem[];
@@ -885,12 +917,13 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   float* misc = reinterpret_cast<float*>(order + lp);
   int* flags = reinterpret_cast<int*>(misc + 2);
 
-  const CompressJob job = jobs[blockIdx.x];
+  const int jb = job_order[blockIdx.x];
+  const CompressJob job = jobs[jb];
   const int r = job.rank;
   const int ell = compress_subspace_width(r, D, opt.oversample);
   const bool fast = ell <= kFastMaxEll<D> && ell < D;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const float* g = gram + static_cast<std::int64_t>(blockIdx.x) * D * D;
+  const float* g = gram + static_cast<std::int64_t>(jb) * D * D;
 
   // --- 1. G (symmetrised) into shared memory; centring with the stored FP16 mean -----------------
   // The Gram kernel accumulated Y = X − 1mᵀ (shift m, column sums s' of Y). With the stored mean μ_h
@@ -899,8 +932,8 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   float* mu = Qa + D;
   if (job.mean_center) {
     if (tid < D) {
-      const float sd = colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid];
-      const float m = shift[static_cast<std::int64_t>(blockIdx.x) * D + tid];
+      const float sd = colsum[static_cast<std::int64_t>(jb) * D + tid];
+      const float m = shift[static_cast<std::int64_t>(jb) * D + tid];
       const __half mh = __float2half_rn(m + sd / static_cast<float>(rows));
       job.mean_out[tid] = mh;
       sum[tid] = sd;
@@ -1635,7 +1668,7 @@ struct BatchedCompressor::Impl {
   std::size_t eigen_smem = 0, project_smem = 0;
   bool resident = false;  // project_resident_kernel instead of project_kernel
   // Fast path workspace offsets.
-  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, total = 0;
+  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, off_order = 0, total = 0;
   // cuSOLVER path.
   int chunk = 0;
   std::size_t off_x32 = 0, off_vals = 0, off_info = 0, off_syev = 0, off_cublas = 0, syev_bytes = 0;
@@ -1733,7 +1766,8 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     m.off_gram = jobs_bytes;
     m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
     m.off_shift = m.off_sum + align_up(n * d * sizeof(float));
-    m.total = m.off_shift + align_up(n * d * sizeof(float));
+    m.off_order = m.off_shift + align_up(n * d * sizeof(float));
+    m.total = m.off_order + align_up(n * sizeof(int));
     dispatch_dim(d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       check(cudaFuncSetAttribute(eigen_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1832,11 +1866,14 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
       if (p.algorithm == CompressAlgorithm::kSubspaceIteration) {
         auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
         auto* shifts = reinterpret_cast<float*>(ws + m.off_shift);
+        auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
+        order_kernel<<<1, 1024, 0, stream>>>(device_jobs, num_jobs, D, p.options.oversample, job_order);
+        check_launch("order_kernel");
         gram_kernel<T, D><<<num_jobs, GramShape<D>::kThreads, GramShape<D>::kSmemBytes, stream>>>(device_jobs, p.rows,
                                                                                                    gram, sums, shifts);
         check_launch("gram_kernel");
         eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, shifts,
-                                                                           m.lp, m.panel, p.options);
+                                                                           job_order, m.lp, m.panel, p.options);
         check_launch("eigen_kernel");
       } else {
         auto* x32 = reinterpret_cast<float*>(ws + m.off_x32);
