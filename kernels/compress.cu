@@ -94,13 +94,16 @@ __device__ __forceinline__ void mma_f64(double (&d)[2], double a, double b) {
 
 /// x = hi + lo with hi, lo TF32: the 3×TF32 products hi·hi + hi·lo + lo·hi carry ~FP32 accuracy,
 /// which the Gram's dynamic range (100× outlier channels → 10⁴ between eigenvalues) needs.
+/// hi is x rounded to nearest (ties away, as cvt.rna) by adding half a TF32 ulp to the bits and
+/// masking; lo = x − hi is exact in FP32 and is truncated to TF32 (|lo| ≤ 2^-11·|x|, so hi + lo is
+/// within 2^-21 of x). Four ALU instructions per split: ptxas lowers each cvt.rna.tf32 to an add, a mask
+/// and an Inf/NaN guard (compare, select) that finite Gram and basis values never need, and the splits
+/// of the B operand are most of the instructions of the Gram products.
 __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
-  unsigned h, l;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(h) : "f"(x));
-  const float rest = x - __uint_as_float(h);
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(l) : "f"(rest));
+  constexpr unsigned kMask = 0xFFFFE000u;  // sign, exponent and the 10 stored mantissa bits of TF32
+  const unsigned h = (__float_as_uint(x) + 0x1000u) & kMask;
   hi = h;
-  lo = l;
+  lo = __float_as_uint(x - __uint_as_float(h)) & kMask;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -362,55 +365,59 @@ template <int D>
 struct EigenShape {
   static constexpr int kMTiles = D / 16;
   static constexpr int kWarpsPerMTile = kEigenWarps / kMTiles;          // 1 (D=128) or 2 (D=64)
-  static constexpr int kNTilesPerWarp = (D / 8) / kWarpsPerMTile;       // ℓ ≤ D
   static constexpr int kPerLane = D / 32;                               // column elements per lane
 };
 
 /// Z = (G + shift·I)·Q (D×ℓ) with 3×TF32 mma. Gs: [D][D] swizzled (symmetric); Q, Z: panels [ℓ][D].
+/// Each warp owns 16 rows of Z and walks its n-tiles in chunks of kChunk, one pass over its rows of
+/// G per chunk: a fixed trip count per chunk keeps the tile loop free of branches (a loop over a
+/// runtime tile count with per-tile guards cost more than the extra pass over G). ℓ = 24, 48 and 96
+/// (ranks 16, 32, 64) are whole chunks; the slots of a partial chunk recompute the warp's last tile
+/// (reads stay inside Q) and are not stored.
 template <int D>
 __device__ void gemm_gq(const float* Gs, const float* Q, float* Z, int ell, float shift = 0.0f) {
   using S = EigenShape<D>;
+  constexpr int kChunk = 3;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = (warp % S::kMTiles) * 16;
   const int slice = warp / S::kMTiles;
-  const int ntiles = ell / 8;
-  float acc[S::kNTilesPerWarp][4];
+  const int mine = (ell / 8 - slice + S::kWarpsPerMTile - 1) / S::kWarpsPerMTile;  // n-tiles of this warp
+  for (int c0 = 0; c0 < mine; c0 += kChunk) {  // uniform across the warp
+    int n0[kChunk];
 #pragma unroll
-  for (int nn = 0; nn < S::kNTilesPerWarp; ++nn)
+    for (int j = 0; j < kChunk; ++j) n0[j] = (slice + min(c0 + j, mine - 1) * S::kWarpsPerMTile) * 8;
+    float acc[kChunk][4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
-
+    for (int j = 0; j < kChunk; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 #pragma unroll 2
-  for (int k0 = 0; k0 < D; k0 += 8) {
-    unsigned ah[4], al[4];
-    split_tf32(Gs[swz<D>(m0 + g, k0 + t)], ah[0], al[0]);
-    split_tf32(Gs[swz<D>(m0 + g + 8, k0 + t)], ah[1], al[1]);
-    split_tf32(Gs[swz<D>(m0 + g, k0 + t + 4)], ah[2], al[2]);
-    split_tf32(Gs[swz<D>(m0 + g + 8, k0 + t + 4)], ah[3], al[3]);
+    for (int k0 = 0; k0 < D; k0 += 8) {
+      unsigned ah[4], al[4];
+      split_tf32(Gs[swz<D>(m0 + g, k0 + t)], ah[0], al[0]);
+      split_tf32(Gs[swz<D>(m0 + g + 8, k0 + t)], ah[1], al[1]);
+      split_tf32(Gs[swz<D>(m0 + g, k0 + t + 4)], ah[2], al[2]);
+      split_tf32(Gs[swz<D>(m0 + g + 8, k0 + t + 4)], ah[3], al[3]);
 #pragma unroll
-    for (int nn = 0; nn < S::kNTilesPerWarp; ++nn) {
-      const int nt = slice + nn * S::kWarpsPerMTile;
-      if (nt < ntiles) {  // uniform across the warp
-        const int n0 = nt * 8;
+      for (int j = 0; j < kChunk; ++j) {
         unsigned bh0, bl0, bh1, bl1;
-        split_tf32(Q[swz<D>(n0 + g, k0 + t)], bh0, bl0);
-        split_tf32(Q[swz<D>(n0 + g, k0 + t + 4)], bh1, bl1);
-        mma_tf32(acc[nn], al, bh0, bh1);
-        mma_tf32(acc[nn], ah, bl0, bl1);
-        mma_tf32(acc[nn], ah, bh0, bh1);
+        split_tf32(Q[swz<D>(n0[j] + g, k0 + t)], bh0, bl0);
+        split_tf32(Q[swz<D>(n0[j] + g, k0 + t + 4)], bh1, bl1);
+        mma_tf32(acc[j], al, bh0, bh1);
+        mma_tf32(acc[j], ah, bl0, bl1);
+        mma_tf32(acc[j], ah, bh0, bh1);
       }
     }
-  }
 #pragma unroll
-  for (int nn = 0; nn < S::kNTilesPerWarp; ++nn) {
-    const int nt = slice + nn * S::kWarpsPerMTile;
-    if (nt < ntiles) {
-      const int n0 = nt * 8;
-      Z[swz<D>(n0 + 2 * t, m0 + g)] = acc[nn][0] + shift * Q[swz<D>(n0 + 2 * t, m0 + g)];
-      Z[swz<D>(n0 + 2 * t + 1, m0 + g)] = acc[nn][1] + shift * Q[swz<D>(n0 + 2 * t + 1, m0 + g)];
-      Z[swz<D>(n0 + 2 * t, m0 + g + 8)] = acc[nn][2] + shift * Q[swz<D>(n0 + 2 * t, m0 + g + 8)];
-      Z[swz<D>(n0 + 2 * t + 1, m0 + g + 8)] = acc[nn][3] + shift * Q[swz<D>(n0 + 2 * t + 1, m0 + g + 8)];
+    for (int j = 0; j < kChunk; ++j) {
+      if (c0 + j < mine) {
+        const int n = n0[j];
+        Z[swz<D>(n + 2 * t, m0 + g)] = acc[j][0] + shift * Q[swz<D>(n + 2 * t, m0 + g)];
+        Z[swz<D>(n + 2 * t + 1, m0 + g)] = acc[j][1] + shift * Q[swz<D>(n + 2 * t + 1, m0 + g)];
+        Z[swz<D>(n + 2 * t, m0 + g + 8)] = acc[j][2] + shift * Q[swz<D>(n + 2 * t, m0 + g + 8)];
+        Z[swz<D>(n + 2 * t + 1, m0 + g + 8)] = acc[j][3] + shift * Q[swz<D>(n + 2 * t + 1, m0 + g + 8)];
+      }
     }
   }
 }
@@ -695,6 +702,8 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
     }
   }
   // --- Z ← Z·R⁻¹: row i of Z solves q·R = z, 8 columns at a time ----------------------------------
+  // One thread per row, half the CTA at D = 128: splitting a row's columns over two lanes (shuffling
+  // each finished column to the other) measured slower, its in-block chain gains a shuffle per column.
   if (tid < D) {
     const int i = tid;
     for (int jb = 0; jb < ell; jb += 8) {
@@ -715,31 +724,54 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
       }
     }
   }
+
   __syncthreads();
 }
 
+/// The MUFU approximations alone (rel. error ≤ 2^-22; denormals flushed): the library functions add
+/// a refinement step and denormal scaling that a Jacobi rotation does not need.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rsqrt_approx(float x) {
+  float y;
+  asm("rsqrt.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 /// Jacobi rotation (c, s) that annihilates H_pq, as in the 2-barrier path, with the hardware's
-/// approximate reciprocal, square root and reciprocal square root (a few ulp; c² + s² = 1 to FP32
-/// precision, which is what keeps W orthogonal): the rotations are the critical path of a Jacobi round.
-/// Every warp computes the round's rotations itself; one inlined instruction sequence on the same
-/// inputs gives every warp bit-identical values, and the products are written so that no FMA
-/// contraction can differ between them.
+/// approximate reciprocal and reciprocal square root: the rotations are the critical path of a
+/// Jacobi round. An approximate t = tan θ only leaves a slightly smaller H_pq behind; c = 1/√(1 + t²)
+/// and s = t·c keep c² + s² = 1 to FP32 precision whatever t is, which is what keeps W orthogonal.
+/// The thresholds compare squares (|H_pq| > 1e-7·√|H_pp·H_qq| as H_pq² > 1e-14·|H_pp·H_qq|): no square
+/// root on the path. H_pq² > 0 implies |H_pq| ≥ ~1e-19, so 2·H_pq is a normal number and its
+/// reciprocal finite. Every warp computes the round's rotations itself; one inlined instruction
+/// sequence on the same inputs gives every warp bit-identical values, and the products are written
+/// so that no FMA contraction can differ between them.
 __device__ __forceinline__ void jacobi_rotation(const float* H, int ldh, int p, int q, float& c, float& sn,
                                                 bool& big) {
   const float app = H[p * ldh + p], aqq = H[q * ldh + q], apq = H[p * ldh + q];
   c = 1.0f;
   sn = 0.0f;
-  const float scale = sqrtf(fabsf(__fmul_rn(app, aqq)));
-  if (fabsf(apq) > __fmul_rn(1e-7f, scale) && apq != 0.0f) {
-    const float theta = __fdividef(__fsub_rn(aqq, app), __fmul_rn(2.0f, apq));
+  const float apq2 = __fmul_rn(apq, apq);
+  const float diag = fabsf(__fmul_rn(app, aqq));
+  if (apq2 > __fmul_rn(1e-14f, diag)) {
+    const float theta = __fmul_rn(__fsub_rn(aqq, app), rcp_approx(__fmul_rn(2.0f, apq)));
     const float at = fabsf(theta);
-    float tt = at > 1e15f ? __fdividef(0.5f, at) : __frcp_rn(__fadd_rn(at, sqrtf(__fmaf_rn(theta, theta, 1.0f))));
+    const float u = __fmaf_rn(at, at, 1.0f);
+    // t = 1 / (|θ| + √(1 + θ²)); for |θ| > 1e15, θ² would overflow and t = 1/(2|θ|) to FP32 precision.
+    float tt = at > 1e15f ? __fmul_rn(0.5f, rcp_approx(at)) : rcp_approx(__fadd_rn(at, __fmul_rn(u, rsqrt_approx(u))));
     if (theta < 0.0f) tt = -tt;
-    c = rsqrtf(__fmaf_rn(tt, tt, 1.0f));
+    c = rsqrt_approx(__fmaf_rn(tt, tt, 1.0f));
     sn = __fmul_rn(tt, c);
-    if (fabsf(apq) > __fmul_rn(1e-6f, scale)) big = true;
+    if (apq2 > __fmul_rn(1e-12f, diag)) big = true;
   }
 }
+
+/// Rows of W one thread rotates per round: ℓ ≤ 64 rows over ≥ kEigenThreads / 32 threads per pair.
+constexpr int kJacobiRowsPerThread = 64 / (kEigenThreads / 32);
 
 /// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ 64), rotations accumulated in W, one barrier per
 /// round: H is double-buffered (round s reads Hc, writes Hn), and every warp computes the round's
@@ -773,7 +805,10 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
     }
     blk[nmine++] = a | ((a + rest) << 8);
   }
-  const int tpp = kEigenThreads / np;  // threads per pair for W (≥ 8)
+  // CTA-uniform bounds of the per-thread work, so that unused slots skip their shuffles.
+  const int max_blocks = (np * (np + 1) / 2 + kEigenThreads - 1) / kEigenThreads;
+  const int tpp = kEigenThreads / np;  // threads per pair for W (≥ kEigenThreads / 32 = 8)
+  const int max_rows = (ell + tpp - 1) / tpp;
   const int wb = tid % np, wr0 = tid / np;
   __syncthreads();
   float* Hc = H0;
@@ -793,6 +828,7 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
       }
 #pragma unroll
       for (int u = 0; u < 3; ++u) {
+        if (u >= max_blocks) break;  // uniform
         const int bl = u < nmine ? blk[u] : 0;
         const int a = bl & 0xFF, b = bl >> 8;
         const float ca = __shfl_sync(0xffffffffu, c, a), sa = __shfl_sync(0xffffffffu, sn, a);
@@ -819,11 +855,27 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
       {
         const float cb = __shfl_sync(0xffffffffu, c, wb), sb = __shfl_sync(0xffffffffu, sn, wb);
         if (wr0 < tpp) {
+          // All loads first: the compiler cannot tell that the rows are distinct, and would otherwise
+          // wait for each row's stores before the next row's loads.
           const int pb = pr[wb] & 0xFFFF, qb = pr[wb] >> 16;
-          for (int xr = wr0; xr < ell; xr += tpp) {
-            const float wp = W[xr * ell + pb], wq = W[xr * ell + qb];
-            W[xr * ell + pb] = cb * wp - sb * wq;
-            W[xr * ell + qb] = sb * wp + cb * wq;
+          float wp[kJacobiRowsPerThread], wq[kJacobiRowsPerThread];
+#pragma unroll
+          for (int i = 0; i < kJacobiRowsPerThread; ++i) {
+            if (i >= max_rows) break;  // uniform
+            const int xr = wr0 + i * tpp;
+            if (xr < ell) {
+              wp[i] = W[xr * ell + pb];
+              wq[i] = W[xr * ell + qb];
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kJacobiRowsPerThread; ++i) {
+            if (i >= max_rows) break;  // uniform
+            const int xr = wr0 + i * tpp;
+            if (xr < ell) {
+              W[xr * ell + pb] = cb * wp[i] - sb * wq[i];
+              W[xr * ell + qb] = sb * wp[i] + cb * wq[i];
+            }
           }
         }
       }
