@@ -457,6 +457,30 @@ __device__ void gemm_qtz(const float* Q, const float* Z, float* H, int ell, int 
   }
 }
 
+/// Rayleigh–Ritz projection H = Qᵀ·(G·Q) (ℓ×ℓ, row stride ldh), made exactly symmetric by averaging
+/// the two triangles (they differ by rounding); zero when the Gram is (`nonzero` false). H may be Gs:
+/// G is read only before the first barrier. Z is scratch (a panel). Ends with a barrier.
+template <int D>
+__device__ void rayleigh_ritz(const float* Gs, const float* Q, float* Z, float* H, int ell, int ldh, bool nonzero) {
+  if (nonzero) {
+    gemm_gq<D>(Gs, Q, Z, ell);
+    __syncthreads();
+    gemm_qtz<D>(Q, Z, H, ell, ldh);
+    __syncthreads();
+    for (int e = threadIdx.x; e < ell * ell; e += kEigenThreads) {
+      const int i = e / ell, k = e % ell;
+      if (i < k) {
+        const float v = 0.5f * (H[i * ldh + k] + H[k * ldh + i]);
+        H[i * ldh + k] = v;
+        H[k * ldh + i] = v;
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < ell * ldh; e += kEigenThreads) H[e] = 0.0f;
+  }
+  __syncthreads();
+}
+
 /// Modified Gram–Schmidt on the ℓ columns of panel Z (in place), one __syncthreads per column.
 /// Column i belongs to warp i % 8. At step j every warp removes q_j from its columns > j: it loads all
 /// of them first and runs their butterfly reductions interleaved, so a step costs one reduction latency
@@ -770,6 +794,30 @@ __device__ __forceinline__ void jacobi_rotation(const float* H, int ldh, int p, 
   }
 }
 
+/// Hn's 2×2 block (rows p_a, q_a; columns p_b, q_b) = J_aᵀ·Hc·J_b for the rotations (c_a, s_a) and
+/// (c_b, s_b), mirrored into (b, a) so that H stays exactly symmetric; a diagonal block (a == b) gets
+/// its two off-diagonal entries averaged. Hn may be Hc: the block is read before it is written, and
+/// no other thread touches it in the same round.
+__device__ __forceinline__ void jacobi_rotate_block(const float* Hc, float* Hn, int ld, int pa, int qa, int pb, int qb,
+                                                    float ca, float sa, float cb, float sb, bool diagonal) {
+  const float hpp = Hc[pa * ld + pb], hpq = Hc[pa * ld + qb], hqp = Hc[qa * ld + pb], hqq = Hc[qa * ld + qb];
+  const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
+  const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
+  const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
+  float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
+  if (diagonal) npq = nqp = 0.5f * (npq + nqp);
+  Hn[pa * ld + pb] = npp;
+  Hn[pa * ld + qb] = npq;
+  Hn[qa * ld + pb] = nqp;
+  Hn[qa * ld + qb] = nqq;
+  if (!diagonal) {
+    Hn[pb * ld + pa] = npp;
+    Hn[qb * ld + pa] = npq;
+    Hn[pb * ld + qa] = nqp;
+    Hn[qb * ld + qa] = nqq;
+  }
+}
+
 /// Rows of W one thread rotates per round: ℓ ≤ 64 rows over ≥ kEigenThreads / 32 threads per pair.
 constexpr int kJacobiRowsPerThread = 64 / (kEigenThreads / 32);
 
@@ -834,23 +882,7 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
         const float ca = __shfl_sync(0xffffffffu, c, a), sa = __shfl_sync(0xffffffffu, sn, a);
         const float cb = __shfl_sync(0xffffffffu, c, b), sb = __shfl_sync(0xffffffffu, sn, b);
         if (u >= nmine) continue;
-        const int pa = pr[a] & 0xFFFF, qa = pr[a] >> 16, pb = pr[b] & 0xFFFF, qb = pr[b] >> 16;
-        const float hpp = Hc[pa * hs + pb], hpq = Hc[pa * hs + qb], hqp = Hc[qa * hs + pb], hqq = Hc[qa * hs + qb];
-        const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
-        const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
-        const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
-        float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
-        if (a == b) npq = nqp = 0.5f * (npq + nqp);
-        Hn[pa * hs + pb] = npp;
-        Hn[pa * hs + qb] = npq;
-        Hn[qa * hs + pb] = nqp;
-        Hn[qa * hs + qb] = nqq;
-        if (a != b) {
-          Hn[pb * hs + pa] = npp;
-          Hn[qb * hs + pa] = npq;
-          Hn[pb * hs + qa] = nqp;
-          Hn[qb * hs + qa] = nqq;
-        }
+        jacobi_rotate_block(Hc, Hn, hs, pr[a] & 0xFFFF, pr[a] >> 16, pr[b] & 0xFFFF, pr[b] >> 16, ca, sa, cb, sb, a == b);
       }
       {
         const float cb = __shfl_sync(0xffffffffu, c, wb), sb = __shfl_sync(0xffffffffu, sn, wb);
@@ -1054,23 +1086,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     // in the free panel and the pair table after H in Gs.
     float* H = Gs;
     ldh = ell + 1;
-    if (trace > 0.0f) {
-      gemm_gq<D>(Gs, Qc, Zn, ell);
-      __syncthreads();
-      gemm_qtz<D>(Qc, Zn, H, ell, ldh);
-      __syncthreads();
-      for (int e = tid; e < ell * ell; e += kEigenThreads) {
-        const int i = e / ell, k = e % ell;
-        if (i < k) {
-          const float v = 0.5f * (H[i * ldh + k] + H[k * ldh + i]);
-          H[i * ldh + k] = v;
-          H[k * ldh + i] = v;
-        }
-      }
-    } else {
-      for (int e = tid; e < ell * ldh; e += kEigenThreads) H[e] = 0.0f;
-    }
-    __syncthreads();
+    rayleigh_ritz<D>(Gs, Qc, Zn, H, ell, ldh, trace > 0.0f);
     Wfin = Zn + ell * ldh;
     Hfin = jacobi_fast(H, Zn, Wfin, reinterpret_cast<int*>(Gs + ell * ldh), flags, ell, opt.jacobi_sweeps,
                        trace > 0.0f);
@@ -1092,23 +1108,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     // --- 4. Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (plain ℓ×ℓ), W = I into Zn -------------------------
     float* H = Gs;
     float* W = Zn;
-    if (trace > 0.0f) {
-      gemm_gq<D>(Gs, Qc, Zn, ell);
-      __syncthreads();
-      gemm_qtz<D>(Qc, Zn, H, ell, ell);
-      __syncthreads();
-      for (int e = tid; e < ell * ell; e += kEigenThreads) {  // symmetrise (the two triangles differ by rounding)
-        const int i = e / ell, k = e % ell;
-        if (i < k) {
-          const float v = 0.5f * (H[i * ell + k] + H[k * ell + i]);
-          H[i * ell + k] = v;
-          H[k * ell + i] = v;
-        }
-      }
-    } else {
-      for (int e = tid; e < ell * ell; e += kEigenThreads) H[e] = 0.0f;
-    }
-    __syncthreads();
+    rayleigh_ritz<D>(Gs, Qc, Zn, H, ell, ell, trace > 0.0f);
     for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
     if (tid == 0) flags[0] = 0;
     __syncthreads();
@@ -1143,24 +1143,8 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
           for (int idx = tid; idx < npairs * npairs; idx += kEigenThreads) {
             const int a = idx / npairs, b = idx % npairs;
             if (a > b) continue;
-            const int pa = pq[2 * a], qa = pq[2 * a + 1], pb = pq[2 * b], qb = pq[2 * b + 1];
-            const float ca = cs[2 * a], sa = cs[2 * a + 1], cb = cs[2 * b], sb = cs[2 * b + 1];
-            const float hpp = H[pa * ell + pb], hpq = H[pa * ell + qb], hqp = H[qa * ell + pb], hqq = H[qa * ell + qb];
-            const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
-            const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
-            const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
-            float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
-            if (a == b) npq = nqp = 0.5f * (npq + nqp);
-            H[pa * ell + pb] = npp;
-            H[pa * ell + qb] = npq;
-            H[qa * ell + pb] = nqp;
-            H[qa * ell + qb] = nqq;
-            if (a != b) {
-              H[pb * ell + pa] = npp;
-              H[qb * ell + pa] = npq;
-              H[pb * ell + qa] = nqp;
-              H[qb * ell + qa] = nqq;
-            }
+            jacobi_rotate_block(H, H, ell, pq[2 * a], pq[2 * a + 1], pq[2 * b], pq[2 * b + 1], cs[2 * a], cs[2 * a + 1],
+                                cs[2 * b], cs[2 * b + 1], a == b);
           }
           for (int idx = tid; idx < ell * npairs; idx += kEigenThreads) {
             const int xr = idx / npairs, b = idx % npairs;
@@ -1294,15 +1278,110 @@ struct ProjectShape {
   }
 };
 
-/// One CTA per job, 8 warps: warp w owns rows 16·(w%4).. of every 64-row chunk and the n-tiles
-/// ≡ w/4 (mod 2). Pass 0 streams X and keeps the per-column max of |C|; pass 1 streams X again (L2
-/// resident by then), recomputes the identical FP32 values and quantises them, so the scale is the
-/// exact max of the values quantised. With a mean or BF16 input the A operand X − μ is formed in FP32
-/// and split into FP16 hi + lo (two mma), keeping the product exact to ~2^-22 against the FP16 basis.
+// Pieces shared by the two projection kernels. Both use the same 8-warp tiling: warp w owns rows
+// 16·(w%4).. of every 64-row chunk and the n-tiles ≡ w/4 (mod 2), so they compute the same FP32 C.
+
+/// Stages rows [c·64, c·64 + 64) of X into stage buffer `buf` (zeros past `rows`).
+template <class T, int D>
+__device__ __forceinline__ void project_load_chunk(T* stage, const T* x, std::int64_t ld, int rows, int c, int buf) {
+  using S = ProjectShape<D>;
+  constexpr int kVecPerRow = D / 8;
+  for (int v = threadIdx.x; v < kChunkRows * kVecPerRow; v += S::kThreads) {
+    const int rr = v / kVecPerRow, cv = v % kVecPerRow;
+    const int row = c * kChunkRows + rr;
+    const bool ok = row < rows;
+    cp_async16(&stage[buf * kChunkRows * S::kLd + rr * S::kLd + cv * 8], ok ? x + row * ld + cv * 8 : x, ok);
+  }
+}
+
+/// The FP16 basis (rows r..rpad−1 zero), the FP32 mean (zero when not centred) and the column-max
+/// bits (zero) into shared memory.
+template <int D>
+__device__ __forceinline__ void project_load_operands(const CompressJob& job, int rpad, __half* Bs, float* mu,
+                                                      unsigned* amax) {
+  using S = ProjectShape<D>;
+  const int r = job.rank;
+  for (int e = threadIdx.x; e < rpad * (D / 2); e += S::kThreads) {
+    const int j = e / (D / 2), c2 = e % (D / 2);
+    const unsigned v = j < r ? reinterpret_cast<const unsigned*>(job.basis_out)[j * (D / 2) + c2] : 0u;
+    *reinterpret_cast<unsigned*>(&Bs[j * S::kLd + 2 * c2]) = v;
+  }
+  for (int d = threadIdx.x; d < D; d += S::kThreads) mu[d] = job.mean_center ? __half2float(job.mean_out[d]) : 0.0f;
+  for (int j = threadIdx.x; j < rpad; j += S::kThreads) amax[j] = 0u;
+}
+
+/// acc = (X − μ)·B_hᵀ for the warp's 16 rows of one staged chunk `s` and its n-tiles < ntiles. With a
+/// mean or BF16 input (`split`) the A operand X − μ is formed in FP32 and split into FP16 hi + lo (two
+/// mma), keeping the product exact to ~2^-22 against the FP16 basis.
+template <class T, int D>
+__device__ __forceinline__ void project_chunk_mma(const T* s, const __half* Bs, const float* mu, bool split,
+                                                  int ntiles, float (&acc)[ProjectShape<D>::kMaxNTilesPerWarp][4]) {
+  using S = ProjectShape<D>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int mt = warp & 3, ng = warp >> 2;
+#pragma unroll
+  for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
+#pragma unroll 2
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    const int mat = lane >> 3;
+    unsigned a[4];
+    ldmatrix_x4(a, s + (mt * 16 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + k0 + ((mat >> 1) << 3));
+    unsigned alo[4];
+    if (split) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = k0 + 2 * t + ((e >> 1) << 3);  // a0,a1: cols k0+2t(+1); a2,a3: +8
+        const float2 f = to_float2<T>(a[e]);
+        const float v0 = f.x - mu[col], v1 = f.y - mu[col + 1];
+        const __half2 hi = __floats2half2_rn(v0, v1);
+        const float2 hf = __half22float2(hi);
+        a[e] = *reinterpret_cast<const unsigned*>(&hi);
+        alo[e] = pack_half2(v0 - hf.x, v1 - hf.y);
+      }
+    }
+#pragma unroll
+    for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
+      const int nt = ng + 2 * nn;
+      if (nt < ntiles) {
+        const __half* brow = Bs + (nt * 8 + g) * S::kLd + k0 + 2 * t;
+        const unsigned b0 = *reinterpret_cast<const unsigned*>(brow);
+        const unsigned b1 = *reinterpret_cast<const unsigned*>(brow + 8);
+        mma_16816<__half>(acc[nn], a, b0, b1);
+        if (split) mma_16816<__half>(acc[nn], alo, b0, b1);
+      }
+    }
+  }
+}
+
+/// Running max |C| of the lane's two columns per n-tile, over the rows of the chunk that exist.
+template <int kNT>
+__device__ __forceinline__ void project_track_max(const float (&acc)[kNT][4], bool ok0, bool ok1, int ng, int ntiles,
+                                                  float (&cmax)[kNT][2]) {
+#pragma unroll
+  for (int nn = 0; nn < kNT; ++nn) {
+    if (ng + 2 * nn >= ntiles) continue;
+    if (ok0) {
+      cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][0]));
+      cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][1]));
+    }
+    if (ok1) {
+      cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][2]));
+      cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][3]));
+    }
+  }
+}
+
+/// One CTA per job, two passes over X: pass 0 keeps the per-column max of |C|; pass 1 streams X again
+/// (L2 resident by then), recomputes the identical FP32 values and quantises them, so the scale is the
+/// exact max of the values quantised.
 template <class T, int D>
 __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(const CompressJob* __restrict__ jobs,
                                                                             int rows) {
   using S = ProjectShape<D>;
+  constexpr int kNT = S::kMaxNTilesPerWarp;
   extern __shared__ __align__(16) unsigned char psmem[];
   const CompressJob job = jobs[blockIdx.x];
   const int r = job.rank;
@@ -1315,115 +1394,53 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
 
   const T* x = static_cast<const T*>(job.x);
   const std::int64_t ld = job.x_row_stride;
-  const bool center = job.mean_center;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int mt = warp & 3, ng = warp >> 2;
   const int ntiles = (r + 7) / 8;
   const int chunks = (rows + kChunkRows - 1) / kChunkRows;
-
-  auto load_chunk = [&](int c, int buf) {
-    constexpr int kVecPerRow = D / 8;
-    for (int v = tid; v < kChunkRows * kVecPerRow; v += S::kThreads) {
-      const int rr = v / kVecPerRow, cv = v % kVecPerRow;
-      const int row = c * kChunkRows + rr;
-      const bool ok = row < rows;
-      cp_async16(&stage[buf * kChunkRows * S::kLd + rr * S::kLd + cv * 8], ok ? x + row * ld + cv * 8 : x, ok);
-    }
-  };
   const int total = 2 * chunks;  // pass 0 then pass 1 over the same chunks
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {  // same pipeline as gram_kernel
-    if (st < total) load_chunk(st % chunks, st);
+    if (st < total) project_load_chunk<T, D>(stage, x, ld, rows, st % chunks, st);
     cp_async_commit();
   }
+  project_load_operands<D>(job, rpad, Bs, mu, amax);
 
-  for (int e = tid; e < rpad * (D / 2); e += S::kThreads) {
-    const int j = e / (D / 2), c2 = e % (D / 2);
-    const unsigned v = j < r ? reinterpret_cast<const unsigned*>(job.basis_out)[j * (D / 2) + c2] : 0u;
-    *reinterpret_cast<unsigned*>(&Bs[j * S::kLd + 2 * c2]) = v;
-  }
-  for (int d = tid; d < D; d += S::kThreads) mu[d] = center ? __half2float(job.mean_out[d]) : 0.0f;
-  for (int j = tid; j < rpad; j += S::kThreads) amax[j] = 0u;
-
-  float cmax[S::kMaxNTilesPerWarp][2];
+  float cmax[kNT][2];
 #pragma unroll
-  for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) cmax[nn][0] = cmax[nn][1] = 0.0f;
-  const bool split = center || !std::is_same_v<T, __half>;
+  for (int nn = 0; nn < kNT; ++nn) cmax[nn][0] = cmax[nn][1] = 0.0f;
+  const bool split = job.mean_center || !std::is_same_v<T, __half>;
 
   for (int it = 0; it < total; ++it) {
     const int c = it % chunks, pass = it / chunks, buf = it % kStages;
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (it + kStages - 1 < total) load_chunk((it + kStages - 1) % chunks, (it + kStages - 1) % kStages);
+    if (it + kStages - 1 < total)
+      project_load_chunk<T, D>(stage, x, ld, rows, (it + kStages - 1) % chunks, (it + kStages - 1) % kStages);
     cp_async_commit();
     if (it == chunks) publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);  // pass boundary
 
-    const T* s = stage + buf * kChunkRows * S::kLd;
-    float acc[S::kMaxNTilesPerWarp][4];
-#pragma unroll
-    for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
-#pragma unroll 2
-    for (int k0 = 0; k0 < D; k0 += 16) {
-      const int mat = lane >> 3;
-      unsigned a[4];
-      ldmatrix_x4(a, s + (mt * 16 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + k0 + ((mat >> 1) << 3));
-      unsigned alo[4];
-      if (split) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = k0 + 2 * t + ((e >> 1) << 3);  // a0,a1: cols k0+2t(+1); a2,a3: +8
-          const float2 f = to_float2<T>(a[e]);
-          const float v0 = f.x - mu[col], v1 = f.y - mu[col + 1];
-          const __half2 hi = __floats2half2_rn(v0, v1);
-          const float2 hf = __half22float2(hi);
-          a[e] = *reinterpret_cast<const unsigned*>(&hi);
-          alo[e] = pack_half2(v0 - hf.x, v1 - hf.y);
-        }
-      }
-#pragma unroll
-      for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
-        const int nt = ng + 2 * nn;
-        if (nt < ntiles) {
-          const __half* brow = Bs + (nt * 8 + g) * S::kLd + k0 + 2 * t;
-          const unsigned b0 = *reinterpret_cast<const unsigned*>(brow);
-          const unsigned b1 = *reinterpret_cast<const unsigned*>(brow + 8);
-          mma_16816<__half>(acc[nn], a, b0, b1);
-          if (split) mma_16816<__half>(acc[nn], alo, b0, b1);
-        }
-      }
-    }
+    float acc[kNT][4];
+    project_chunk_mma<T, D>(stage + buf * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
     const int row0 = c * kChunkRows + mt * 16 + g, row1 = row0 + 8;
-    const bool ok0 = row0 < rows, ok1 = row1 < rows;
+    if (pass == 0) project_track_max(acc, row0 < rows, row1 < rows, ng, ntiles, cmax);
 #pragma unroll
-    for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
+    for (int nn = 0; nn < kNT; ++nn) {
       const int nt = ng + 2 * nn;
-      if (nt >= ntiles) continue;
-      if (pass == 0) {
-        if (ok0) {
-          cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][0]));
-          cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][1]));
-        }
-        if (ok1) {
-          cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][2]));
-          cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][3]));
-        }
-      } else {
+      if (nt >= ntiles || pass == 0) continue;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = (e < 2) ? row0 : row1;
-          const int col = nt * 8 + 2 * t + (e & 1);
-          if (row < rows && col < r) {
-            const float v = acc[nn][e];
-            const float sc = scale[col];
-            // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the
-            // quotient rounds into [-127, 127].
-            const int qv = sc > 0.0f ? __float2int_rn(v / sc) : 0;
-            job.coeff_out[static_cast<std::int64_t>(row) * r + col] = static_cast<std::int8_t>(qv);
-            if (job.coeff_f32_out != nullptr) job.coeff_f32_out[static_cast<std::int64_t>(row) * r + col] = v;
-          }
+      for (int e = 0; e < 4; ++e) {
+        const int row = (e < 2) ? row0 : row1;
+        const int col = nt * 8 + 2 * t + (e & 1);
+        if (row < rows && col < r) {
+          const float v = acc[nn][e];
+          const float sc = scale[col];
+          // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the
+          // quotient rounds into [-127, 127].
+          const int qv = sc > 0.0f ? __float2int_rn(v / sc) : 0;
+          job.coeff_out[static_cast<std::int64_t>(row) * r + col] = static_cast<std::int8_t>(qv);
+          if (job.coeff_f32_out != nullptr) job.coeff_f32_out[static_cast<std::int64_t>(row) * r + col] = v;
         }
       }
     }
@@ -1434,9 +1451,9 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
 /// The single-pass projection keeps C in shared memory: 2 X stages, the basis, and C [rows_pad][rpad].
 template <int D>
 struct ResidentShape {
-  static constexpr int kThreads = 256;
+  static constexpr int kThreads = ProjectShape<D>::kThreads;
   static constexpr int kStages = 2;
-  static constexpr int kLd = D + 8;
+  static constexpr int kLd = ProjectShape<D>::kLd;
   SPECTRALKV_HD static constexpr std::size_t bytes(int rows, int rpad) {
     const std::size_t rows_pad = static_cast<std::size_t>((rows + kChunkRows - 1) / kChunkRows) * kChunkRows;
     return static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2u  // X stages
@@ -1452,13 +1469,13 @@ struct ResidentShape {
 /// C = (X − mean)·B_hᵀ and INT8 quantisation in one pass over X: the FP32 coefficients stay in shared
 /// memory until the column maxima are known, then are quantised and written row by row, so every
 /// store is coalesced (4 bytes per thread when r % 4 == 0 and coeff_out is 4-byte aligned). Same
-/// warp tiling, operand split and FP32 values as project_kernel, hence the same bytes; used when
+/// warp tiling and FP32 values as project_kernel, hence the same bytes; used when
 /// ResidentShape::bytes fits (e.g. L = 512 with r ≤ 32), project_kernel otherwise.
 template <class T, int D>
 __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
     project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
   using S = ResidentShape<D>;
-  constexpr int kNT = D / 16;  // n-tiles per warp group, as in project_kernel
+  constexpr int kNT = ProjectShape<D>::kMaxNTilesPerWarp;
   extern __shared__ __align__(16) unsigned char rsmem[];
   const CompressJob job = jobs[blockIdx.x];
   const int r = job.rank;
@@ -1472,80 +1489,29 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
 
   const T* x = static_cast<const T*>(job.x);
   const std::int64_t ld = job.x_row_stride;
-  const bool center = job.mean_center;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int mt = warp & 3, ng = warp >> 2;
   const int ntiles = (r + 7) / 8;
   const int chunks = (rows + kChunkRows - 1) / kChunkRows;
 
-  auto load_chunk = [&](int c, int buf) {
-    constexpr int kVecPerRow = D / 8;
-    for (int v = tid; v < kChunkRows * kVecPerRow; v += S::kThreads) {
-      const int rr = v / kVecPerRow, cv = v % kVecPerRow;
-      const int row = c * kChunkRows + rr;
-      const bool ok = row < rows;
-      cp_async16(&stage[buf * kChunkRows * S::kLd + rr * S::kLd + cv * 8], ok ? x + row * ld + cv * 8 : x, ok);
-    }
-  };
-  load_chunk(0, 0);
+  project_load_chunk<T, D>(stage, x, ld, rows, 0, 0);
   cp_async_commit();
-  for (int e = tid; e < rpad * (D / 2); e += S::kThreads) {
-    const int j = e / (D / 2), c2 = e % (D / 2);
-    const unsigned v = j < r ? reinterpret_cast<const unsigned*>(job.basis_out)[j * (D / 2) + c2] : 0u;
-    *reinterpret_cast<unsigned*>(&Bs[j * S::kLd + 2 * c2]) = v;
-  }
-  for (int d = tid; d < D; d += S::kThreads) mu[d] = center ? __half2float(job.mean_out[d]) : 0.0f;
-  for (int j = tid; j < rpad; j += S::kThreads) amax[j] = 0u;
+  project_load_operands<D>(job, rpad, Bs, mu, amax);
 
   float cmax[kNT][2];
 #pragma unroll
   for (int nn = 0; nn < kNT; ++nn) cmax[nn][0] = cmax[nn][1] = 0.0f;
-  const bool split = center || !std::is_same_v<T, __half>;
+  const bool split = job.mean_center || !std::is_same_v<T, __half>;
 
   for (int c = 0; c < chunks; ++c) {
     cp_async_wait<0>();
     __syncthreads();  // chunk c landed for everyone; the other buffer (chunk c − 1) is no longer read
-    if (c + 1 < chunks) load_chunk(c + 1, (c + 1) & 1);
+    if (c + 1 < chunks) project_load_chunk<T, D>(stage, x, ld, rows, c + 1, (c + 1) & 1);
     cp_async_commit();
-    const T* s = stage + (c & 1) * kChunkRows * S::kLd;
     float acc[kNT][4];
-#pragma unroll
-    for (int nn = 0; nn < kNT; ++nn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
-#pragma unroll 2
-    for (int k0 = 0; k0 < D; k0 += 16) {
-      const int mat = lane >> 3;
-      unsigned a[4];
-      ldmatrix_x4(a, s + (mt * 16 + (lane & 7) + ((mat & 1) << 3)) * S::kLd + k0 + ((mat >> 1) << 3));
-      unsigned alo[4];
-      if (split) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = k0 + 2 * t + ((e >> 1) << 3);
-          const float2 f = to_float2<T>(a[e]);
-          const float v0 = f.x - mu[col], v1 = f.y - mu[col + 1];
-          const __half2 hi = __floats2half2_rn(v0, v1);
-          const float2 hf = __half22float2(hi);
-          a[e] = *reinterpret_cast<const unsigned*>(&hi);
-          alo[e] = pack_half2(v0 - hf.x, v1 - hf.y);
-        }
-      }
-#pragma unroll
-      for (int nn = 0; nn < kNT; ++nn) {
-        const int nt = ng + 2 * nn;
-        if (nt < ntiles) {
-          const __half* brow = Bs + (nt * 8 + g) * S::kLd + k0 + 2 * t;
-          const unsigned b0 = *reinterpret_cast<const unsigned*>(brow);
-          const unsigned b1 = *reinterpret_cast<const unsigned*>(brow + 8);
-          mma_16816<__half>(acc[nn], a, b0, b1);
-          if (split) mma_16816<__half>(acc[nn], alo, b0, b1);
-        }
-      }
-    }
+    project_chunk_mma<T, D>(stage + (c & 1) * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
     const int row0 = c * kChunkRows + mt * 16 + g, row1 = row0 + 8;
-    const bool ok0 = row0 < rows, ok1 = row1 < rows;
 #pragma unroll
     for (int nn = 0; nn < kNT; ++nn) {
       const int nt = ng + 2 * nn;
@@ -1553,15 +1519,8 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
       const int col = nt * 8 + 2 * t;
       *reinterpret_cast<float2*>(&C[row0 * rpad + col]) = make_float2(acc[nn][0], acc[nn][1]);
       *reinterpret_cast<float2*>(&C[row1 * rpad + col]) = make_float2(acc[nn][2], acc[nn][3]);
-      if (ok0) {
-        cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][0]));
-        cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][1]));
-      }
-      if (ok1) {
-        cmax[nn][0] = fmaxf(cmax[nn][0], fabsf(acc[nn][2]));
-        cmax[nn][1] = fmaxf(cmax[nn][1], fabsf(acc[nn][3]));
-      }
     }
+    project_track_max(acc, row0 < rows, row1 < rows, ng, ntiles, cmax);
   }
   cp_async_wait<0>();
   publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);

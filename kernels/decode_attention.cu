@@ -22,12 +22,8 @@ Status check_tier(const char* what, const char* name_k, const char* name_v, cons
 }
 
 decode_host::Shape spectral_shape(const DecodeAttentionParams& p) {
-  decode_host::Shape s;
-  s.dtype = p.dtype;
-  s.batch = p.batch;
-  s.num_kv_heads = p.layout.num_kv_heads;
-  s.group = p.layout.num_kv_heads > 0 ? p.num_q_heads / p.layout.num_kv_heads : 0;
-  s.head_dim = p.layout.head_dim;
+  decode_host::Shape s =
+      decode_host::base_shape(p.dtype, p.batch, p.num_q_heads, p.layout.num_kv_heads, p.layout.head_dim);
   s.rank_k = p.layout.rank_k;
   s.rank_v = p.layout.rank_v;
   s.region_bytes = decode_host::region_bytes(p.layout);
@@ -43,13 +39,7 @@ kernel::TierArgs tier_args(const DenseTier& t) {
 }
 
 decode_host::Shape dense_shape(const DenseDecodeParams& p) {
-  decode_host::Shape s;
-  s.dtype = p.dtype;
-  s.batch = p.batch;
-  s.num_kv_heads = p.num_kv_heads;
-  s.group = p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 0;
-  s.head_dim = p.head_dim;
-  return s;
+  return decode_host::base_shape(p.dtype, p.batch, p.num_q_heads, p.num_kv_heads, p.head_dim);
 }
 
 Status check_workspace(const char* what, std::size_t need, const void* workspace, std::size_t bytes) {
@@ -108,12 +98,7 @@ Status DecodeAttention::can_implement(const DecodeAttentionParams& p) {
 
 std::size_t DecodeAttention::get_workspace_size(const DecodeAttentionParams& p) {
   if (Status s = can_implement(p); !s) throw InvalidArgument(s.message);
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(spectral_shape(p), dev, plan, why);
-  return plan.bytes;
+  return decode_host::plan_for(spectral_shape(p)).bytes;
 }
 
 void DecodeAttention::initialize_workspace(const DecodeAttentionParams& p, void* workspace, cudaStream_t stream) {
@@ -130,11 +115,7 @@ void DecodeAttention::run(const DecodeAttentionParams& p, void* workspace, std::
   if (Status s = can_implement(p); !s) throw InvalidArgument(s.message);
   if (p.batch == 0) return;
   const decode_host::Shape shape = spectral_shape(p);
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(shape, dev, plan, why);
+  const decode_host::Plan plan = decode_host::plan_for(shape);
   if (Status s = check_workspace(kWhat, plan.bytes, workspace, workspace_bytes); !s) throw InvalidArgument(s.message);
 
   const ColdBlockLayout& l = p.layout;
@@ -221,12 +202,7 @@ Status DenseDecodeAttention::can_implement(const DenseDecodeParams& p) {
 
 std::size_t DenseDecodeAttention::get_workspace_size(const DenseDecodeParams& p) {
   if (Status s = can_implement(p); !s) throw InvalidArgument(s.message);
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(dense_shape(p), dev, plan, why);
-  return plan.bytes;
+  return decode_host::plan_for(dense_shape(p)).bytes;
 }
 
 void DenseDecodeAttention::initialize_workspace(const DenseDecodeParams& p, void* workspace, cudaStream_t stream) {
@@ -243,11 +219,7 @@ void DenseDecodeAttention::run(const DenseDecodeParams& p, void* workspace, std:
   if (Status s = can_implement(p); !s) throw InvalidArgument(s.message);
   if (p.batch == 0) return;
   const decode_host::Shape shape = dense_shape(p);
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(shape, dev, plan, why);
+  const decode_host::Plan plan = decode_host::plan_for(shape);
   if (Status s = check_workspace(kWhat, plan.bytes, workspace, workspace_bytes); !s) throw InvalidArgument(s.message);
 
   kernel::KernelArgs k;

@@ -112,13 +112,7 @@ __global__ void prepare_rebuild(const PrepArgs a) {
 }
 
 decode_host::Shape dense_shape_of(const DecodeAttentionParams& p) {
-  decode_host::Shape s;
-  s.dtype = p.dtype;
-  s.batch = p.batch;
-  s.num_kv_heads = p.layout.num_kv_heads;
-  s.group = p.layout.num_kv_heads > 0 ? p.num_q_heads / p.layout.num_kv_heads : 0;
-  s.head_dim = p.layout.head_dim;
-  return s;
+  return decode_host::base_shape(p.dtype, p.batch, p.num_q_heads, p.layout.num_kv_heads, p.layout.head_dim);
 }
 
 }  // namespace
@@ -143,22 +137,14 @@ Status DecompressThenAttend::can_implement(const DecompressParams& p) {
 
 std::size_t DecompressThenAttend::get_workspace_size(const DecompressParams& p) {
   if (Status s = can_implement(p); !s) throw InvalidArgument(s.message);
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(dense_shape_of(p.attention), dev, plan, why);
+  const decode_host::Plan plan = decode_host::plan_for(dense_shape_of(p.attention));
   return rebuild_plan(p, plan.bytes).bytes;
 }
 
 void DecompressThenAttend::initialize_workspace(const DecompressParams& p, void* workspace, cudaStream_t stream) {
   const std::size_t bytes = get_workspace_size(p);
   if (workspace == nullptr) throw InvalidArgument("DecompressThenAttend::initialize_workspace: argument workspace = nullptr (required)");
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(dense_shape_of(p.attention), dev, plan, why);
+  const decode_host::Plan plan = decode_host::plan_for(dense_shape_of(p.attention));
   const RebuildPlan r = rebuild_plan(p, plan.bytes);
   check(cudaMemsetAsync(workspace, 0, plan.bytes, stream), "cudaMemsetAsync(decompress workspace)");
   check(cudaMemsetAsync(static_cast<unsigned char*>(workspace) + r.off_zero, 0, bytes - r.off_zero, stream),
@@ -172,11 +158,7 @@ void DecompressThenAttend::run(const DecompressParams& p, void* workspace, std::
   if (ap.batch == 0) return;
   const ColdBlockLayout& l = ap.layout;
   const decode_host::Shape shape = dense_shape_of(ap);
-  decode_host::DeviceInfo dev;
-  decode_host::Plan plan;
-  std::string why;
-  decode_host::device_info(dev, why);
-  decode_host::make_plan(shape, dev, plan, why);
+  const decode_host::Plan plan = decode_host::plan_for(shape);
   const RebuildPlan r = rebuild_plan(p, plan.bytes);
   if (workspace_bytes < r.bytes)
     throw InvalidArgument(detail::concat("DecompressThenAttend::run: argument workspace_bytes = ", workspace_bytes,

@@ -68,6 +68,17 @@ struct Shape {
   int region_bytes = 0;        ///< bytes of scales + coefficients copied per cold block and head
 };
 
+/// The fields of a Shape that every decode kernel has (no cold blocks).
+inline Shape base_shape(DataType dtype, int batch, int num_q_heads, int num_kv_heads, int head_dim) {
+  Shape s;
+  s.dtype = dtype;
+  s.batch = batch;
+  s.num_kv_heads = num_kv_heads;
+  s.group = num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0;
+  s.head_dim = head_dim;
+  return s;
+}
+
 struct Plan {
   int grid = 0, stages = 0, stage_bytes = 0, smem_bytes = 0, ctas_per_sm = 0;
   int smem_seq = 0, smem_prefix = 0, smem_qf = 0, smem_qt = 0, smem_work = 0, smem_misc = 0, smem_bar = 0,
@@ -138,6 +149,17 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   w = align_up(static_cast<long long>(w) + 4 * p.pairs, 256);
   p.bytes = s.batch > 0 ? w : 0;
   return true;
+}
+
+/// The plan of a shape that can_implement has accepted, so that neither the device query nor the
+/// plan can fail here (both already succeeded for the same arguments).
+inline Plan plan_for(const Shape& s) {
+  DeviceInfo dev;
+  Plan plan;
+  std::string why;
+  device_info(dev, why);
+  make_plan(s, dev, plan, why);
+  return plan;
 }
 
 /// Copies the plan and workspace pointers into the kernel arguments.
