@@ -442,6 +442,40 @@ TEST_F(CompressGpu, SubspaceIterationMatchesOptimumOnMixedBatchD128) {
   std::printf("[ info ] D=128 worst optimality ratio (subspace iteration): %.6f\n", worst);
 }
 
+/// A job's outputs depend on its own block only. The eigen kernel takes the jobs in an order of its
+/// own (widest subspace first, ties in whatever order its atomics give), every job starts from the
+/// same vectors, and both projection kernels compute the same FP32 values, so the same blocks
+/// compressed in reverse order, or two of them alone (a batch whose ranks select the other projection
+/// kernel and smaller panels), must give the same bytes.
+TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
+  Rng rng(20261130);
+  const std::vector<Case> cs = cases_d128(rng);
+  const std::vector<Case> reversed(cs.rbegin(), cs.rend());
+  const std::size_t n = cs.size();
+  const std::vector<std::size_t> picked = {10, 15};  // outlier channels r = 32; offsets, centred, r = 16
+  ASSERT_EQ(cs[picked[0]].rank, 32);
+  ASSERT_TRUE(cs[picked[1]].mean_center);
+  Batch<Half> forward(cs, kRows, 128), backward(reversed, kRows, 128),
+      alone({cs[picked[0]], cs[picked[1]]}, kRows, 128);
+  const Outputs of = forward.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const Outputs ob = backward.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const Outputs oa = alone.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  auto expect_same = [&](const Batch<Half>& other, const Outputs& oo, std::size_t j, std::size_t b) {
+    SCOPED_TRACE("job " + std::to_string(b) + " (" + cs[b].name + ", r=" + std::to_string(cs[b].rank) + ")");
+    // Exact comparisons: every value is a finite FP16/FP32/INT8 value, converted to double exactly.
+    EXPECT_TRUE(forward.basis16(of, b) == other.basis16(oo, j)) << "FP16 basis";
+    EXPECT_TRUE(forward.basis32(of, b) == other.basis32(oo, j)) << "FP32 basis";
+    EXPECT_TRUE(forward.mean(of, b) == other.mean(oo, j)) << "mean";
+    EXPECT_TRUE(forward.scales(of, b) == other.scales(oo, j)) << "scales";
+    EXPECT_TRUE(forward.coeff8(of, b) == other.coeff8(oo, j)) << "INT8 coefficients";
+    EXPECT_TRUE(forward.coeff32(of, b) == other.coeff32(oo, j)) << "FP32 coefficients";
+    for (int k = 0; k < cs[b].rank; ++k)
+      EXPECT_EQ(of.eig[forward.scale_offset(b) + k], oo.eig[other.scale_offset(j) + k]) << "Ritz value " << k;
+  };
+  for (std::size_t b = 0; b < n; ++b) expect_same(backward, ob, n - 1 - b, b);
+  for (std::size_t j = 0; j < picked.size(); ++j) expect_same(alone, oa, j, picked[j]);
+}
+
 TEST_F(CompressGpu, CusolverPathMatchesOptimumAndAgreesWithSubspaceIteration) {
   Rng rng(20261129);
   Batch<Half> batch(cases_d128(rng), kRows, 128);
