@@ -748,7 +748,6 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
       }
     }
   }
-
   __syncthreads();
 }
 
@@ -820,6 +819,7 @@ __device__ __forceinline__ void jacobi_rotate_block(const float* Hc, float* Hn, 
 
 /// Rows of W one thread rotates per round: ℓ ≤ 64 rows over ≥ kEigenThreads / 32 threads per pair.
 constexpr int kJacobiRowsPerThread = 64 / (kEigenThreads / 32);
+static_assert(kFastMaxEll<128> <= 64 && kFastMaxEll<64> <= 64, "jacobi_fast's W slots assume l <= 64");
 
 /// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ 64), rotations accumulated in W, one barrier per
 /// round: H is double-buffered (round s reads Hc, writes Hn), and every warp computes the round's
