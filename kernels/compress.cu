@@ -843,9 +843,11 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
   }
   for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
   if (tid == 0) flags[0] = 0;
+  // Blocks are dealt from the last thread down, so the threads that get a second block are the ones
+  // with the fewest rows of W (those go from the first thread up): the round waits for the slowest.
   int blk[3];
   int nmine = 0;
-  for (int idx = tid; idx < np * (np + 1) / 2 && nmine < 3; idx += kEigenThreads) {
+  for (int idx = kEigenThreads - 1 - tid; idx < np * (np + 1) / 2 && nmine < 3; idx += kEigenThreads) {
     int a = 0, rest = idx;
     while (rest >= np - a) {
       rest -= np - a;
@@ -1010,6 +1012,14 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   const float* g = gram + static_cast<std::int64_t>(jb) * D * D;
 
   // --- 1. G (symmetrised) into shared memory; centring with the stored FP16 mean -----------------
+  // G by 16-byte cp.async straight into its swizzled place (the XOR moves whole groups of 4 floats),
+  // all 64 KB in flight at once: element-wise loads through registers kept only a few per thread in
+  // flight, and G has mostly left the L2 by the time its job runs.
+  for (int v = tid; v < D * D / 4; v += kEigenThreads) {
+    const int row = v / (D / 4), col = (v % (D / 4)) * 4;
+    cp_async16(&Gs[swz<D>(row, col)], g + 4 * v, true);
+  }
+  cp_async_commit();
   // The Gram kernel accumulated Y = X − 1mᵀ (shift m, column sums s' of Y). With the stored mean μ_h
   // and d = μ_h − m (exact: both are FP16 values), (X − 1μ_hᵀ)ᵀ(X − 1μ_hᵀ) = YᵀY − d·s'ᵀ − s'·dᵀ + L·ddᵀ.
   float* sum = Qa;  // scratch until the start vectors are written
@@ -1025,7 +1035,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     }
     __syncthreads();
   }
-  for (int e = tid; e < D * D; e += kEigenThreads) Gs[swz<D>(e / D, e % D)] = g[e];  // coalesced
+  cp_async_wait<0>();
   __syncthreads();
   for (int e = tid; e < D * D; e += kEigenThreads) {
     const int i = e / D, k = e % D;
