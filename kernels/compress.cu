@@ -1037,19 +1037,26 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   }
   cp_async_wait<0>();
   __syncthreads();
-  for (int e = tid; e < D * D; e += kEigenThreads) {
-    const int i = e / D, k = e % D;
-    if (i > k) continue;
-    // Symmetrise: the two triangles come from different warps' accumulation orders.
-    double v = 0.5 * (static_cast<double>(Gs[swz<D>(i, k)]) + static_cast<double>(Gs[swz<D>(k, i)]));
+  // Symmetrise (the two triangles come from different warps' accumulation orders) over the upper
+  // triangle folded so that every thread is busy: rows r and D−1−r together hold D + 1 of its elements.
+  for (int e = tid; e < (D / 2) * (D + 1); e += kEigenThreads) {
+    const int r = e / (D + 1), c = e % (D + 1);
+    const int i = c < D - r ? r : D - 1 - r;
+    const int k = c < D - r ? r + c : i + c - (D - r);
+    const float a = Gs[swz<D>(i, k)], b = Gs[swz<D>(k, i)];
+    float v;
     if (job.mean_center) {
       // In double so the correction adds no rounding of its own (what remains is the FP32 rounding
       // of YᵀY, relative to ‖Y‖² ≈ ‖X − μ‖² + L‖μ − m‖², see the docs).
-      v += -static_cast<double>(mu[i]) * sum[k] - static_cast<double>(sum[i]) * mu[k] +
+      double w = 0.5 * (static_cast<double>(a) + static_cast<double>(b));
+      w += -static_cast<double>(mu[i]) * sum[k] - static_cast<double>(sum[i]) * mu[k] +
            static_cast<double>(rows) * mu[i] * mu[k];
+      v = static_cast<float>(w);
+    } else {
+      v = 0.5f * (a + b);  // the same value as the double expression: a + b in FP32 then an exact halving
     }
-    Gs[swz<D>(i, k)] = static_cast<float>(v);
-    Gs[swz<D>(k, i)] = static_cast<float>(v);
+    Gs[swz<D>(i, k)] = v;
+    Gs[swz<D>(k, i)] = v;
   }
   if (tid == 0) misc[0] = 0.0f;
   __syncthreads();
