@@ -948,15 +948,12 @@ struct EigenSmem {
 /// is made of long jobs; longest first lets the short ones fill in behind them (longest-processing-time
 /// scheduling). A counting sort by ℓ (a multiple of 8 up to D) in one CTA; the order within one ℓ is
 /// whatever the atomics give, which changes no result (a job's outputs depend on its own data only).
-__global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int dim, int oversample,
-                             int* __restrict__ order) {
-  constexpr int kBuckets = 128 / 8 + 1;
+template <int D>
+__global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int oversample, int* __restrict__ order) {
+  constexpr int kBuckets = D / 8 + 1;  // ℓ / 8: ℓ ≤ D by construction, ℓ ≥ 8 for rank ≥ 1 (validate_jobs)
   __shared__ int count[kBuckets];
   __shared__ int start[kBuckets];
-  auto bucket = [&](int j) {
-    const int b = compress_subspace_width(jobs[j].rank, dim, oversample) / 8;
-    return b < 0 ? 0 : (b >= kBuckets ? kBuckets - 1 : b);  // ranks are validated by run(); stay in bounds
-  };
+  auto bucket = [&](int j) { return compress_subspace_width(jobs[j].rank, D, oversample) / 8; };
   for (int b = threadIdx.x; b < kBuckets; b += blockDim.x) count[b] = 0;
   __syncthreads();
   for (int j = threadIdx.x; j < n; j += blockDim.x) atomicAdd(&count[bucket(j)], 1);
@@ -1327,18 +1324,18 @@ __device__ __forceinline__ void project_load_operands(const CompressJob& job, in
   for (int j = threadIdx.x; j < rpad; j += S::kThreads) amax[j] = 0u;
 }
 
-/// acc = (X − μ)·B_hᵀ for the warp's 16 rows of one staged chunk `s` and its n-tiles < ntiles. With a
+/// acc = (X − μ)·B_hᵀ for the warp's 16 rows of one staged chunk `s` and its n-tiles < ntiles (≤ 2·kNT). With a
 /// mean or BF16 input (`split`) the A operand X − μ is formed in FP32 and split into FP16 hi + lo (two
 /// mma), keeping the product exact to ~2^-22 against the FP16 basis.
-template <class T, int D>
+template <class T, int D, int kNT>
 __device__ __forceinline__ void project_chunk_mma(const T* s, const __half* Bs, const float* mu, bool split,
-                                                  int ntiles, float (&acc)[ProjectShape<D>::kMaxNTilesPerWarp][4]) {
+                                                  int ntiles, float (&acc)[kNT][4]) {
   using S = ProjectShape<D>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int mt = warp & 3, ng = warp >> 2;
 #pragma unroll
-  for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn)
+  for (int nn = 0; nn < kNT; ++nn)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nn][e] = 0.0f;
 #pragma unroll 2
@@ -1360,7 +1357,7 @@ __device__ __forceinline__ void project_chunk_mma(const T* s, const __half* Bs, 
       }
     }
 #pragma unroll
-    for (int nn = 0; nn < S::kMaxNTilesPerWarp; ++nn) {
+    for (int nn = 0; nn < kNT; ++nn) {
       const int nt = ng + 2 * nn;
       if (nt < ntiles) {
         const __half* brow = Bs + (nt * 8 + g) * S::kLd + k0 + 2 * t;
@@ -1439,7 +1436,7 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
     if (it == chunks) publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);  // pass boundary
 
     float acc[kNT][4];
-    project_chunk_mma<T, D>(stage + buf * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
+    project_chunk_mma<T, D, kNT>(stage + buf * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
     const int row0 = c * kChunkRows + mt * 16 + g, row1 = row0 + 8;
     if (pass == 0) project_track_max(acc, row0 < rows, row1 < rows, ng, ntiles, cmax);
 #pragma unroll
@@ -1488,11 +1485,12 @@ struct ResidentShape {
 /// store is coalesced (4 bytes per thread when r % 4 == 0 and coeff_out is 4-byte aligned). Same
 /// warp tiling and FP32 values as project_kernel, hence the same bytes; used when
 /// ResidentShape::bytes fits (e.g. L = 512 with r ≤ 32), project_kernel otherwise.
-template <class T, int D>
+/// \tparam kNT  n-tiles per warp, ≥ ceil(ceil(r/8)/2) for every job of the batch: the accumulators and
+///              column maxima of only that many tiles live in registers, with no per-tile guard.
+template <class T, int D, int kNT>
 __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
     project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
   using S = ResidentShape<D>;
-  constexpr int kNT = ProjectShape<D>::kMaxNTilesPerWarp;
   extern __shared__ __align__(16) unsigned char rsmem[];
   const CompressJob job = jobs[blockIdx.x];
   const int r = job.rank;
@@ -1527,7 +1525,7 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
     if (c + 1 < chunks) project_load_chunk<T, D>(stage, x, ld, rows, c + 1, (c + 1) & 1);
     cp_async_commit();
     float acc[kNT][4];
-    project_chunk_mma<T, D>(stage + (c & 1) * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
+    project_chunk_mma<T, D, kNT>(stage + (c & 1) * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
     const int row0 = c * kChunkRows + mt * 16 + g, row1 = row0 + 8;
 #pragma unroll
     for (int nn = 0; nn < kNT; ++nn) {
@@ -1659,6 +1657,29 @@ void dispatch_dim(int head_dim, F&& f) {
   }
 }
 
+/// The one-pass projection's n-tiles per warp (2, 4 or 8, at most D/16; chosen by the constructor) →
+/// compile-time kNT.
+template <int D, class F>
+void dispatch_tiles(int tiles, F&& f) {
+  switch (tiles) {
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      return;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      return;
+    case 8:
+      if constexpr (D / 16 >= 8) {
+        f(std::integral_constant<int, 8>{});
+        return;
+      }
+      break;
+    default:
+      break;
+  }
+  detail::fail("BatchedCompressor", "project_tiles", tiles, detail::concat("must be 2, 4 or 8 and <= ", D / 16));
+}
+
 template <class F>
 void dispatch_element(ElementType e, F&& f) {
   switch (e) {
@@ -1695,6 +1716,7 @@ struct BatchedCompressor::Impl {
   int panel = 0;   // floats per eigen-kernel panel (EigenSmem::panel)
   std::size_t eigen_smem = 0, project_smem = 0;
   bool resident = false;  // project_resident_kernel instead of project_kernel
+  int project_tiles = 2;  // its kNT: n-tiles per warp for the batch's largest rank
   // Fast path workspace offsets.
   std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, off_order = 0, total = 0;
   // cuSOLVER path.
@@ -1784,6 +1806,7 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     constexpr int D = decltype(dim)::value;
     const std::size_t resident_bytes = ResidentShape<D>::bytes(problem.rows, rpad_max);
     m.resident = resident_bytes <= ResidentShape<D>::kMaxBytes;
+    m.project_tiles = std::min(D / 16, rpad_max <= 32 ? 2 : rpad_max <= 64 ? 4 : 8);
     m.project_smem = m.resident ? resident_bytes : ProjectShape<D>::bytes(rpad_max);
   });
 
@@ -1833,12 +1856,15 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     dispatch_dim(d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       if (m.resident) {
-        check(cudaFuncSetAttribute(project_resident_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(m.project_smem)),
-              "cudaFuncSetAttribute(project_resident_kernel)");
-        check(cudaFuncSetAttribute(project_resident_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                   cudaSharedmemCarveoutMaxShared),
-              "cudaFuncSetAttribute(project_resident_kernel carveout)");
+        dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
+          const auto kernel = project_resident_kernel<T, D, decltype(tiles)::value>;
+          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(m.project_smem)),
+                "cudaFuncSetAttribute(project_resident_kernel)");
+          check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                     cudaSharedmemCarveoutMaxShared),
+                "cudaFuncSetAttribute(project_resident_kernel carveout)");
+        });
       } else {
         check(cudaFuncSetAttribute(project_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(m.project_smem)),
@@ -1895,7 +1921,7 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
         auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
         auto* shifts = reinterpret_cast<float*>(ws + m.off_shift);
         auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
-        order_kernel<<<1, 1024, 0, stream>>>(device_jobs, num_jobs, D, p.options.oversample, job_order);
+        order_kernel<D><<<1, 1024, 0, stream>>>(device_jobs, num_jobs, p.options.oversample, job_order);
         check_launch("order_kernel");
         gram_kernel<T, D><<<num_jobs, GramShape<D>::kThreads, GramShape<D>::kSmemBytes, stream>>>(device_jobs, p.rows,
                                                                                                    gram, sums, shifts);
@@ -1929,8 +1955,10 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
         }
       }
       if (m.resident) {
-        project_resident_kernel<T, D><<<num_jobs, ResidentShape<D>::kThreads, m.project_smem, stream>>>(device_jobs,
-                                                                                                         p.rows);
+        dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
+          project_resident_kernel<T, D, decltype(tiles)::value>
+              <<<num_jobs, ResidentShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);
+        });
         check_launch("project_resident_kernel");
       } else {
         project_kernel<T, D><<<num_jobs, ProjectShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);

@@ -445,8 +445,9 @@ TEST_F(CompressGpu, SubspaceIterationMatchesOptimumOnMixedBatchD128) {
 /// A job's outputs depend on its own block only. The eigen kernel takes the jobs in an order of its
 /// own (widest subspace first, ties in whatever order its atomics give), every job starts from the
 /// same vectors, and both projection kernels compute the same FP32 values, so the same blocks
-/// compressed in reverse order, or two of them alone (a batch whose ranks select the other projection
-/// kernel and smaller panels), must give the same bytes.
+/// compressed in reverse order, two of them alone (a batch whose ranks select the other projection
+/// kernel and smaller panels), or 24 copies of the batch (552 jobs: more than one wave of every
+/// kernel) must give the same bytes.
 TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   Rng rng(20261130);
   const std::vector<Case> cs = cases_d128(rng);
@@ -474,6 +475,13 @@ TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   };
   for (std::size_t b = 0; b < n; ++b) expect_same(backward, ob, n - 1 - b, b);
   for (std::size_t j = 0; j < picked.size(); ++j) expect_same(alone, oa, j, picked[j]);
+
+  constexpr std::size_t kCopies = 24;
+  std::vector<Case> many;
+  for (std::size_t k = 0; k < kCopies; ++k) many.insert(many.end(), cs.begin(), cs.end());
+  Batch<Half> copies(std::move(many), kRows, 128);
+  const Outputs om = copies.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  for (std::size_t j = 0; j < kCopies * n; ++j) expect_same(copies, om, j, j % n);
 }
 
 TEST_F(CompressGpu, CusolverPathMatchesOptimumAndAgreesWithSubspaceIteration) {
@@ -664,6 +672,23 @@ TEST_F(CompressGpu, BFloat16InputAndShortBlock) {
   for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
     const Outputs o = batch.run(a, ElementType::kBFloat16, stream_);
     check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver bf16" : "subspace bf16");
+  }
+}
+
+/// Blocks longer than the device cache's (1100 rows: 18 chunks, the last one partial): their FP32
+/// coefficients do not fit in shared memory, so the two-pass projection runs, with CholQR (r = 32) and
+/// with Gram–Schmidt (r = 120) in the eigen kernel.
+TEST_F(CompressGpu, LongBlocks) {
+  Rng rng(13);
+  const int D = 128, rows = 1100;
+  for (int big_rank : {32, 120}) {
+    std::vector<Case> cs;
+    cs.push_back(Case{"decay i^-0.5", big_rank, false, round_to<Half>(with_spectrum(rows, D, spectrum(D, pow_half), rng))});
+    cs.push_back(Case{"offsets, centred", 16, true,
+                      round_to<Half>(with_spectrum(rows, D, spectrum(D, exp20), rng).rowwise() + 4.0 * gaussian_row(D, rng))});
+    Batch<Half> batch(std::move(cs), rows, D);
+    const Outputs o = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+    check_outputs(batch, o, big_rank == 32 ? "L=1100, r=32" : "L=1100, r=120");
   }
 }
 
