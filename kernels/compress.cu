@@ -651,15 +651,40 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
     S[(m0 + g) * ell + n0 + 2 * t + 1] = (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]);
   }
   __syncthreads();
-  // --- S = RᵀR (upper R in place, FP64), blocked by 8, right-looking ----------------------------
+  // --- S = RᵀR (upper R in place, FP64), blocked by 8, right-looking; Z ← Z·R⁻¹ -----------------
   // Per 8-column block J: (1) one warp factors the diagonal block in registers (lane k holds column k,
   // R_jk and the trailing updates travel by shuffles); (2) one thread per later column c solves
   // R_JJᵀ·x = S_J,c for its piece of the block row of R; (3) all threads subtract R_J,kᵀ·R_J,l from the
   // trailing upper triangle. The serial part is ℓ/8 small factorisations: ~27 K cycles at ℓ = 48 on an
   // H200, where a one-warp left-looking factorisation took ~45 K with 7 of the 8 warps idle.
   // The diagonal slot of R keeps 1/R_jj (FP64) for the solves; R_jk (j < k) is also stored in FP32 in
-  // the unused lower slot (k, j) for the substitution below.
+  // the unused lower slot (k, j) for the substitution.
+  //
+  // Z ← Z·R⁻¹ goes 8 columns at a time, row i of Z by one thread (D of the CTA's threads, not warp 0):
+  // columns J need R's columns J only, which are final once block J is factored, so the substitution
+  // of block J − 1 runs while warp 0 factors block J (during which the other warps used to wait).
+  // Splitting a row's columns over two lanes (shuffling each finished column to the other) measured
+  // slower: the in-block chain gains a shuffle per column.
   float* Rf = reinterpret_cast<float*>(S);  // R_mk (m < k) as FP32 at Rf[2·(k·ℓ + m)]
+  static_assert(kEigenThreads - D >= 32, "the substituting threads must not include warp 0");
+  const int zrow = tid - (kEigenThreads - D);  // the row of Z this thread substitutes, if ≥ 0
+  auto substitute = [&](int jb) {  // columns jb..jb+7 of row zrow; columns < jb are done
+    float acc[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[u] = Z[swz<D>(jb + u, zrow)];
+    for (int m = 0; m < jb; ++m) {
+      const float qm = Z[swz<D>(m, zrow)];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] -= Rf[2 * ((jb + u) * ell + m)] * qm;  // broadcasts
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+#pragma unroll
+      for (int v = 0; v < u; ++v) acc[u] -= Rf[2 * ((jb + u) * ell + jb + v)] * acc[v];
+      acc[u] *= invd[jb + u];
+      Z[swz<D>(jb + u, zrow)] = acc[u];
+    }
+  };
   {
     double pivot_floor = 0.0;
     if (warp == 0) pivot_floor = 1e-30 * S[0];  // only reached for non-finite or degenerate input
@@ -693,6 +718,8 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
             if (i < k) Rf[2 * ((j0 + k) * ell + j0 + i)] = static_cast<float>(col[i]);
           }
         }
+      } else if (zrow >= 0 && j0 > 0) {
+        substitute(j0 - 8);
       }
       __syncthreads();
       const int next = j0 + 8;
@@ -725,29 +752,7 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
       __syncthreads();
     }
   }
-  // --- Z ← Z·R⁻¹: row i of Z solves q·R = z, 8 columns at a time ----------------------------------
-  // One thread per row, half the CTA at D = 128: splitting a row's columns over two lanes (shuffling
-  // each finished column to the other) measured slower, its in-block chain gains a shuffle per column.
-  if (tid < D) {
-    const int i = tid;
-    for (int jb = 0; jb < ell; jb += 8) {
-      float acc[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = Z[swz<D>(jb + u, i)];
-      for (int m = 0; m < jb; ++m) {
-        const float qm = Z[swz<D>(m, i)];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) acc[u] -= Rf[2 * ((jb + u) * ell + m)] * qm;  // broadcasts
-      }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-#pragma unroll
-        for (int v = 0; v < u; ++v) acc[u] -= Rf[2 * ((jb + u) * ell + jb + v)] * acc[v];
-        acc[u] *= invd[jb + u];
-        Z[swz<D>(jb + u, i)] = acc[u];
-      }
-    }
-  }
+  if (zrow >= 0) substitute(ell - 8);
   __syncthreads();
 }
 
