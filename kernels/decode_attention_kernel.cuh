@@ -281,12 +281,18 @@ struct DecodeTraits {
   __host__ __device__ static constexpr int sigma(int nt, int n) {
     return RK == 8 ? n : (RK / 4) * (n >> 1) + 4 * (nt >> 1) + 2 * (nt & 1) + (n & 1);
   }
-  /// Smem slot of B_V row j (relative to the B_V section): PC·B_V's A operand is PC's accumulator as is,
-  /// whose column n of n-tile i is rank n·RV/8 + i, so k-step kp of the projection needs ranks
-  /// n·RV/8 + 2kp + h (k = 8h + n); storing rank j at slot 8·(j mod RV/8) + j div RV/8 makes them the
-  /// 16 consecutive slots 16kp..16kp+15 (8 consecutive padded rows hit distinct banks).
+  /// Rank held by column n of PC's n-tile i. For RV >= 16 the C_V fragments come from transposed
+  /// ldmatrix, which gives n-tile i the ranks 16(i/2) + 2n + i%2; RV = 8 has one n-tile, column n = rank n.
+  __host__ __device__ static constexpr int pc_rank(int i, int n) {
+    return RV == 8 ? n : 16 * (i >> 1) + 2 * n + (i & 1);
+  }
+  /// Smem slot of B_V row j (relative to the B_V section). PC·B_V's A operand is PC's accumulator as is:
+  /// k-slot k = 8h + n of projection k-step kp is column n of n-tile 2kp + h, rank 16kp + 2n + h, so
+  /// storing rank 16q + j' (j' < 16) at slot 16q + 8(j' mod 2) + j'/2 makes each k-step read the 16
+  /// consecutive slots 16kp..16kp+15 (8 consecutive padded rows hit distinct banks).
+  /// vslot(j + i·P) = vslot(j) + vslot(i·P) for j < P and P = 8 or 16 (the loader relies on it).
   __host__ __device__ static constexpr int vslot(int j) {
-    return kCold ? 8 * (j % (RV / 8)) + j / (RV / 8) : j;
+    return (!kCold || RV == 8) ? j : (j & ~15) + 8 * (j & 1) + ((j & 15) >> 1);
   }
 };
 
@@ -443,6 +449,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   // cold block (most of its bytes, contiguous) goes by one bulk copy that completes on the stage barrier.
   constexpr int kCpr = D / 8;                     // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kCpr;   // rows one pass of the CTA covers
+  static_assert(kChunk % kRowsPerPass == 0, "a dense chunk is whole passes of the CTA");
   const int my_ch = tid % kCpr;
   const int my_row = tid / kCpr;
   Cursor lc = locate(x0);
@@ -484,16 +491,26 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         mbar_arrive_expect_tx(bar, a.region_bytes);
         bulk_load(sdst + Tr::kBaseRows * kRow, src + a.off_region, a.region_bytes, bar);
       }
-      // Compile-time row loops: a copy costs an address add (B_K rows go in the sigma order the W MMA reads).
+      // Row my_row + i·kRowsPerPass of each basis. kRowsPerPass (8 or 16) is a multiple of 8, so the slots
+      // are this thread's first slot plus a compile-time step (vslot(my_row + i·P) = vslot(my_row) +
+      // vslot(i·P) for my_row < P), and a copy costs no index arithmetic: loops bounded at run time that
+      // evaluated sigma and vslot per row cost ~120 instructions per warp and block.
       if constexpr (kCold) {
+        const unsigned char* bk = src + a.off_basis_k + Tr::sigma(my_row >> 3, my_row & 7) * kRowBytes + my_ch * 16;
+        const std::uint32_t dk = sdst + my_row * kRow + my_ch * 16;
 #pragma unroll
-        for (int r = my_row; r < RK; r += kRowsPerPass)
-          cp_async_16(sdst + r * kRow + my_ch * 16,
-                      src + a.off_basis_k + Tr::sigma(r >> 3, r & 7) * kRowBytes + my_ch * 16, true);
+        for (int i = 0; i < (RK + kRowsPerPass - 1) / kRowsPerPass; ++i) {
+          // sigma(nt + d, n) = sigma(nt, n) + 2d for RK >= 16; RK = 8 has one n-tile.
+          if (RK % kRowsPerPass == 0 || my_row < RK)
+            cp_async_16(dk + i * kRowsPerPass * kRow, bk + 2 * i * (kRowsPerPass / 8) * kRowBytes, true);
+        }
         const unsigned char* bv = src + a.off_basis_v + my_row * kRowBytes + my_ch * 16;
+        const std::uint32_t dv = sdst + (RK + Tr::vslot(my_row)) * kRow + my_ch * 16;
 #pragma unroll
-        for (int r = my_row; r < RV; r += kRowsPerPass, bv += kRowsPerPass * kRowBytes)
-          cp_async_16(sdst + (RK + Tr::vslot(r)) * kRow + my_ch * 16, bv, true);
+        for (int i = 0; i < (RV + kRowsPerPass - 1) / kRowsPerPass; ++i) {
+          if (RV % kRowsPerPass == 0 || my_row < RV)
+            cp_async_16(dv + Tr::vslot(i * kRowsPerPass) * kRow, bv + i * kRowsPerPass * kRowBytes, true);
+        }
         if (a.has_mean && my_row < 2)
           cp_async_16(sdst + (RK + RV + my_row) * kRow + my_ch * 16,
                       src + (my_row == 0 ? a.off_mean_k : a.off_mean_v) + my_ch * 16, true);
@@ -506,11 +523,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       const long long col = static_cast<long long>(lc.h) * kRowBytes + my_ch * 16 + tok0 * row_bytes;
       const char* kp = (it.tier == 0 ? l_k0 : (it.tier == 1 ? l_k1 : l_k2)) + col;
       const char* vp = (it.tier == 0 ? l_v0 : (it.tier == 1 ? l_v1 : l_v2)) + col;
+      const std::uint32_t dk = sdst + my_row * kRow + my_ch * 16;
 #pragma unroll
-      for (int r = my_row; r < kChunk; r += kRowsPerPass) {
+      for (int i = 0; i < kChunk / kRowsPerPass; ++i) {
+        const int r = my_row + i * kRowsPerPass;
         const bool valid = r < nv;
-        cp_async_16(sdst + r * kRow + my_ch * 16, valid ? kp + r * row_bytes : static_cast<const char*>(a.q), valid);
-        cp_async_16(sdst + (kChunk + r) * kRow + my_ch * 16, valid ? vp + r * row_bytes : static_cast<const char*>(a.q),
+        cp_async_16(dk + i * kRowsPerPass * kRow, valid ? kp + r * row_bytes : static_cast<const char*>(a.q), valid);
+        cp_async_16(dk + (kChunk + i * kRowsPerPass) * kRow, valid ? vp + r * row_bytes : static_cast<const char*>(a.q),
                     valid);
       }
       if (tid == 0) mbar_arrive(bar);
@@ -687,8 +706,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   };
 
   // ---- Cold block: dual-spectral attention for the whole group, into this warp's private state. ----
-  auto cold_item = [&](const unsigned char* st) {
+  // hi_tag: true when the group has more than 8 query heads, so rows 8..15 of the MMA tiles are heads;
+  // otherwise they are padding, and the softmax and projection work of those rows is compiled out.
+  auto cold_item = [&](const unsigned char* st, auto hi_tag) {
     if constexpr (kCold) {
+      constexpr bool kHi = decltype(hi_tag)::value;
+      constexpr int kRows = kHi ? 2 : 1;  // accumulator rows (gid, gid + 8) that may hold query heads
       constexpr int kKT = Tr::kKT, kVT = Tr::kVT, kRKs = Tr::kRKs, kRVs = Tr::kRVs;
       const std::uint32_t sb = smem_u32(st);
       const unsigned char* reg = st + Tr::kBaseRows * kRow;
@@ -733,8 +756,21 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         split_half2(wk[nt][0] * s0, wk[nt][1] * s1, wa_hi[ks][2 * e], wa_lo[ks][2 * e]);
         split_half2(wk[nt][2] * s0, wk[nt][3] * s1, wa_hi[ks][2 * e + 1], wa_lo[ks][2 * e + 1]);
       }
-      const float qm0 = has_mean ? wm[0] * qscale : 0.0f;
-      const float qm1 = has_mean ? wm[2] * qscale : 0.0f;
+      // q·mean_k per row: added to the running max instead of to every score.
+      const float qm[2] = {has_mean ? wm[0] * qscale : 0.0f, has_mean ? wm[2] * qscale : 0.0f};
+
+      // C_V fragments for RV >= 16 come from transposed ldmatrix: matrix m = 2h + e holds 8 token rows of
+      // 16 bytes (ranks 16h..16h+15) of the 8-token half e of a 16-token step, row ρ being token
+      // 8e + ρ/2 + 4(ρ%2). A lane (gid, tig) then receives ranks 16h + 2gid and 16h + 2gid + 1 of tokens
+      // tig and tig + 4, the two k-slots of its P operand, in one 32-bit register: one byte permute per
+      // pair of values instead of a permute, a mask and an xor (RV = 8 rows are too short for ldmatrix).
+      constexpr bool kVLdsm = RV >= 16;
+      [[maybe_unused]] std::uint32_t cv_lane = 0;
+      if constexpr (kVLdsm) {
+        const int m = (lane >> 3) & (RV >= 32 ? 3 : 1);
+        const int rho = lane & 7;
+        cv_lane = smem_u32(cv) + static_cast<std::uint32_t>((8 * (m & 1) + (rho >> 1) + 4 * (rho & 1)) * RV + 16 * (m >> 1));
+      }
 
       // (B-D) scores, softmax, PC = P·C_V over this warp's 16-token steps ks = warp, warp + kWarps, ...
       float pc[kVT][4];
@@ -747,17 +783,19 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       // range checks compile away (all groups but the last of a block whose size is a multiple of 16).
       auto score_group = [&](int ks0, auto full_tag) {
         constexpr bool kFull = decltype(full_tag)::value;
-        float s[kKStepsPerGroup][2][4];
+        // Raw scores W·C_Kᵀ (without q·mean_k); s[u][e][2 ri + c] is row gid + 8 ri.
+        float s[kKStepsPerGroup][2][2 * kRows];
 #pragma unroll
         for (int u = 0; u < kKStepsPerGroup; ++u) {
           const int ks = ks0 + kWarps * u;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            s[u][e][0] = s[u][e][1] = s[u][e][2] = s[u][e][3] = -INFINITY;
+#pragma unroll
+            for (int c = 0; c < 2 * kRows; ++c) s[u][e][c] = -INFINITY;
             if (kFull || ks < nks) {
               float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-              // n-tile column n holds token 16ks + 8e + 4(n&1) + (n>>1): then the C_V loads below read
-              // 4 consecutive rows per instruction (conflict-free).
+              // n-tile column n holds token 16ks + 8e + 4(n&1) + (n>>1): then lane (gid, tig) scores tokens
+              // tig and tig + 4 of the half, the tokens its C_V fragment holds.
               const int row = 16 * ks + 8 * e + 4 * (gid & 1) + (gid >> 1);
               std::uint32_t w[(Tr::kKBytes + 3) / 4];
               load_bytes<Tr::kKBytes>(ck + row * RK + Tr::kKBytes * tig, w);
@@ -776,30 +814,29 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
                 }
               }
               const int tok = 16 * ks + 8 * e + tig;
-              if (kFull || tok < L) {
-                s[u][e][0] = acc[0] + qm0;
-                s[u][e][2] = acc[2] + qm1;
-              }
-              if (kFull || tok + 4 < L) {
-                s[u][e][1] = acc[1] + qm0;
-                s[u][e][3] = acc[3] + qm1;
+#pragma unroll
+              for (int ri = 0; ri < kRows; ++ri) {
+                if (kFull || tok < L) s[u][e][2 * ri] = acc[2 * ri];
+                if (kFull || tok + 4 < L) s[u][e][2 * ri + 1] = acc[2 * ri + 1];
               }
             }
           }
         }
+        // Per row: the new running max (q·mean_k added to the raw max) and mu = max - q·mean_k, so that
+        // p = exp2(raw - mu) = exp2(score - max).
         float mu[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-          if (ri == 1 && !hi_rows) break;
+        for (int ri = 0; ri < kRows; ++ri) {
           float mx = -INFINITY;
 #pragma unroll
           for (int u = 0; u < kKStepsPerGroup; ++u)
 #pragma unroll
             for (int e = 0; e < 2; ++e) mx = fmaxf(mx, fmaxf(s[u][e][2 * ri], s[u][e][2 * ri + 1]));
-          mx = quad_max(mx);
+          mx = quad_max(mx) + qm[ri];
           const float mn = fmaxf(mw[ri], mx);
-          mu[ri] = finite_or_zero(mn);
-          const float al = fast_exp2(mw[ri] - mu[ri]);
+          const float mref = finite_or_zero(mn);
+          mu[ri] = mref - qm[ri];
+          const float al = fast_exp2(mw[ri] - mref);
           mw[ri] = mn;
           if (ks0 != warp) {  // accumulators are still zero in the first group
             lw[ri] *= al;
@@ -814,34 +851,61 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         for (int u = 0; u < kKStepsPerGroup; ++u) {
           const int ks = ks0 + kWarps * u;
           if (kFull || ks < nks) {
-            float p[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              p[e][0] = fast_exp2(s[u][e][0] - mu[0]);
-              p[e][1] = fast_exp2(s[u][e][1] - mu[0]);
-              if (hi_rows) {
-                p[e][2] = fast_exp2(s[u][e][2] - mu[1]);
-                p[e][3] = fast_exp2(s[u][e][3] - mu[1]);
-              }
-            }
-            lw[0] += (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
-            lw[1] += (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
-            const std::uint32_t pa0 = pack2<__half>(p[0][0], p[0][1]);
-            const std::uint32_t pa1 = pack2<__half>(p[0][2], p[0][3]);
-            const std::uint32_t pa2 = pack2<__half>(p[1][0], p[1][1]);
-            const std::uint32_t pa3 = pack2<__half>(p[1][2], p[1][3]);
-            // k-slot 2t+j (j = 0, 1) is token 16ks + 4j + t; k-slot 2t+8+j is token 16ks + 8 + 4j + t.
-            std::uint32_t w[2][2][(Tr::kVBytes + 3) / 4];
+            // p[e][2 ri + c]: row gid + 8 ri, token 16ks + 8e + tig + 4c.
+            float p[2][2 * kRows];
 #pragma unroll
             for (int e = 0; e < 2; ++e)
 #pragma unroll
-              for (int j = 0; j < 2; ++j)
-                load_bytes<Tr::kVBytes>(cv + (16 * ks + 8 * e + 4 * j + tig) * RV + Tr::kVBytes * gid, w[e][j]);
+              for (int c = 0; c < 2 * kRows; ++c) p[e][c] = fast_exp2(s[u][e][c] - mu[c >> 1]);
 #pragma unroll
-            for (int i = 0; i < kVT; ++i) {
-              const std::uint32_t b0 = i8pair_to_half2(w[0][0][i / 4], w[0][1][i / 4], i % 4);
-              const std::uint32_t b1 = i8pair_to_half2(w[1][0][i / 4], w[1][1][i / 4], i % 4);
-              mma16816<__half>(pc[i], pa0, pa1, pa2, pa3, b0, b1);
+            for (int ri = 0; ri < kRows; ++ri)
+              lw[ri] += (p[0][2 * ri] + p[0][2 * ri + 1]) + (p[1][2 * ri] + p[1][2 * ri + 1]);
+            // A operand: (row gid, k-slots 2tig, 2tig + 1) = tokens tig, tig + 4 of half 0; (gid + 8, same);
+            // then the same for half 1 (k-slots 2tig + 8, 2tig + 9). Rows 8..15 are zero without kHi.
+            const std::uint32_t pa0 = pack2<__half>(p[0][0], p[0][1]);
+            const std::uint32_t pa2 = pack2<__half>(p[1][0], p[1][1]);
+            std::uint32_t pa1 = 0u, pa3 = 0u;
+            if constexpr (kHi) {
+              pa1 = pack2<__half>(p[0][2], p[0][3]);
+              pa3 = pack2<__half>(p[1][2], p[1][3]);
+            }
+            if constexpr (kVLdsm) {
+              constexpr int kMats = RV / 8;  // (half e, 16-rank slice h) pairs
+              std::uint32_t r[kMats];
+              const std::uint32_t addr = cv_lane + static_cast<std::uint32_t>(16 * ks * RV);
+              if constexpr (RV == 16) {
+                ldsm_x2_t(addr, r[0], r[1]);
+              } else {
+#pragma unroll
+                for (int x = 0; x < RV / 32; ++x) {
+                  std::uint32_t q4[4];
+                  ldsm_x4_t(addr + 32 * x, q4);
+#pragma unroll
+                  for (int y = 0; y < 4; ++y) r[4 * x + y] = q4[y];
+                }
+              }
+#pragma unroll
+              for (int x = 0; x < kMats; ++x) r[x] ^= 0x80808080u;
+#pragma unroll
+              for (int i = 0; i < kVT; ++i) {
+                // n-tile i: ranks 16(i/2) + 2n + i%2; bytes 0 and 2 (even rank) or 1 and 3 (odd rank) become
+                // the mantissas of half(1024 + u), as in i8x4_to_half2.
+                const std::uint32_t sel = (i & 1) ? 0x4341u : 0x4240u;
+                const std::uint32_t b0 = sub_1152(__byte_perm(r[2 * (i >> 1)], 0x64646464u, sel));
+                const std::uint32_t b1 = sub_1152(__byte_perm(r[2 * (i >> 1) + 1], 0x64646464u, sel));
+                mma16816<__half>(pc[i], pa0, pa1, pa2, pa3, b0, b1);
+              }
+            } else {
+              // RV = 8: k-slot 2t+j (j = 0, 1) is token 16ks + 4j + t; k-slot 2t+8+j is token 16ks + 8 + 4j + t.
+              std::uint32_t w[2][2][1];
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                  load_bytes<Tr::kVBytes>(cv + (16 * ks + 8 * e + 4 * j + tig) * RV + Tr::kVBytes * gid, w[e][j]);
+              const std::uint32_t b0 = i8pair_to_half2(w[0][0][0], w[0][1][0], 0);
+              const std::uint32_t b1 = i8pair_to_half2(w[1][0][0], w[1][1][0], 0);
+              mma16816<__half>(pc[0], pa0, pa1, pa2, pa3, b0, b1);
             }
           }
         }
@@ -857,16 +921,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       // (E) The warp's partial of this block goes straight into its private state (the state dense chunks
       // use), so warps never wait for each other inside a block:
       //   m = max(m, mw);  o = α·o + (β·PC·diag(scale_v))·B_V (+ β·l_w·mean_v);  l = α·l + β·l_w.
-      // PC column n of n-tile i is rank j = n·RV/8 + i; the loader stored B_V row j in smem slot
-      // 8·(j mod RV/8) + j div RV/8, so the projection's k-steps read 16 consecutive slots.
+      // PC column n of n-tile i is rank Tr::pc_rank(i, n); the loader stored B_V row j in smem slot
+      // vslot(j), so the projection's k-steps read 16 consecutive slots.
       float al[2] = {1.0f, 1.0f}, be[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        if (ri == 1 && !hi_rows) break;  // rows 8..15 are padding: leave their (zero) state alone
+      for (int ri = 0; ri < kRows; ++ri) {  // without kHi, rows 8..15 are padding: their state stays zero
         const float mn = fmaxf(m_d[ri], mw[ri]);
-        const float mu = finite_or_zero(mn);
-        al[ri] = fast_exp2(m_d[ri] - mu);
-        be[ri] = fast_exp2(mw[ri] - mu);
+        const float mref = finite_or_zero(mn);
+        al[ri] = fast_exp2(m_d[ri] - mref);
+        be[ri] = fast_exp2(mw[ri] - mref);
         l_d[ri] = al[ri] * l_d[ri] + be[ri] * lw[ri];
         m_d[ri] = mn;
       }
@@ -875,13 +938,17 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       std::uint32_t pa_hi[kRVs][4], pa_lo[kRVs][4];
 #pragma unroll
       for (int i = 0; i < kVT; ++i) {
-        const float sv0 = scale_v[(2 * tig) * Tr::kVBytes + i];
-        const float sv1 = scale_v[(2 * tig + 1) * Tr::kVBytes + i];
+        const float sv0 = scale_v[Tr::pc_rank(i, 2 * tig)];
+        const float sv1 = scale_v[Tr::pc_rank(i, 2 * tig + 1)];
         const int kp = RV == 8 ? 0 : i >> 1;
         const int hh = RV == 8 ? 0 : i & 1;
         split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_lo[kp][2 * hh]);
-        split_half2(pc[i][2] * (sv0 * be[1]), pc[i][3] * (sv1 * be[1]), pa_hi[kp][2 * hh + 1],
-                    pa_lo[kp][2 * hh + 1]);
+        if constexpr (kHi) {
+          split_half2(pc[i][2] * (sv0 * be[1]), pc[i][3] * (sv1 * be[1]), pa_hi[kp][2 * hh + 1],
+                      pa_lo[kp][2 * hh + 1]);
+        } else {
+          pa_hi[kp][2 * hh + 1] = pa_lo[kp][2 * hh + 1] = 0u;
+        }
       }
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
@@ -902,15 +969,17 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       }
       if (has_mean) {
         const float l0 = quad_sum(lw[0]) * be[0];
-        const float l1 = quad_sum(lw[1]) * be[1];
+        const float l1 = kHi ? quad_sum(lw[1]) * be[1] : 0.0f;
         const unsigned char* mean_v = st + (RK + RV + 1) * kRow;
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           const float2 mv = __half22float2(*reinterpret_cast<const __half2*>(mean_v + (8 * dt + 2 * tig) * 2));
           o_d[dt][0] += l0 * mv.x;
           o_d[dt][1] += l0 * mv.y;
-          o_d[dt][2] += l1 * mv.x;
-          o_d[dt][3] += l1 * mv.y;
+          if constexpr (kHi) {
+            o_d[dt][2] += l1 * mv.x;
+            o_d[dt][3] += l1 * mv.y;
+          }
         }
       }
     }
@@ -1075,7 +1144,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     mbar_wait(bar0 + 8 * cs, cpar);
     const Item it = decode(cc);
     if (it.kind == 0) {
-      cold_item(st);
+      if (hi_rows) {
+        cold_item(st, std::true_type{});
+      } else {
+        cold_item(st, std::false_type{});
+      }
     } else if (it.kind == 1) {
       const int len = seqs[cc.b].len[it.tier];
       dense_item(st, min(kChunk, len - it.idx * kChunk));
