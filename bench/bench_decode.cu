@@ -123,7 +123,8 @@ struct Case {
   std::unique_ptr<DeviceBuffer> pool, table, offsets, tail_k, tail_v, tail_ptrs, tail_lens, q, out, dense_k,
       dense_v, seq_lens, ws_spectral, ws_dense, ws_decompress;
   skc::DecodeAttentionParams spectral{};
-  skc::DenseDecodeParams dense{};
+  skc::DenseDecodeParams dense{};              ///< head-major K/V, the layout SDPA is given
+  skc::DenseDecodeParams dense_token_major{};  ///< the same buffers read as [B][T][H][D]
   skc::DecompressParams decompress{};
   std::unique_ptr<skc::DecompressThenAttend> decompressor;
   std::int64_t spectral_bytes = 0, dense_bytes = 0;
@@ -227,6 +228,9 @@ Case& get_case(int batch, std::int64_t length) {
   dp.v = c->dense_v->ptr;
   dp.max_len = length;
   dp.seq_lens = c->seq_lens->as<std::int32_t>();
+  dp.layout = skc::KvLayout::kHeadMajor;
+  c->dense_token_major = dp;
+  c->dense_token_major.layout = skc::KvLayout::kTokenMajor;
   c->ws_dense = std::make_unique<DeviceBuffer>(skc::DenseDecodeAttention::get_workspace_size(dp));
   skc::DenseDecodeAttention::initialize_workspace(dp, c->ws_dense->ptr, g_stream);
 
@@ -258,6 +262,9 @@ float time_call(F&& f) {
 }
 
 void run_dense(Case& c) { skc::DenseDecodeAttention::run(c.dense, c.ws_dense->ptr, c.ws_dense->bytes, g_stream); }
+void run_dense_token_major(Case& c) {
+  skc::DenseDecodeAttention::run(c.dense_token_major, c.ws_dense->ptr, c.ws_dense->bytes, g_stream);
+}
 void run_spectral(Case& c) {
   skc::DecodeAttention::run(c.spectral, c.ws_spectral->ptr, c.ws_spectral->bytes, g_stream);
 }
@@ -280,6 +287,12 @@ void BM_Dense(benchmark::State& state) {
   Case& c = get_case(static_cast<int>(state.range(0)), state.range(1));
   run_dense(c);
   for (auto _ : state) report(state, c.dense_bytes, time_call([&] { run_dense(c); }), 0.0f);
+}
+
+void BM_DenseTokenMajor(benchmark::State& state) {
+  Case& c = get_case(static_cast<int>(state.range(0)), state.range(1));
+  run_dense_token_major(c);
+  for (auto _ : state) report(state, c.dense_bytes, time_call([&] { run_dense_token_major(c); }), 0.0f);
 }
 
 void BM_Spectral(benchmark::State& state) {
@@ -317,6 +330,7 @@ int register_all() {
   for (int batch : {1, 8, 32}) {
     for (std::int64_t t : {4096, 16384, 65536, 131072}) {
       configure(benchmark::RegisterBenchmark("Dense", BM_Dense)->Args({batch, t}));
+      configure(benchmark::RegisterBenchmark("DenseTokenMajor", BM_DenseTokenMajor)->Args({batch, t}));
       configure(benchmark::RegisterBenchmark("Spectral", BM_Spectral)->Args({batch, t}));
       configure(benchmark::RegisterBenchmark("DecompressThenAttend", BM_DecompressThenAttend)->Args({batch, t}));
     }

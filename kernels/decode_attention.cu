@@ -144,6 +144,7 @@ void DecodeAttention::run(const DecodeAttentionParams& p, void* workspace, std::
   k.reg_coeff_v = static_cast<int>(l.coeff_v - l.scale_k);
   k.tiers[0] = tier_args(p.sink);
   k.tiers[2] = tier_args(p.tail);
+  for (kernel::TierArgs& t : k.tiers) decode_host::set_token_major(t, l.num_kv_heads, l.head_dim);
   decode_host::apply_plan(plan, workspace, k);
   if (Status s = decode_host::launch(kWhat, shape, plan, k, stream); !s) throw InvalidArgument(s.message);
 }
@@ -179,6 +180,8 @@ Status DenseDecodeAttention::can_implement(const DenseDecodeParams& p) {
   if (p.head_dim != 64 && p.head_dim != 128) return fail(kWhat, "head_dim", p.head_dim, "must be 64 or 128");
   if (!std::isfinite(p.scale)) return fail(kWhat, "scale", p.scale, "must be finite");
   if (p.max_len < 0) return fail(kWhat, "max_len", p.max_len, "must be non-negative");
+  if (p.layout != KvLayout::kTokenMajor && p.layout != KvLayout::kHeadMajor)
+    return fail(kWhat, "layout", static_cast<int>(p.layout), "must be kTokenMajor or kHeadMajor");
   if (p.batch > 0) {
     if (p.q == nullptr) return fail(kWhat, "q", "nullptr", "required");
     if (p.out == nullptr) return fail(kWhat, "out", "nullptr", "required");
@@ -233,6 +236,12 @@ void DenseDecodeAttention::run(const DenseDecodeParams& p, void* workspace, std:
   t.k_base = static_cast<const char*>(p.k);
   t.v_base = static_cast<const char*>(p.v);
   t.seq_stride_bytes = p.max_len * p.num_kv_heads * p.head_dim * 2;
+  if (p.layout == KvLayout::kHeadMajor) {
+    t.token_stride_bytes = 2LL * p.head_dim;
+    t.head_stride_bytes = p.max_len * t.token_stride_bytes;
+  } else {
+    decode_host::set_token_major(t, p.num_kv_heads, p.head_dim);
+  }
   t.lengths = p.seq_lens;
   decode_host::apply_plan(plan, workspace, k);
   if (Status s = decode_host::launch(kWhat, shape, plan, k, stream); !s) throw InvalidArgument(s.message);

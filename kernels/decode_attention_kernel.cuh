@@ -261,7 +261,11 @@ struct DecodeTraits {
   static constexpr int kWarps = kWarpsPerCta;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kCtasPerSm = kernel::kCtasPerSm;
-  static constexpr int kRow = 2 * D + 16;    ///< padded smem row: 8 consecutive rows hit distinct banks
+  static constexpr int kRow = 2 * D + 16;    ///< padded smem row of a basis: 8 consecutive rows hit distinct banks
+  /// Dense-chunk row in smem: unpadded, its 16-byte pieces swizzled (piece c of row r at c ^ (r mod 8)), so
+  /// 8 consecutive rows still hit distinct banks and a 64-token chunk takes 32 KB (not 34 KB): three stages
+  /// then fit in half an SM's shared memory, which keeps a third chunk in flight per CTA.
+  static constexpr int kRowD = 2 * D;
   static constexpr int kKd = D / 16;         ///< MMA k-steps over head_dim
   static constexpr int kDTiles = D / 8;      ///< MMA n-tiles over head_dim
   static constexpr int kSlice = kDTiles / kWarps;  ///< output n-tiles each warp writes at a segment's end
@@ -303,6 +307,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   constexpr int kWarps = Tr::kWarps;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kRow = Tr::kRow;
+  constexpr int kRowD = Tr::kRowD;
   constexpr int kKd = Tr::kKd;
   constexpr int kDTiles = Tr::kDTiles;
   constexpr int kSlice = Tr::kSlice;
@@ -519,18 +524,26 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       const int len = seqs[lc.b].len[it.tier];
       const int tok0 = it.idx * kChunk;
       const int nv = len - tok0;  // valid rows of this chunk (may exceed kChunk)
-      const long long row_bytes = static_cast<long long>(H) * kRowBytes;
-      const long long col = static_cast<long long>(lc.h) * kRowBytes + my_ch * 16 + tok0 * row_bytes;
+      const TierArgs& ta = a.tiers[it.tier];
+      const long long col = lc.h * ta.head_stride_bytes + my_ch * 16 + (tok0 + my_row) * ta.token_stride_bytes;
       const char* kp = (it.tier == 0 ? l_k0 : (it.tier == 1 ? l_k1 : l_k2)) + col;
       const char* vp = (it.tier == 0 ? l_v0 : (it.tier == 1 ? l_v1 : l_v2)) + col;
-      const std::uint32_t dk = sdst + my_row * kRow + my_ch * 16;
+      const long long step = kRowsPerPass * ta.token_stride_bytes;
+      // Rows my_row + i·kRowsPerPass all have this thread's row mod 8, hence one swizzled piece.
+      const std::uint32_t dk = sdst + my_row * kRowD + ((my_ch ^ (my_row & 7)) << 4);
+      if (nv >= kChunk) {  // a whole chunk: two pointer increments per pair of copies
 #pragma unroll
-      for (int i = 0; i < kChunk / kRowsPerPass; ++i) {
-        const int r = my_row + i * kRowsPerPass;
-        const bool valid = r < nv;
-        cp_async_16(dk + i * kRowsPerPass * kRow, valid ? kp + r * row_bytes : static_cast<const char*>(a.q), valid);
-        cp_async_16(dk + (kChunk + i * kRowsPerPass) * kRow, valid ? vp + r * row_bytes : static_cast<const char*>(a.q),
-                    valid);
+        for (int i = 0; i < kChunk / kRowsPerPass; ++i, kp += step, vp += step) {
+          cp_async_16(dk + i * kRowsPerPass * kRowD, kp, true);
+          cp_async_16(dk + (kChunk + i * kRowsPerPass) * kRowD, vp, true);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kChunk / kRowsPerPass; ++i, kp += step, vp += step) {
+          const bool valid = my_row + i * kRowsPerPass < nv;
+          cp_async_16(dk + i * kRowsPerPass * kRowD, valid ? kp : static_cast<const char*>(a.q), valid);
+          cp_async_16(dk + (kChunk + i * kRowsPerPass) * kRowD, valid ? vp : static_cast<const char*>(a.q), valid);
+        }
       }
       if (tid == 0) mbar_arrive(bar);
     } else if (tid == 0) {
@@ -639,7 +652,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   // kDTiles MMAs for 16 tokens.
   auto dense_item = [&](const unsigned char* st, int nvalid) {
     const std::uint32_t sk = smem_u32(st);
-    const std::uint32_t sv = sk + kChunk * kRow;
+    const std::uint32_t sv = sk + kChunk * kRowD;
+    // Swizzled pieces (kRowD): every row address below is 8-aligned plus lane % 8, so piece c lies at
+    // c ^ (lane % 8); c's lane-dependent low bits and compile-time high bits are disjoint.
+    const int xk = (lane >> 3) ^ (lane & 7);
+    const int xv = (lane >> 4) ^ (lane & 7);
 #pragma unroll 1
     for (int tw = warp; tw < kChunk / 16; tw += kWarps) {
       float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -650,7 +667,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           std::uint32_t r[4];
-          ldsm_x4(sk + (16 * tw + 8 * h + (lane & 7)) * kRow + (4 * kd2 + (lane >> 3)) * 16, r);
+          ldsm_x4(sk + (16 * tw + 8 * h + (lane & 7)) * kRowD + ((4 * kd2) ^ xk) * 16, r);
           mma16816<T>(s[h], q0.x, q0.y, q0.z, q0.w, r[0], r[1]);
           mma16816<T>(s[h], q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
         }
@@ -694,7 +711,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 #pragma unroll
       for (int n2 = 0; n2 < kDTiles / 2; ++n2) {
         std::uint32_t r[4];
-        ldsm_x4_t(sv + (16 * tw + (lane & 7) + 8 * ((lane >> 3) & 1)) * kRow + (2 * n2 + (lane >> 4)) * 16, r);
+        ldsm_x4_t(sv + (16 * tw + (lane & 7) + 8 * ((lane >> 3) & 1)) * kRowD + ((2 * n2) ^ xv) * 16, r);
         mma16816<T>(o_d[2 * n2], pa[0], pa[1], pa[2], pa[3], r[0], r[1]);
         mma16816<T>(o_d[2 * n2 + 1], pa[0], pa[1], pa[2], pa[3], r[2], r[3]);
         if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -1066,47 +1083,69 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       __syncthreads();
       if (*flag) {
         __threadfence();
-        // Online log-sum-exp over the segments, eight at a time so their L2 loads are in flight together
-        // (one dependent L2 round trip per segment made this merge the critical path at small B·T).
-        for (int e = tid; e < g * (D / 2); e += kThreads) {
-          const int r = e / (D / 2);
-          const int d = 2 * (e % (D / 2));
-          float m = -INFINITY, l = 0.0f;
-          float2 acc = make_float2(0.0f, 0.0f);
-          constexpr int kBatch = 8;
+        // Online log-sum-exp over the segments, eight at a time for two output elements per thread, so
+        // that 32 L2 loads are in flight together: each dependent round trip costs about a microsecond
+        // after an L2 flush, and this merge is on the critical path at small B·T.
+        constexpr int kBatch = 8;
+        constexpr int kPer = 2;
+        for (int e0 = tid; e0 < g * (D / 2); e0 += kPer * kThreads) {
+          int r[kPer], d[kPer];
+          bool ok[kPer];
+          float m[kPer], l[kPer];
+          float2 acc[kPer];
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) {
+            const int e = e0 + k * kThreads;
+            ok[k] = e < g * (D / 2);
+            r[k] = ok[k] ? e / (D / 2) : 0;
+            d[k] = ok[k] ? 2 * (e % (D / 2)) : 0;
+            m[k] = -INFINITY;
+            l[k] = 0.0f;
+            acc[k] = make_float2(0.0f, 0.0f);
+          }
           for (long long s0 = 0; s0 < nseg; s0 += kBatch) {
             const int n = static_cast<int>(min(static_cast<long long>(kBatch), nseg - s0));
-            float2 ml[kBatch], v[kBatch];
+            float2 ml[kPer][kBatch], v[kPer][kBatch];
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
-              ml[u] = make_float2(-INFINITY, 0.0f);
-              v[u] = make_float2(0.0f, 0.0f);
-              if (u < n) {
-                const long long ss = segment_slot(s0 + u);
-                ml[u] = __ldcg(a.partial_ml + ss * g + r);
-                v[u] = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r) * D + d));
+              const long long ss = u < n ? segment_slot(s0 + u) : 0;
+#pragma unroll
+              for (int k = 0; k < kPer; ++k) {
+                ml[k][u] = make_float2(-INFINITY, 0.0f);
+                v[k][u] = make_float2(0.0f, 0.0f);
+                if (u < n && ok[k]) {
+                  ml[k][u] = __ldcg(a.partial_ml + ss * g + r[k]);
+                  v[k][u] = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r[k]) * D + d[k]));
+                }
               }
             }
-            float mx = m;
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) mx = fmaxf(mx, ml[u].x);
-            const float mref = finite_or_zero(mx);
-            const float f = fast_exp2(m - mref);
-            l *= f;
-            acc.x *= f;
-            acc.y *= f;
+            for (int k = 0; k < kPer; ++k) {
+              float mx = m[k];
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) {  // padding entries: weight 0 · exp2(-inf) = 0
-              const float w = ml[u].y * fast_exp2(ml[u].x - mref);
-              l += w;
-              acc.x += w * v[u].x;
-              acc.y += w * v[u].y;
+              for (int u = 0; u < kBatch; ++u) mx = fmaxf(mx, ml[k][u].x);
+              const float mref = finite_or_zero(mx);
+              const float f = fast_exp2(m[k] - mref);
+              l[k] *= f;
+              acc[k].x *= f;
+              acc[k].y *= f;
+#pragma unroll
+              for (int u = 0; u < kBatch; ++u) {  // padding entries: weight 0 · exp2(-inf) = 0
+                const float w = ml[k][u].y * fast_exp2(ml[k][u].x - mref);
+                l[k] += w;
+                acc[k].x += w * v[k][u].x;
+                acc[k].y += w * v[k][u].y;
+              }
+              m[k] = mx;
             }
-            m = mx;
           }
-          const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-          const long long oe = ((static_cast<long long>(b) * H + h) * g + r) * D + d;
-          static_cast<std::uint32_t*>(a.out)[oe / 2] = pack2<T>(acc.x * inv, acc.y * inv);
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) {
+            if (!ok[k]) continue;
+            const float inv = l[k] > 0.0f ? 1.0f / l[k] : 0.0f;
+            const long long oe = ((static_cast<long long>(b) * H + h) * g + r[k]) * D + d[k];
+            static_cast<std::uint32_t*>(a.out)[oe / 2] = pack2<T>(acc[k].x * inv, acc[k].y * inv);
+          }
         }
         if (tid == 0) a.counters[p] = 0u;  // ready for the next launch with this workspace
       }

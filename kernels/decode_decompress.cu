@@ -239,6 +239,7 @@ void DecompressThenAttend::run(const DecompressParams& p, void* workspace, std::
   k.tiers[2].k_ptrs = ap.tail.k;
   k.tiers[2].v_ptrs = ap.tail.v;
   k.tiers[2].lengths = ap.tail.lengths;
+  for (kernel::TierArgs& t : k.tiers) decode_host::set_token_major(t, l.num_kv_heads, l.head_dim);
   decode_host::apply_plan(plan, workspace, k);
   if (Status s = decode_host::launch("DecompressThenAttend::run", shape, plan, k, stream); !s)
     throw InvalidArgument(s.message);

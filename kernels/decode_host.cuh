@@ -92,8 +92,8 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   using kernel::kChunk;
   using kernel::kMaxGroup;
   const int warps = kernel::kWarpsPerCta;
-  const long long row = 2LL * s.head_dim + 16;
-  const long long dense_stage = 2LL * kChunk * row;
+  const long long row = 2LL * s.head_dim + 16;                    // padded basis row (DecodeTraits::kRow)
+  const long long dense_stage = 2LL * kChunk * 2 * s.head_dim;   // swizzled unpadded rows (kRowD)
   long long cold_stage = 0;
   if (s.rank_k > 0) {
     // Bases in padded rows, the region as stored, and slack for the 16-token steps past block_size.
@@ -106,7 +106,7 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   p.smem_prefix = static_cast<int>(off);
   off = align_up(off + 4LL * (s.batch + 1), 16);
   p.smem_qf = static_cast<int>(off);
-  off += (s.head_dim / 16) * 32 * 16;
+  if (s.rank_k > 0) off += (s.head_dim / 16) * 32 * 16;  // FP16 q fragments of the cold path
   p.smem_qt = static_cast<int>(off);
   off += (s.head_dim / 16) * 32 * 16;
   p.smem_work = static_cast<int>(off);
@@ -178,6 +178,12 @@ inline void apply_plan(const Plan& p, void* workspace, kernel::KernelArgs& k) {
   k.partial_o = reinterpret_cast<float*>(base + p.off_partial_o);
   k.partial_ml = reinterpret_cast<float2*>(base + p.off_partial_ml);
   k.counters = reinterpret_cast<unsigned int*>(base + p.off_counters);
+}
+
+/// Strides of a token-major dense tier: [tokens][num_kv_heads][head_dim] of 2-byte elements.
+inline void set_token_major(kernel::TierArgs& t, int num_kv_heads, int head_dim) {
+  t.head_stride_bytes = 2LL * head_dim;
+  t.token_stride_bytes = t.head_stride_bytes * num_kv_heads;
 }
 
 /// Bytes of scales and coefficients of one head of a cold block (the contiguous region the kernel copies).

@@ -32,6 +32,8 @@ struct TierArgs {
   const char* k_base = nullptr;         ///< strided form: sequence b at k_base + b * seq_stride_bytes
   const char* v_base = nullptr;
   long long seq_stride_bytes = 0;
+  long long token_stride_bytes = 0;     ///< from token t to t + 1 of one head
+  long long head_stride_bytes = 0;      ///< from head h to h + 1 of one token
   const int* lengths = nullptr;         ///< [batch]; null: the tier is empty
 };
 

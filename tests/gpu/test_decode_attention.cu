@@ -353,8 +353,10 @@ TEST(SpectralDecode, OneSequenceSpansEveryCta) {
 
 // ---- Dense kernel ----------------------------------------------------------------------------------------
 
+const char* head_major_name(skc::KvLayout layout) { return layout == skc::KvLayout::kHeadMajor ? " head-major" : ""; }
+
 template <class T>
-void dense_case(int head_dim, int group, std::uint32_t seed) {
+void dense_case(int head_dim, int group, skc::KvLayout layout, std::uint32_t seed) {
   const int batch = 6, heads = 2, q_heads = heads * group;
   const std::int64_t max_len = 700;
   const std::vector<std::int32_t> lens = {1, 63, 64, 65, 700, 0};  // 0: empty sequence, output is zero
@@ -368,8 +370,14 @@ void dense_case(int head_dim, int group, std::uint32_t seed) {
     if (lens[static_cast<std::size_t>(b)] == 0) continue;
     for (int h = 0; h < q_heads; ++h) {
       for (int d = 0; d < head_dim; ++d) qf[static_cast<std::size_t>(d)] = to_float(q[(static_cast<std::size_t>(b) * q_heads + h) * head_dim + d]);
-      const std::size_t base = static_cast<std::size_t>(b) * max_len * row + static_cast<std::size_t>(h / group) * head_dim;
-      dense_attend_one(k.data() + base, v.data() + base, static_cast<std::int64_t>(row), lens[static_cast<std::size_t>(b)] - 1,
+      // The same arrays read in either order: token-major rows are num_kv_heads * head_dim apart, head-major
+      // rows head_dim apart inside a contiguous run of max_len tokens per (sequence, head).
+      const bool head_major = layout == skc::KvLayout::kHeadMajor;
+      const std::size_t kvh = static_cast<std::size_t>(h / group);
+      const std::size_t base = head_major ? (static_cast<std::size_t>(b) * heads + kvh) * max_len * head_dim
+                                          : static_cast<std::size_t>(b) * max_len * row + kvh * head_dim;
+      const std::int64_t stride = head_major ? head_dim : static_cast<std::int64_t>(row);
+      dense_attend_one(k.data() + base, v.data() + base, stride, lens[static_cast<std::size_t>(b)] - 1,
                        qf.data(), head_dim, scale, ref.data() + (static_cast<std::size_t>(b) * q_heads + h) * head_dim);
     }
   }
@@ -387,6 +395,7 @@ void dense_case(int head_dim, int group, std::uint32_t seed) {
   p.out = out.get();
   p.k = dk->get();
   p.v = dv->get();
+  p.layout = layout;
   p.max_len = max_len;
   p.seq_lens = dl->as<std::int32_t>();
   const skc::Status st = skc::DenseDecodeAttention::can_implement(p);
@@ -397,16 +406,18 @@ void dense_case(int head_dim, int group, std::uint32_t seed) {
   skc::check(cudaDeviceSynchronize(), "DenseDecodeAttention");
   const auto got = download<T>(out, ref.size());
   EXPECT_EQ(0, compare(ref, got, static_cast<std::int64_t>(batch) * q_heads, head_dim, 2e-3,
-                       detail::concat("dense d", head_dim, " g", group)));
+                       detail::concat("dense d", head_dim, " g", group, head_major_name(layout))));
 }
 
 TEST(DenseDecode, MatchesCpuDense) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   std::uint32_t seed = 1;
-  for (int d : {64, 128}) {
-    for (int g : {1, 4, 16}) {
-      dense_case<Half>(d, g, seed++);
-      dense_case<BFloat16>(d, g, seed++);
+  for (skc::KvLayout layout : {skc::KvLayout::kTokenMajor, skc::KvLayout::kHeadMajor}) {
+    for (int d : {64, 128}) {
+      for (int g : {1, 4, 16}) {
+        dense_case<Half>(d, g, layout, seed++);
+        dense_case<BFloat16>(d, g, layout, seed++);
+      }
     }
   }
 }
@@ -498,3 +509,41 @@ TEST(DecodeAttentionArguments, NamesTheBadArgument) {
 }
 
 }  // namespace
+
+TEST(DenseDecodeArguments, NamesTheBadArgument) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  skc::DenseDecodeParams p;
+  p.batch = 1;
+  p.num_q_heads = 8;
+  p.num_kv_heads = 2;
+  p.head_dim = 128;
+  p.scale = 0.1f;
+  alignas(16) int dummy[8];
+  p.q = dummy;
+  p.out = dummy;
+  p.k = dummy;
+  p.v = dummy;
+  p.max_len = 1;
+  p.seq_lens = dummy;
+  p.layout = skc::KvLayout::kHeadMajor;
+  EXPECT_TRUE(skc::DenseDecodeAttention::can_implement(p).ok);
+
+  auto expect_bad = [](skc::DenseDecodeParams bad, const std::string& name) {
+    const skc::Status st = skc::DenseDecodeAttention::can_implement(bad);
+    EXPECT_FALSE(st.ok) << name;
+    EXPECT_NE(st.message.find("argument " + name), std::string::npos) << st.message;
+    EXPECT_THROW(skc::DenseDecodeAttention::run(bad, nullptr, 0, nullptr), InvalidArgument) << name;
+  };
+  auto bad = p;
+  bad.layout = static_cast<skc::KvLayout>(7);
+  expect_bad(bad, "layout");
+  bad = p;
+  bad.max_len = -1;
+  expect_bad(bad, "max_len");
+  bad = p;
+  bad.head_dim = 96;
+  expect_bad(bad, "head_dim");
+  bad = p;
+  bad.k = reinterpret_cast<const char*>(dummy) + 4;
+  expect_bad(bad, "k");
+}

@@ -6,8 +6,9 @@
 //   DecodeAttention       fused attention over the compressed layout: cold blocks are read as INT8
 //                         coefficients and FP16 bases (ColdBlockLayout, spectralkv/layout.cuh) and never
 //                         expanded; the dense sink and tail tokens join the same softmax.
-//   DenseDecodeAttention  the same kernel over plain dense K/V ([batch][max_len][num_kv_heads][head_dim]):
-//                         the baseline every speed figure is compared with.
+//   DenseDecodeAttention  the same kernel over plain dense K/V ([batch][max_len][num_kv_heads][head_dim], or
+//                         head-major [batch][num_kv_heads][max_len][head_dim]): the baseline every speed
+//                         figure is compared with.
 //   DecompressThenAttend  rebuilds K and V of the cold blocks with cuBLAS GEMMs into a dense buffer, then
 //                         runs the dense kernel: what attention over a compressed cache costs without
 //                         compressed-space attention.
@@ -116,6 +117,13 @@ class DecodeAttention {
 };
 
 /// Arguments of DenseDecodeAttention: plain dense K/V, as an inference engine without compression holds it.
+/// Order of the dense K and V arrays of DenseDecodeAttention.
+enum class KvLayout {
+  kTokenMajor,  ///< [batch][max_len][num_kv_heads][head_dim]: one row per token (the cache's dense tiers)
+  kHeadMajor,   ///< [batch][num_kv_heads][max_len][head_dim]: one contiguous run per (sequence, head), as the
+                ///< K and V of torch.nn.functional.scaled_dot_product_attention
+};
+
 struct DenseDecodeParams {
   DataType dtype = DataType::kHalf;
   int batch = 0;
@@ -125,11 +133,12 @@ struct DenseDecodeParams {
   float scale = 0.0f;
   const void* q = nullptr;  ///< [batch][num_q_heads][head_dim]
   void* out = nullptr;      ///< [batch][num_q_heads][head_dim]
-  /// [batch][max_len][num_kv_heads][head_dim]: sequence b's token t at element
-  /// ((b * max_len + t) * num_kv_heads + h) * head_dim. 16-byte aligned.
+  /// Token t of sequence b and KV head h at element ((b * max_len + t) * num_kv_heads + h) * head_dim
+  /// (kTokenMajor) or ((b * num_kv_heads + h) * max_len + t) * head_dim (kHeadMajor). 16-byte aligned.
   const void* k = nullptr;
   const void* v = nullptr;
-  std::int64_t max_len = 0;                ///< row capacity per sequence (the stride above)
+  KvLayout layout = KvLayout::kTokenMajor;
+  std::int64_t max_len = 0;                ///< token capacity per sequence (the strides above)
   const std::int32_t* seq_lens = nullptr;  ///< [batch], each in [0, max_len]; length 0 gives a zero output
 };
 
