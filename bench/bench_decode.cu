@@ -1,6 +1,7 @@
 // Decode attention, one query token per sequence, on the GPU: the fused spectral kernel against the
 // dense split-KV kernel and against decompress-then-attend, GQA 32/8, head_dim 128, ranks K16/V32,
-// block 512, hot 64, FP16.
+// block 512, hot 64, FP16. The dense kernel reads K/V head-major ([B][H][T][D], the layout
+// bench/torch_sdpa.py gives SDPA); DenseTokenMajor reads the same buffers as [B][T][H][D].
 //
 // Timing: CUDA events around the call, one call per repetition, 30 repetitions, medians reported
 // (ReportAggregatesOnly). Before every timed call a 256 MB memset evicts the 60 MB L2, so every
@@ -14,8 +15,8 @@
 //
 // Counters: bytes = what the kernel must move (DecodeAttention::bytes_moved for the spectral cache:
 // bases, scales, coefficients, dense tail, q, out; K+V+q+out for dense), GBps = bytes / median time,
-// us = time in microseconds; spectral and decompress rows also time the dense kernel on the same
-// shape in the same repetition (dense_us) and report speedup_vs_dense = dense_us / us.
+// us = time in microseconds; spectral and decompress rows also time the (head-major) dense kernel on
+// the same shape in the same repetition (dense_us) and report speedup_vs_dense = dense_us / us.
 
 #include <benchmark/benchmark.h>
 #include <cuda_fp16.h>

@@ -37,15 +37,17 @@ for b in bench["benchmarks"]:
         continue
     m = re.match(r"(\w+)/B:(\d+)/T:(\d+)", b["run_name"])
     rows.setdefault((int(m.group(2)), int(m.group(3))), {})[m.group(1)] = b
-print("| B | T | spectral µs | spectral MB | spectral GB/s | dense µs | dense GB/s | decompress+attend µs | sdpa µs |"
-      " sdpa GB/s | spectral vs dense | spectral vs sdpa | dense vs sdpa |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| B | T | spectral µs | spectral MB | spectral GB/s | dense µs | dense GB/s | dense token-major µs |"
+      " decompress+attend µs | sdpa µs | sdpa GB/s | spectral vs dense | spectral vs sdpa | dense vs sdpa |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for (bsz, t), r in sorted(rows.items()):
     s, dn, dc = r.get("Spectral"), r.get("Dense"), r.get("DecompressThenAttend")
+    dt = r.get("DenseTokenMajor")
     sd = sdpa.get((bsz, t))
     cells = [str(bsz), f"{t // 1024}K"]
     cells += [f"{s['us']:.1f}", f"{s['bytes'] / 1e6:.1f}", f"{s['GBps']:.0f}"] if s else ["-"] * 3
     cells += [f"{dn['us']:.1f}", f"{dn['GBps']:.0f}"] if dn else ["-"] * 2
+    cells += [f"{dt['us']:.1f}"] if dt else ["-"]
     cells += [f"{dc['us']:.1f}"] if dc else ["-"]
     cells += [f"{sd['median_us']:.1f}", f"{sd['GBps']:.0f}"] if sd else ["-"] * 2
     cells += [f"{dn['us'] / s['us']:.2f}×" if s and dn else "-"]
