@@ -331,6 +331,33 @@ TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
   EXPECT_EQ(0, compare(ref, got, 3 * 8, 128, 2e-3, "long sequences"));
 }
 
+/// The cold-block code is compiled twice: for groups of at most 8 query heads (rows 8..15 of the MMA tiles are
+/// padding) and for larger groups. Every rank_v path (8: byte loads; 16, 32, 64: transposed ldmatrix), with
+/// and without mean-centring, for groups of 6 and 16 heads, against the CPU reference.
+TEST(SpectralDecode, EveryRankVForSmallAndLargeGroups) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  std::uint32_t seed = 900;
+  for (int group : {6, 16}) {
+    for (int rank_v : {8, 16, 32, 64}) {
+      for (bool mean : {false, true}) {
+        CacheConfig cfg = config_d128(2 * group, 2, 64, 8, 1, 16, rank_v);
+        cfg.mean_center = mean;
+        SpectralCache<Half> cache(cfg);
+        const std::vector<SequenceId> ids = fill_low_rank(cache, {300, 77}, 2, seed);
+        const auto q = test::normal_tokens<Half>(2, 2 * group, 128, seed + 7);
+        std::vector<float> ref(static_cast<std::size_t>(2 * 2 * group * 128));
+        cache.attend(0, ids, {1, 1}, test::view(q, 2, 2 * group, 128), test::view(ref, 2, 2 * group, 128), 0.0884f);
+        UploadedLayer u = upload_layer(cache, 0, ids);
+        u.params.scale = 0.0884f;
+        const auto got = run_decode(u.params, q, ref.size());
+        EXPECT_EQ(0, compare(ref, got, 2 * 2 * group, 128, 2e-3,
+                             detail::concat("g=", group, " rank_v=", rank_v, " mean=", mean)));
+        seed += 10;
+      }
+    }
+  }
+}
+
 /// One sequence and one KV head with more items than the grid has CTAs: the (sequence, head) is split over
 /// every CTA, so the last CTA merges hundreds of partials (the merge takes them in batches of eight).
 TEST(SpectralDecode, OneSequenceSpansEveryCta) {
