@@ -4,10 +4,12 @@
 // bench/torch_sdpa.py gives SDPA); DenseTokenMajor reads the same buffers as [B][T][H][D].
 //
 // Timing: CUDA events around the call, one call per repetition, 30 repetitions, medians reported
-// (ReportAggregatesOnly). Before every timed call a 256 MB memset evicts the 60 MB L2, so every
-// figure reads its data from device memory; the memset also keeps the GPU busy while the host enqueues
-// the call, so host-side argument checks are not inside the events. One untimed call per repetition
-// warms up.
+// (ReportAggregatesOnly). Before every timed call a kernel reads a 256 MB buffer, which evicts the 60 MB
+// L2, so every figure reads its data from device memory; it also keeps the GPU busy while the host
+// enqueues the call, so host-side argument checks are not inside the events. The flush reads rather than
+// writes: a 256 MB memset leaves the L2 full of dirty lines, and the timed call then pays for writing
+// ~60 MB of someone else's data back (SPECTRALKV_FLUSH=write selects the memset, for comparison).
+// One untimed call per repetition warms up.
 //
 // Data: the caches are filled directly on the GPU with random valid contents (FP16 bases, INT8
 // coefficients, positive scales, random dense tails) instead of being compressed on the CPU: the
@@ -26,9 +28,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "spectralkv/cuda/decode_attention.cuh"
@@ -132,7 +136,19 @@ struct Case {
 };
 
 std::unique_ptr<Case> g_case;
-std::unique_ptr<DeviceBuffer> g_flush;
+std::unique_ptr<DeviceBuffer> g_flush, g_flush_sink;
+bool g_flush_write = false;
+
+/// Reads the flush buffer through the L2 (the result is never stored: the buffer holds no such pattern).
+__global__ void read_flush(const int4* p, std::size_t n, int* sink) {
+  int acc = 0;
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const int4 v = __ldcg(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x5A5A5A5B) *sink = acc;  // the buffer is all 0x01 bytes, so every xor of words is 0
+}
 cudaStream_t g_stream = nullptr;
 cudaEvent_t g_start = nullptr, g_stop = nullptr;
 
@@ -142,6 +158,10 @@ void global_setup() {
   check(cudaEventCreate(&g_start), "cudaEventCreate");
   check(cudaEventCreate(&g_stop), "cudaEventCreate");
   g_flush = std::make_unique<DeviceBuffer>(kFlushBytes);
+  g_flush_sink = std::make_unique<DeviceBuffer>(sizeof(int));
+  check(cudaMemset(g_flush->ptr, 1, kFlushBytes), "cudaMemset(flush)");
+  const char* mode = std::getenv("SPECTRALKV_FLUSH");
+  g_flush_write = mode != nullptr && std::string(mode) == "write";
 }
 
 Case& get_case(int batch, std::int64_t length) {
@@ -251,8 +271,14 @@ Case& get_case(int batch, std::int64_t length) {
 /// Milliseconds of one call of `f`, L2 flushed first.
 template <class F>
 float time_call(F&& f) {
-  static unsigned char value = 0;
-  check(cudaMemsetAsync(g_flush->ptr, ++value, kFlushBytes, g_stream), "cudaMemsetAsync(flush)");
+  if (g_flush_write) {
+    static unsigned char value = 0;
+    check(cudaMemsetAsync(g_flush->ptr, ++value, kFlushBytes, g_stream), "cudaMemsetAsync(flush)");
+  } else {
+    read_flush<<<1024, 256, 0, g_stream>>>(static_cast<const int4*>(g_flush->ptr), kFlushBytes / sizeof(int4),
+                                           static_cast<int*>(g_flush_sink->ptr));
+    check(cudaGetLastError(), "read_flush");
+  }
   check(cudaEventRecord(g_start, g_stream), "cudaEventRecord");
   f();
   check(cudaEventRecord(g_stop, g_stream), "cudaEventRecord");
@@ -354,5 +380,6 @@ int main(int argc, char** argv) {
   benchmark::Shutdown();
   g_case.reset();
   g_flush.reset();
+  g_flush_sink.reset();
   return 0;
 }

@@ -4,7 +4,8 @@
 #
 # Usage: bench/run_decode_bench.sh [OUT_DIR]   (default bench/results)
 # Environment: BUILD_DIR (default build-bench), JOBS (default 16); BENCH_BIN: a bench_decode binary built
-# beforehand (same flags as below), which skips the build.
+# beforehand (same flags as below), which skips the build; SPECTRALKV_FLUSH=write flushes the L2 before
+# each timed call with a write instead of a read (both bench_decode and torch_sdpa.py).
 set -euo pipefail
 
 out_dir=${1:-bench/results}
@@ -24,7 +25,7 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
 "$bench_bin" --benchmark_out="$out_dir/decode_bench.json" --benchmark_out_format=json \
   --benchmark_counters_tabular=true
-PYTHONUNBUFFERED=1 python3 bench/torch_sdpa.py --out "$out_dir/torch_sdpa.json"
+PYTHONUNBUFFERED=1 python3 bench/torch_sdpa.py --out "$out_dir/torch_sdpa.json" --flush "${SPECTRALKV_FLUSH:-read}"
 
 python3 - "$out_dir" <<'EOF'
 import json, re, sys

@@ -2,11 +2,13 @@
 """Times torch.nn.functional.scaled_dot_product_attention on the decode shapes of bench_decode.
 
 One query token per sequence, GQA 32 query / 8 KV heads, head_dim 128, FP16, enable_gqa=True.
-For each (B, T): 5 warm-up calls, then 30 timed calls, each preceded by a 512 MB write that evicts the
-L2 (and keeps the GPU busy while the host enqueues the call, so Python overhead stays outside the
-events); CUDA events around the call; the median is reported. Bytes = K + V + q + out.
+For each (B, T): 5 warm-up calls, then 30 timed calls, each preceded by a read of a 512 MB buffer that
+evicts the L2 (and keeps the GPU busy while the host enqueues the call, so Python overhead stays outside
+the events); CUDA events around the call; the median is reported. Bytes = K + V + q + out.
+--flush write fills the buffer instead (the L2 is then left full of dirty lines, whose write-back the
+timed call pays for), as bench_decode does with SPECTRALKV_FLUSH=write.
 
-Usage: torch_sdpa.py --out FILE.json
+Usage: torch_sdpa.py --out FILE.json [--flush read|write]
 """
 
 import argparse
@@ -24,7 +26,7 @@ WARMUP, REPEATS = 5, 30
 FLUSH_BYTES = 512 << 20
 
 
-def time_shape(batch, length, flush):
+def time_shape(batch, length, flush, write_flush):
     gen = torch.Generator(device="cuda").manual_seed(batch * 1000003 + length)
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.float16, generator=gen)
     k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.float16, generator=gen)
@@ -35,7 +37,10 @@ def time_shape(batch, length, flush):
     stop = torch.cuda.Event(enable_timing=True)
     times = []
     for i in range(REPEATS):
-        flush.fill_(i & 0xFF)
+        if write_flush:
+            flush.fill_(i & 0xFF)
+        else:
+            flush.sum(dtype=torch.int64)
         start.record()
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         stop.record()
@@ -60,12 +65,13 @@ def time_shape(batch, length, flush):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--flush", choices=("read", "write"), default="read")
     args = parser.parse_args()
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    flush = torch.ones(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     rows = []
     for batch in BATCHES:
         for length in LENGTHS:
-            row = time_shape(batch, length, flush)
+            row = time_shape(batch, length, flush, args.flush == "write")
             rows.append(row)
             print(f"sdpa B={batch:3d} T={length:7d}: {row['median_us']:9.1f} us  {row['GBps']:7.0f} GB/s", flush=True)
     result = {
@@ -73,7 +79,8 @@ def main():
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "method": "scaled_dot_product_attention(enable_gqa=True), fp16, median of 30 after 5 warm-up, L2 flushed",
+        "method": "scaled_dot_product_attention(enable_gqa=True), fp16, median of 30 after 5 warm-up, L2 flushed "
+        f"by a 512 MB {args.flush}",
         "rows": rows,
     }
     with open(args.out, "w") as f:
