@@ -11,8 +11,9 @@
 //   - a cold block: all sections of one KV head of one block: the bases by 16-byte cp.async into padded
 //     rows (8 consecutive rows hit distinct banks), the scales and coefficients (~2/3 of the bytes,
 //     contiguous) by one bulk copy of the copy engine completing on the stage's mbarrier;
-//   - a dense chunk: up to 64 consecutive tokens of one dense tier, K rows then V rows, padded, by 16-byte
-//     cp.async (rows past the tier's end zero-filled).
+//   - a dense chunk: up to 64 consecutive tokens of one dense tier, K rows then V rows, unpadded with their
+//     16-byte pieces swizzled (DecodeTraits::kRowD), by 16-byte cp.async (rows past the tier's end
+//     zero-filled); the tier's token and head strides give token-major or head-major dense arrays.
 // Each thread owns one 16-byte column of every (threads / (head_dim/8))-th row, so a row copy costs one
 // address add. Measured on an H200: one bulk copy per 256-byte row starves the copy engine, and 16-byte
 // copies with general index arithmetic cost ~57 instructions each; this split avoids both.
