@@ -560,7 +560,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 
   // ---- State. ----------------------------------------------------------------------------------------
   // Warp-private state over all of head_dim (rows gid and gid + 8 of the group), fed by cold blocks and
-  // dense chunks alike; the warps' states merge when a (sequence, head) segment ends.
+  // dense chunks alike; the warps' states merge when a (sequence, head) segment ends. For groups of at most
+  // 8 heads, rows 8..15 hold no head: the cold blocks' projections accumulate the low FP16 halves of their
+  // operand there (row gid + 8 carries head gid's correction), one MMA per tile instead of two, and the
+  // row is added to row gid when the segment ends. Such rows are rescaled with their head.
   float o_d[kDTiles][4];
   float m_d[2], l_d[2];
   float qscale = 0.0f;  // score_scale * 2^e: undoes the normalisation of the FP16 query
@@ -695,6 +698,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         l_d[row] = l_d[row] * al[row] + ((p[0][2 * row] + p[0][2 * row + 1]) + (p[1][2 * row] + p[1][2 * row + 1]));
         m_d[row] = mn;
       }
+      if (!hi_rows) al[1] = al[0];  // row gid + 8 holds head gid's projection remainders
       // A operand of P·V: (row gid, tokens 2tig..), (gid + 8, 2tig..), (gid, 2tig + 8..), (gid + 8, 2tig + 8..).
       std::uint32_t pa[4] = {pack2<T>(p[0][0], p[0][1]), pack2<T>(p[0][2], p[0][3]), pack2<T>(p[1][0], p[1][1]),
                              pack2<T>(p[1][2], p[1][3])};
@@ -951,21 +955,24 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         l_d[ri] = al[ri] * l_d[ri] + be[ri] * lw[ri];
         m_d[ri] = mn;
       }
+      if constexpr (!kHi) al[1] = al[0];  // row gid + 8 holds head gid's projection remainders
       rescale_state(al);
-      // β·scale_v·PC as FP16 hi + lo A operands of the projection (C fragment -> A fragment in place).
-      std::uint32_t pa_hi[kRVs][4], pa_lo[kRVs][4];
+      // β·scale_v·PC as FP16 hi + lo A operands of the projection (C fragment -> A fragment in place). Without
+      // kHi the lo halves take the padding rows 8..15 (see the state above): one MMA per tile.
+      std::uint32_t pa_hi[kRVs][4];
+      [[maybe_unused]] std::uint32_t pa_lo[kRVs][4];
 #pragma unroll
       for (int i = 0; i < kVT; ++i) {
         const float sv0 = scale_v[Tr::pc_rank(i, 2 * tig)];
         const float sv1 = scale_v[Tr::pc_rank(i, 2 * tig + 1)];
         const int kp = RV == 8 ? 0 : i >> 1;
         const int hh = RV == 8 ? 0 : i & 1;
-        split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_lo[kp][2 * hh]);
         if constexpr (kHi) {
+          split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_lo[kp][2 * hh]);
           split_half2(pc[i][2] * (sv0 * be[1]), pc[i][3] * (sv1 * be[1]), pa_hi[kp][2 * hh + 1],
                       pa_lo[kp][2 * hh + 1]);
         } else {
-          pa_hi[kp][2 * hh + 1] = pa_lo[kp][2 * hh + 1] = 0u;
+          split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_hi[kp][2 * hh + 1]);
         }
       }
 #pragma unroll
@@ -976,12 +983,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
             std::uint32_t b0;
             ldsm_x1_t(sb + (RK + (lane & 7)) * kRow + dt * 16, b0);
             mma1688_f16(o_d[dt], pa_hi[0][0], pa_hi[0][1], b0);
-            mma1688_f16(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
+            if constexpr (kHi) mma1688_f16(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
           } else {
             std::uint32_t b0, b1;
             ldsm_x2_t(sb + (RK + 16 * kp + (lane & 15)) * kRow + dt * 16, b0, b1);
             mma16816<__half>(o_d[dt], pa_hi[kp][0], pa_hi[kp][1], pa_hi[kp][2], pa_hi[kp][3], b0, b1);
-            mma16816<__half>(o_d[dt], pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], b0, b1);
+            if constexpr (kHi)
+              mma16816<__half>(o_d[dt], pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], b0, b1);
           }
         }
       }
@@ -1024,6 +1032,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 
     l_d[0] = quad_sum(l_d[0]);
     l_d[1] = quad_sum(l_d[1]);
+    if (kCold && !hi_rows) {  // fold the projection remainders of rows 8..15 into their heads
+#pragma unroll
+      for (int n = 0; n < kDTiles; ++n) {
+        o_d[n][0] += o_d[n][2];
+        o_d[n][1] += o_d[n][3];
+      }
+    }
     float2* wml = reinterpret_cast<float2*>(work);  // [kWarps][16]
     float* wo = work + 2 * kWarps * kMaxGroup;       // [kWarps][g][D]
 #pragma unroll
