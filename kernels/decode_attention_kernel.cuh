@@ -768,15 +768,22 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           mma16816<__half>(wm, q1.x, q1.y, q1.z, q1.w, r[2], r[3]);
         }
       }
-      std::uint32_t wa_hi[kRKs][4], wa_lo[kRKs][4];
+      // Without kHi the lo halves take the padding rows 8..15: one MMA gives a score's high part in row gid
+      // and its low part in row gid + 8, and the two are added.
+      std::uint32_t wa_hi[kRKs][4];
+      [[maybe_unused]] std::uint32_t wa_lo[kRKs][4];
 #pragma unroll
       for (int nt = 0; nt < kKT; ++nt) {
         const float s0 = scale_k[Tr::sigma(nt, 2 * tig)] * qscale;
         const float s1 = scale_k[Tr::sigma(nt, 2 * tig + 1)] * qscale;
         const int ks = RK == 8 ? 0 : nt >> 1;
         const int e = RK == 8 ? 0 : nt & 1;
-        split_half2(wk[nt][0] * s0, wk[nt][1] * s1, wa_hi[ks][2 * e], wa_lo[ks][2 * e]);
-        split_half2(wk[nt][2] * s0, wk[nt][3] * s1, wa_hi[ks][2 * e + 1], wa_lo[ks][2 * e + 1]);
+        if constexpr (kHi) {
+          split_half2(wk[nt][0] * s0, wk[nt][1] * s1, wa_hi[ks][2 * e], wa_lo[ks][2 * e]);
+          split_half2(wk[nt][2] * s0, wk[nt][3] * s1, wa_hi[ks][2 * e + 1], wa_lo[ks][2 * e + 1]);
+        } else {
+          split_half2(wk[nt][0] * s0, wk[nt][1] * s1, wa_hi[ks][2 * e], wa_hi[ks][2 * e + 1]);
+        }
       }
       // q·mean_k per row: added to the running max instead of to every score.
       const float qm[2] = {has_mean ? wm[0] * qscale : 0.0f, has_mean ? wm[2] * qscale : 0.0f};
@@ -825,15 +832,20 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
                 std::uint32_t b0, unused;
                 i8x4_to_half2(w[0], b0, unused);
                 mma1688_f16(acc, wa_hi[0][0], wa_hi[0][1], b0);
-                mma1688_f16(acc, wa_lo[0][0], wa_lo[0][1], b0);
+                if constexpr (kHi) mma1688_f16(acc, wa_lo[0][0], wa_lo[0][1], b0);
               } else {
 #pragma unroll
                 for (int kk = 0; kk < kRKs; ++kk) {
                   std::uint32_t b0, b1;
                   i8x4_to_half2(w[kk], b0, b1);
                   mma16816<__half>(acc, wa_hi[kk][0], wa_hi[kk][1], wa_hi[kk][2], wa_hi[kk][3], b0, b1);
-                  mma16816<__half>(acc, wa_lo[kk][0], wa_lo[kk][1], wa_lo[kk][2], wa_lo[kk][3], b0, b1);
+                  if constexpr (kHi)
+                    mma16816<__half>(acc, wa_lo[kk][0], wa_lo[kk][1], wa_lo[kk][2], wa_lo[kk][3], b0, b1);
                 }
+              }
+              if constexpr (!kHi) {
+                acc[0] += acc[2];
+                acc[1] += acc[3];
               }
               const int tok = 16 * ks + 8 * e + tig;
 #pragma unroll
