@@ -196,24 +196,26 @@ __device__ __forceinline__ void split_half2(float x0, float x1, std::uint32_t& h
   lo = pack2<__half>(x0 - h.x, x1 - h.y);
 }
 
-/// (half2 bits) - (1152, 1152).
-__device__ __forceinline__ std::uint32_t sub_1152(std::uint32_t x) {
-  std::uint32_t r;
-  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(0x64806480u));
-  return r;
-}
-/// Four signed bytes -> half2(b0, b1), half2(b2, b3), exactly: with the sign bit flipped a byte u is the
-/// mantissa of the half 1024 + u, and 1024 + (b + 128) - 1152 = b.
-__device__ __forceinline__ void i8x4_to_half2(std::uint32_t w, std::uint32_t& lo, std::uint32_t& hi) {
+/// INT8 coefficients enter the MMAs biased by kCoeffBias: with the sign bit flipped a byte b is the
+/// mantissa u = b + 128 of the half 1024 + u = kCoeffBias + b (exact: halves hold every integer up to
+/// 2048). One byte permute per pair of values; the bias comes back out once per row and block, as
+/// kCoeffBias times a sum of the other operand (see the cold path), instead of one subtraction per pair.
+constexpr float kCoeffBias = 1152.0f;
+/// Four signed bytes -> half2(1152 + b0, 1152 + b1), half2(1152 + b2, 1152 + b3), exactly.
+__device__ __forceinline__ void i8x4_to_half2_biased(std::uint32_t w, std::uint32_t& lo, std::uint32_t& hi) {
   const std::uint32_t u = w ^ 0x80808080u;
-  lo = sub_1152(__byte_perm(u, 0x64646464u, 0x4140));
-  hi = sub_1152(__byte_perm(u, 0x64646464u, 0x4342));
+  lo = __byte_perm(u, 0x64646464u, 0x4140);
+  hi = __byte_perm(u, 0x64646464u, 0x4342);
 }
-/// half2(byte i of a, byte i of b), exactly (same trick; i is a compile-time constant after unrolling).
-__device__ __forceinline__ std::uint32_t i8pair_to_half2(std::uint32_t a, std::uint32_t b, int i) {
+/// half2(1152 + byte i of a, 1152 + byte i of b), exactly (i is a compile-time constant after unrolling).
+__device__ __forceinline__ std::uint32_t i8pair_to_half2_biased(std::uint32_t a, std::uint32_t b, int i) {
   const std::uint32_t sel = static_cast<std::uint32_t>(i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12));
-  const std::uint32_t x = (__byte_perm(a, b, sel) & 0x00FF00FFu) ^ 0x64806480u;
-  return sub_1152(x);
+  return (__byte_perm(a, b, sel) & 0x00FF00FFu) ^ 0x64806480u;
+}
+/// Sum of the two halves of a half2, in FP32 (exact: two halves fit in a float's mantissa).
+__device__ __forceinline__ float half2_sum(std::uint32_t u) {
+  const float2 f = unpack2<__half>(u);
+  return f.x + f.y;
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -785,8 +787,26 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           split_half2(wk[nt][0] * s0, wk[nt][1] * s1, wa_hi[ks][2 * e], wa_hi[ks][2 * e + 1]);
         }
       }
-      // q·mean_k per row: added to the running max instead of to every score.
-      const float qm[2] = {has_mean ? wm[0] * qscale : 0.0f, has_mean ? wm[2] * qscale : 0.0f};
+      // The score MMAs see the coefficients as kCoeffBias + c, so a row's raw scores exceed its scores by
+      // kCoeffBias·ΣW over the FP16 W values that row's MMAs use (hi and lo). That sum, and q·mean_k, go into
+      // the running max instead of into every score. FP32 keeps ~2^-24 of the biased values, about 2^-19 of
+      // a typical score (the bias is ~30× a score for coefficients spread over the INT8 range), an error
+      // far below the FP16 rounding of the output.
+      float wsum[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int ks = 0; ks < kRKs; ++ks) {
+#pragma unroll
+        for (int e = 0; e < (RK == 8 ? 1 : 2); ++e) {
+          if constexpr (kHi) {
+            wsum[0] += half2_sum(wa_hi[ks][2 * e]) + half2_sum(wa_lo[ks][2 * e]);
+            wsum[1] += half2_sum(wa_hi[ks][2 * e + 1]) + half2_sum(wa_lo[ks][2 * e + 1]);
+          } else {
+            wsum[0] += half2_sum(wa_hi[ks][2 * e]) + half2_sum(wa_hi[ks][2 * e + 1]);
+          }
+        }
+      }
+      const float qm[2] = {(has_mean ? wm[0] * qscale : 0.0f) - kCoeffBias * quad_sum(wsum[0]),
+                           kHi ? (has_mean ? wm[2] * qscale : 0.0f) - kCoeffBias * quad_sum(wsum[1]) : 0.0f};
 
       // C_V fragments for RV >= 16 come from transposed ldmatrix: matrix m = 2h + e holds 8 token rows of
       // 16 bytes (ranks 16h..16h+15) of the 8-token half e of a 16-token step, row ρ being token
@@ -805,7 +825,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       float pc[kVT][4];
 #pragma unroll
       for (int i = 0; i < kVT; ++i) pc[i][0] = pc[i][1] = pc[i][2] = pc[i][3] = 0.0f;
-      float mw[2] = {-INFINITY, -INFINITY}, lw[2] = {0.0f, 0.0f};
+      // ps: P·1 by one more MMA per step, i.e. Σp over the FP16 weights the PC MMAs use (row gid in ps[0],
+      // gid + 8 in ps[2]): the sum the C_V bias comes back out with, and the softmax denominator.
+      float ps[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float mw[2] = {-INFINITY, -INFINITY};
       const int L = a.block_size;
       const int nks = (L + 15) / 16;
       // One group of kKStepsPerGroup 16-token steps; kFull: every step lies inside the block, so the
@@ -830,14 +853,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
               load_bytes<Tr::kKBytes>(ck + row * RK + Tr::kKBytes * tig, w);
               if constexpr (RK == 8) {
                 std::uint32_t b0, unused;
-                i8x4_to_half2(w[0], b0, unused);
+                i8x4_to_half2_biased(w[0], b0, unused);
                 mma1688_f16(acc, wa_hi[0][0], wa_hi[0][1], b0);
                 if constexpr (kHi) mma1688_f16(acc, wa_lo[0][0], wa_lo[0][1], b0);
               } else {
 #pragma unroll
                 for (int kk = 0; kk < kRKs; ++kk) {
                   std::uint32_t b0, b1;
-                  i8x4_to_half2(w[kk], b0, b1);
+                  i8x4_to_half2_biased(w[kk], b0, b1);
                   mma16816<__half>(acc, wa_hi[kk][0], wa_hi[kk][1], wa_hi[kk][2], wa_hi[kk][3], b0, b1);
                   if constexpr (kHi)
                     mma16816<__half>(acc, wa_lo[kk][0], wa_lo[kk][1], wa_lo[kk][2], wa_lo[kk][3], b0, b1);
@@ -873,7 +896,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           const float al = fast_exp2(mw[ri] - mref);
           mw[ri] = mn;
           if (ks0 != warp) {  // accumulators are still zero in the first group
-            lw[ri] *= al;
+            ps[2 * ri] *= al;
 #pragma unroll
             for (int i = 0; i < kVT; ++i) {
               pc[i][2 * ri] *= al;
@@ -891,9 +914,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
             for (int e = 0; e < 2; ++e)
 #pragma unroll
               for (int c = 0; c < 2 * kRows; ++c) p[e][c] = fast_exp2(s[u][e][c] - mu[c >> 1]);
-#pragma unroll
-            for (int ri = 0; ri < kRows; ++ri)
-              lw[ri] += (p[0][2 * ri] + p[0][2 * ri + 1]) + (p[1][2 * ri] + p[1][2 * ri + 1]);
             // A operand: (row gid, k-slots 2tig, 2tig + 1) = tokens tig, tig + 4 of half 0; (gid + 8, same);
             // then the same for half 1 (k-slots 2tig + 8, 2tig + 9). Rows 8..15 are zero without kHi.
             const std::uint32_t pa0 = pack2<__half>(p[0][0], p[0][1]);
@@ -923,10 +943,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 #pragma unroll
               for (int i = 0; i < kVT; ++i) {
                 // n-tile i: ranks 16(i/2) + 2n + i%2; bytes 0 and 2 (even rank) or 1 and 3 (odd rank) become
-                // the mantissas of half(1024 + u), as in i8x4_to_half2.
+                // the mantissas of half(1024 + u), as in i8x4_to_half2_biased.
                 const std::uint32_t sel = (i & 1) ? 0x4341u : 0x4240u;
-                const std::uint32_t b0 = sub_1152(__byte_perm(r[2 * (i >> 1)], 0x64646464u, sel));
-                const std::uint32_t b1 = sub_1152(__byte_perm(r[2 * (i >> 1) + 1], 0x64646464u, sel));
+                const std::uint32_t b0 = __byte_perm(r[2 * (i >> 1)], 0x64646464u, sel);
+                const std::uint32_t b1 = __byte_perm(r[2 * (i >> 1) + 1], 0x64646464u, sel);
                 mma16816<__half>(pc[i], pa0, pa1, pa2, pa3, b0, b1);
               }
             } else {
@@ -937,10 +957,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
                   load_bytes<Tr::kVBytes>(cv + (16 * ks + 8 * e + 4 * j + tig) * RV + Tr::kVBytes * gid, w[e][j]);
-              const std::uint32_t b0 = i8pair_to_half2(w[0][0][0], w[0][1][0], 0);
-              const std::uint32_t b1 = i8pair_to_half2(w[1][0][0], w[1][1][0], 0);
+              const std::uint32_t b0 = i8pair_to_half2_biased(w[0][0][0], w[0][1][0], 0);
+              const std::uint32_t b1 = i8pair_to_half2_biased(w[1][0][0], w[1][1][0], 0);
               mma16816<__half>(pc[0], pa0, pa1, pa2, pa3, b0, b1);
             }
+            constexpr std::uint32_t kOnes = 0x3C003C00u;  // half2(1, 1)
+            mma16816<__half>(ps, pa0, pa1, pa2, pa3, kOnes, kOnes);
           }
         }
       };
@@ -964,7 +986,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         const float mref = finite_or_zero(mn);
         al[ri] = fast_exp2(m_d[ri] - mref);
         be[ri] = fast_exp2(mw[ri] - mref);
-        l_d[ri] = al[ri] * l_d[ri] + be[ri] * lw[ri];
+        // ps is the row's whole sum in every lane of the quad; l_d holds per-lane parts (quad-summed when the
+        // segment ends), so each lane adds a quarter (exact).
+        l_d[ri] = al[ri] * l_d[ri] + be[ri] * (0.25f * ps[2 * ri]);
         m_d[ri] = mn;
       }
       if constexpr (!kHi) al[1] = al[0];  // row gid + 8 holds head gid's projection remainders
@@ -973,18 +997,21 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       // kHi the lo halves take the padding rows 8..15 (see the state above): one MMA per tile.
       std::uint32_t pa_hi[kRVs][4];
       [[maybe_unused]] std::uint32_t pa_lo[kRVs][4];
+      const float pc_bias[2] = {kCoeffBias * ps[0], kCoeffBias * ps[2]};
 #pragma unroll
       for (int i = 0; i < kVT; ++i) {
         const float sv0 = scale_v[Tr::pc_rank(i, 2 * tig)];
         const float sv1 = scale_v[Tr::pc_rank(i, 2 * tig + 1)];
         const int kp = RV == 8 ? 0 : i >> 1;
         const int hh = RV == 8 ? 0 : i & 1;
+        // PC = P·(kCoeffBias + C) - kCoeffBias·Σp, the bias taken out before the scales.
+        const float x0 = (pc[i][0] - pc_bias[0]) * (sv0 * be[0]), x1 = (pc[i][1] - pc_bias[0]) * (sv1 * be[0]);
         if constexpr (kHi) {
-          split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_lo[kp][2 * hh]);
-          split_half2(pc[i][2] * (sv0 * be[1]), pc[i][3] * (sv1 * be[1]), pa_hi[kp][2 * hh + 1],
-                      pa_lo[kp][2 * hh + 1]);
+          split_half2(x0, x1, pa_hi[kp][2 * hh], pa_lo[kp][2 * hh]);
+          split_half2((pc[i][2] - pc_bias[1]) * (sv0 * be[1]), (pc[i][3] - pc_bias[1]) * (sv1 * be[1]),
+                      pa_hi[kp][2 * hh + 1], pa_lo[kp][2 * hh + 1]);
         } else {
-          split_half2(pc[i][0] * (sv0 * be[0]), pc[i][1] * (sv1 * be[0]), pa_hi[kp][2 * hh], pa_hi[kp][2 * hh + 1]);
+          split_half2(x0, x1, pa_hi[kp][2 * hh], pa_hi[kp][2 * hh + 1]);
         }
       }
 #pragma unroll
@@ -1006,8 +1033,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         }
       }
       if (has_mean) {
-        const float l0 = quad_sum(lw[0]) * be[0];
-        const float l1 = kHi ? quad_sum(lw[1]) * be[1] : 0.0f;
+        const float l0 = ps[0] * be[0];
+        const float l1 = kHi ? ps[2] * be[1] : 0.0f;
         const unsigned char* mean_v = st + (RK + RV + 1) * kRow;
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
