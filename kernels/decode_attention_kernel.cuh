@@ -389,9 +389,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   if (x0 >= x1) return;
   auto cta_of = [&](long long x) -> long long { return ((x + 1) * G - 1) / total; };
 
-  // Cursor over the flattened item list: sequence b, head h, index `local` of n items of (b, h).
+  // Cursor over the flattened item list: sequence b, head h, index `local` of n items of (b, h). The
+  // sequence's cold-block count and first block-table entry ride along in registers: they are read for
+  // every item, and from shared memory they were a dependent load at the head of each item's chain.
   struct Cursor {
-    int b, h, local, n;
+    int b, h, local, n, ncold, block_begin;
+  };
+  auto load_seq = [&](Cursor& c) {
+    c.n = prefix[c.b + 1] - prefix[c.b];
+    c.ncold = seqs[c.b].ncold;
+    c.block_begin = seqs[c.b].block_begin;
   };
   auto locate = [&](long long x) {
     int lo = 0, hi = B - 1;
@@ -401,7 +408,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     }
     Cursor c;
     c.b = lo;
-    c.n = prefix[lo + 1] - prefix[lo];
+    load_seq(c);
     const long long rel = x - static_cast<long long>(H) * prefix[lo];
     c.h = static_cast<int>(rel / c.n);
     c.local = static_cast<int>(rel % c.n);
@@ -413,7 +420,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       if (++c.h == H) {
         c.h = 0;
         ++c.b;
-        if (c.b < B) c.n = prefix[c.b + 1] - prefix[c.b];
+        if (c.b < B) load_seq(c);
       }
     }
   };
@@ -422,14 +429,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     int kind, tier, idx;
   };
   auto decode = [&](const Cursor& c) {
-    const SeqInfo& si = seqs[c.b];
     Item it{2, 0, 0};
-    if (c.local < si.ncold) {
+    if (c.local < c.ncold) {
       it.kind = 0;
       it.idx = c.local;
       return it;
     }
-    int r = c.local - si.ncold;
+    const SeqInfo& si = seqs[c.b];
+    int r = c.local - c.ncold;
 #pragma unroll
     for (int t = 0; t < kNumTiers; ++t) {
       const int chunks = (si.len[t] + kChunk - 1) / kChunk;
@@ -478,8 +485,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     l_v2 = si.len[2] > 0 ? tier_base(2, b, true) : nullptr;
   };
   auto prefetch_block = [&]() {
-    if (kCold && lx < x1 && lc.local < seqs[lc.b].ncold)
-      l_block = __ldg(a.block_table + seqs[lc.b].block_begin + lc.local);
+    if (kCold && lx < x1 && lc.local < lc.ncold) l_block = __ldg(a.block_table + lc.block_begin + lc.local);
   };
   load_seq_pointers(lc.b);
   prefetch_block();
@@ -563,9 +569,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   // ---- State. ----------------------------------------------------------------------------------------
   // Warp-private state over all of head_dim (rows gid and gid + 8 of the group), fed by cold blocks and
   // dense chunks alike; the warps' states merge when a (sequence, head) segment ends. For groups of at most
-  // 8 heads, rows 8..15 hold no head: the cold blocks' projections accumulate the low FP16 halves of their
-  // operand there (row gid + 8 carries head gid's correction), one MMA per tile instead of two, and the
-  // row is added to row gid when the segment ends. Such rows are rescaled with their head.
+  // 8 heads, rows 8..15 hold no head: the cold blocks' projections (and BF16 P·V) accumulate the low halves
+  // of their operand there (row gid + 8 carries head gid's correction), one MMA per tile instead of two,
+  // and the row is added to row gid when the segment ends. Such rows are rescaled with their head.
   float o_d[kDTiles][4];
   float m_d[2], l_d[2];
   float qscale = 0.0f;  // score_scale * 2^e: undoes the normalisation of the FP16 query
@@ -706,11 +712,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
                              pack2<T>(p[1][2], p[1][3])};
       std::uint32_t pl[4] = {0u, 0u, 0u, 0u};
       if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        // BF16 keeps 8 bits of p; the remainder as a second BF16 operand brings P to ~16 bits.
+        // BF16 keeps 8 bits of p; the remainder as a second BF16 operand brings P to ~16 bits. For groups of
+        // at most 8 heads the remainder of row gid takes the padding row gid + 8 (see the state): one MMA.
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float2 h = unpack2<T>(pa[i]);
           pl[i] = pack2<T>(p[i >> 1][2 * (i & 1)] - h.x, p[i >> 1][2 * (i & 1) + 1] - h.y);
+        }
+        if (!hi_rows) {
+          pa[1] = pl[0];
+          pa[3] = pl[2];
         }
       }
       rescale_state(al);
@@ -721,7 +732,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         ldsm_x4_t(sv + (16 * tw + (lane & 7) + 8 * ((lane >> 3) & 1)) * kRowD + ((2 * n2) ^ xv) * 16, r);
         mma16816<T>(o_d[2 * n2], pa[0], pa[1], pa[2], pa[3], r[0], r[1]);
         mma16816<T>(o_d[2 * n2 + 1], pa[0], pa[1], pa[2], pa[3], r[2], r[3]);
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        if (std::is_same_v<T, __nv_bfloat16> && hi_rows) {
           mma16816<T>(o_d[2 * n2], pl[0], pl[1], pl[2], pl[3], r[0], r[1]);
           mma16816<T>(o_d[2 * n2 + 1], pl[0], pl[1], pl[2], pl[3], r[2], r[3]);
         }
@@ -1071,7 +1082,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 
     l_d[0] = quad_sum(l_d[0]);
     l_d[1] = quad_sum(l_d[1]);
-    if (kCold && !hi_rows) {  // fold the projection remainders of rows 8..15 into their heads
+    if ((kCold || std::is_same_v<T, __nv_bfloat16>) && !hi_rows) {  // fold rows 8..15's remainders into their heads
 #pragma unroll
       for (int n = 0; n < kDTiles; ++n) {
         o_d[n][0] += o_d[n][2];
