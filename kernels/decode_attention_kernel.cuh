@@ -27,11 +27,15 @@
 // coefficient is loaded and converted once per group); each warp takes every 4th 16-token step:
 //   W = q·B_Kᵀ            m16n8k16 over head_dim, q as FP16 (power-of-two normalised), B_K from smem;
 //   W *= scale_k · scale  FP32, then split W = W_hi + W_lo (two FP16 halves, ~22 significant bits);
-//   s = W·C_Kᵀ (+ q·mean_k) m16n8k16 with C_K converted to FP16 exactly (int8 -> half by byte permutes);
+//   s = W·C_Kᵀ (+ q·mean_k) m16n8k16 with C_K as FP16 1152 + c, exact (one byte permute per pair); the
+//                         bias 1152·ΣW and q·mean_k go into the running max, not into every score;
 //   p = exp2(s - m)       FP32 online softmax per warp over its tokens;
-//   PC += p·C_V           m16n8k16 with P in FP16 and C_V exact;
-//   o = α·o + (β·PC·diag(scale_v))·B_V (+ β·l·mean_v): the PC accumulator, rescaled and split hi/lo, is
-//                         the A operand of the projection, which accumulates into the warp's o directly.
+//   PC += p·C_V           m16n8k16 with P in FP16 and C_V as 1152 + c; Σp (the bias's weight and the
+//                         softmax denominator) by one more MMA against ones;
+//   o = α·o + (β·(PC - 1152·Σp)·diag(scale_v))·B_V (+ β·l·mean_v): the PC accumulator, rescaled and split
+//                         hi/lo, is the A operand of the projection, which accumulates into the warp's o.
+// For g <= 8, rows 8..15 of the tiles are padding and carry the lo halves (of W, and of the projection
+// operand): one MMA instead of two.
 // Dense chunk: each warp scores its 16-token tiles (m16n8k16 in T) and accumulates P·V (m16n8k16).
 // A segment that is the whole (sequence, head) writes the output; otherwise it writes a partial (m, l, o)
 // and the last CTA of that (sequence, head) to finish, found by an atomic counter, merges all of them.

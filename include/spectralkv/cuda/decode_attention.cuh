@@ -24,8 +24,9 @@
 //                                                 launch fails.
 //
 // Scores are `scale · q·k` (pass 1/sqrt(head_dim) for the usual attention): the query is NOT pre-scaled.
-// All arithmetic is FP32 except the tensor-core products, whose operands are exact (INT8 coefficients and
-// FP16 bases) or split into a high and a low FP16 half where rounding would matter. Range: the operand of
+// All arithmetic is FP32 except the tensor-core products, whose operands are exact (INT8 coefficients,
+// entered as the FP16 values 1152 + c with the bias taken back out in FP32 once per block, and FP16 bases)
+// or split into a high and a low FP16 half where rounding would matter. Range: the operand of
 // the projection onto B_V holds, per rank r, sum_t p_t * c_{t,r} over one warp's 128 tokens of a block
 // (c_{t,r} the value coefficient, p_t <= 1) in FP16, so it overflows only when that sum exceeds 65504,
 // i.e. when value vectors (mean-centred, if enabled) have norms of several hundred and the attention is
