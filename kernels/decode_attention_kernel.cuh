@@ -100,6 +100,11 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, 
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait(int newest_pending) {
+  // Two stages (the common plan: two CTAs per SM) as a plain branch, not through a jump table.
+  if (newest_pending == 0) {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    return;
+  }
   switch (newest_pending) {
     case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
     case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
@@ -1029,21 +1034,31 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
           split_half2(x0, x1, pa_hi[kp][2 * hh], pa_hi[kp][2 * hh + 1]);
         }
       }
+      if constexpr (RV == 8) {
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          std::uint32_t b0;
+          ldsm_x1_t(sb + (RK + (lane & 7)) * kRow + dt * 16, b0);
+          mma1688_f16(o_d[dt], pa_hi[0][0], pa_hi[0][1], b0);
+          if constexpr (kHi) mma1688_f16(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
+        }
+      } else {
+        // One transposed x4 load gives the B fragments of two head_dim tiles (lanes 16..31 address the
+        // second): 16-rank slice kp, tiles 2·dt2 and 2·dt2 + 1.
+        const std::uint32_t bv_lane = sb + (RK + (lane & 15)) * kRow + (lane >> 4) * 16;
 #pragma unroll
-        for (int kp = 0; kp < kRVs; ++kp) {
-          if constexpr (RV == 8) {
-            std::uint32_t b0;
-            ldsm_x1_t(sb + (RK + (lane & 7)) * kRow + dt * 16, b0);
-            mma1688_f16(o_d[dt], pa_hi[0][0], pa_hi[0][1], b0);
-            if constexpr (kHi) mma1688_f16(o_d[dt], pa_lo[0][0], pa_lo[0][1], b0);
-          } else {
-            std::uint32_t b0, b1;
-            ldsm_x2_t(sb + (RK + 16 * kp + (lane & 15)) * kRow + dt * 16, b0, b1);
-            mma16816<__half>(o_d[dt], pa_hi[kp][0], pa_hi[kp][1], pa_hi[kp][2], pa_hi[kp][3], b0, b1);
-            if constexpr (kHi)
-              mma16816<__half>(o_d[dt], pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], b0, b1);
+        for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
+#pragma unroll
+          for (int kp = 0; kp < kRVs; ++kp) {
+            std::uint32_t r[4];
+            ldsm_x4_t(bv_lane + 16 * kp * kRow + dt2 * 32, r);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float (&o)[4] = o_d[2 * dt2 + h];
+              mma16816<__half>(o, pa_hi[kp][0], pa_hi[kp][1], pa_hi[kp][2], pa_hi[kp][3], r[2 * h], r[2 * h + 1]);
+              if constexpr (kHi)
+                mma16816<__half>(o, pa_lo[kp][0], pa_lo[kp][1], pa_lo[kp][2], pa_lo[kp][3], r[2 * h], r[2 * h + 1]);
+            }
           }
         }
       }
