@@ -221,7 +221,7 @@ __device__ __forceinline__ std::uint32_t i8pair_to_half2_biased(std::uint32_t a,
   const std::uint32_t sel = static_cast<std::uint32_t>(i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12));
   return (__byte_perm(a, b, sel) & 0x00FF00FFu) ^ 0x64806480u;
 }
-/// Sum of the two halves of a half2, in FP32 (exact: two halves fit in a float's mantissa).
+/// Sum of the two halves of a half2, in FP32 (one rounding at most, none unless their exponents are far apart).
 __device__ __forceinline__ float half2_sum(std::uint32_t u) {
   const float2 f = unpack2<__half>(u);
   return f.x + f.y;
@@ -996,12 +996,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
 
       // (E) The warp's partial of this block goes straight into its private state (the state dense chunks
       // use), so warps never wait for each other inside a block:
-      //   m = max(m, mw);  o = α·o + (β·PC·diag(scale_v))·B_V (+ β·l_w·mean_v);  l = α·l + β·l_w.
+      //   m = max(m, mw);  o = α·o + (β·PC·diag(scale_v))·B_V (+ β·Σp·mean_v);  l = α·l + β·Σp.
       // PC column n of n-tile i is rank Tr::pc_rank(i, n); the loader stored B_V row j in smem slot
       // vslot(j), so the projection's k-steps read 16 consecutive slots.
       float al[2] = {1.0f, 1.0f}, be[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int ri = 0; ri < kRows; ++ri) {  // without kHi, rows 8..15 are padding: their state stays zero
+      for (int ri = 0; ri < kRows; ++ri) {  // without kHi, rows 8..15 are padding: their m and l stay unused
         const float mn = fmaxf(m_d[ri], mw[ri]);
         const float mref = finite_or_zero(mn);
         al[ri] = fast_exp2(m_d[ri] - mref);
@@ -1017,6 +1017,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       // kHi the lo halves take the padding rows 8..15 (see the state above): one MMA per tile.
       std::uint32_t pa_hi[kRVs][4];
       [[maybe_unused]] std::uint32_t pa_lo[kRVs][4];
+      // PC and Σp are FP32 sums of up to 1279·Σp, so the difference keeps ~2^-24 of that: relative to PC,
+      // ~2^-24·1279/|c̄| for a p-weighted mean coefficient c̄; worst with flat attention over values whose
+      // coefficients cancel (test DiffuseAttentionOverLongContext: 3.4e-4 of the output row's scale there,
+      // against 1.8e-4 with the bias subtracted per pair; see docs/PERFORMANCE.md).
       const float pc_bias[2] = {kCoeffBias * ps[0], kCoeffBias * ps[2]};
 #pragma unroll
       for (int i = 0; i < kVT; ++i) {

@@ -340,6 +340,37 @@ TEST(SpectralDecode, LongSequencesManyItemsPerCta) {
   EXPECT_EQ(0, compare(ref, got, 3 * 8, 128, 2e-3, "long sequences"));
 }
 
+/// Nearly uniform attention (a tiny score scale) over long sequences of zero-mean values, at the benchmark's
+/// block shape (512 tokens, K16/V32, groups of 4): the output is ~1/sqrt(T) of the values' scale, the regime
+/// where FP32 rounding of large sums weighs most against the output's own magnitude, e.g. the cold path's
+/// P·(1152 + C) before its bias 1152·Σp is taken out (a block's Σp is then ~512).
+TEST(SpectralDecode, DiffuseAttentionOverLongContext) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  const std::vector<std::int64_t> lengths = {6000, 2900};
+  for (bool mean : {false, true}) {
+    CacheConfig cfg = config_d128(8, 2, 512, 64, 0, 16, 32);
+    cfg.mean_center = mean;
+    SpectralCache<Half> cache(cfg);
+    std::vector<SequenceId> ids;
+    for (std::size_t i = 0; i < lengths.size(); ++i) {
+      ids.push_back(static_cast<SequenceId>(i));
+      cache.add_sequence(ids.back());
+      const auto seed = 1300 + 2 * static_cast<std::uint32_t>(i);
+      const auto k = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, seed);
+      const auto v = test::normal_tokens<Half>(lengths[i], 2, 128, seed + 1);
+      cache.append(0, ids.back(), test::view(k, lengths[i], 2, 128), test::view(v, lengths[i], 2, 128));
+    }
+    const auto q = test::normal_tokens<Half>(2, 8, 128, 1399);
+    constexpr float kScale = 1e-3f;  // scores within ~±0.05: every weight within a few % of the others
+    std::vector<float> ref(2 * 8 * 128);
+    cache.attend(0, ids, {1, 1}, test::view(q, 2, 8, 128), test::view(ref, 2, 8, 128), kScale);
+    UploadedLayer u = upload_layer(cache, 0, ids);
+    u.params.scale = kScale;
+    const auto got = run_decode(u.params, q, ref.size());
+    EXPECT_EQ(0, compare(ref, got, 2 * 8, 128, 2e-3, mean ? "diffuse attention, mean-centred" : "diffuse attention"));
+  }
+}
+
 /// The cold-block code is compiled twice: for groups of at most 8 query heads (rows 8..15 of the MMA tiles are
 /// padding) and for larger groups. Every rank_v path (8: byte loads; 16, 32, 64: transposed ldmatrix), with
 /// and without mean-centring, for groups of 6 and 16 heads, against the CPU reference.
