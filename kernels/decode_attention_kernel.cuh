@@ -106,7 +106,6 @@ __device__ __forceinline__ void cp_async_wait(int newest_pending) {
     return;
   }
   switch (newest_pending) {
-    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
     case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
     case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
     case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;

@@ -310,16 +310,18 @@ CacheConfig config_d128(int q_heads, int kv_heads, int block_size, int hot, int 
   return cfg;
 }
 
-/// Adds sequences 0, 1, ... with low-rank (rank 6) K and V of the given lengths to layer 0.
+/// Adds sequences 0, 1, ... with low-rank (rank 6) K and V of the given lengths to layer 0; with
+/// `zero_mean_values`, V is i.i.d. normal instead.
 std::vector<SequenceId> fill_low_rank(SpectralCache<Half>& cache, const std::vector<std::int64_t>& lengths,
-                                      int kv_heads, std::uint32_t seed) {
+                                      int kv_heads, std::uint32_t seed, bool zero_mean_values = false) {
   std::vector<SequenceId> ids;
   for (std::size_t i = 0; i < lengths.size(); ++i) {
     ids.push_back(static_cast<SequenceId>(i));
     cache.add_sequence(ids.back());
     const auto s = seed + 2 * static_cast<std::uint32_t>(i);
     const auto k = test::low_rank_tokens<Half>(lengths[i], kv_heads, 128, 6, s);
-    const auto v = test::low_rank_tokens<Half>(lengths[i], kv_heads, 128, 6, s + 1);
+    const auto v = zero_mean_values ? test::normal_tokens<Half>(lengths[i], kv_heads, 128, s + 1)
+                                    : test::low_rank_tokens<Half>(lengths[i], kv_heads, 128, 6, s + 1);
     cache.append(0, ids.back(), test::view(k, lengths[i], kv_heads, 128), test::view(v, lengths[i], kv_heads, 128));
   }
   return ids;
@@ -351,15 +353,7 @@ TEST(SpectralDecode, DiffuseAttentionOverLongContext) {
     CacheConfig cfg = config_d128(8, 2, 512, 64, 0, 16, 32);
     cfg.mean_center = mean;
     SpectralCache<Half> cache(cfg);
-    std::vector<SequenceId> ids;
-    for (std::size_t i = 0; i < lengths.size(); ++i) {
-      ids.push_back(static_cast<SequenceId>(i));
-      cache.add_sequence(ids.back());
-      const auto seed = 1300 + 2 * static_cast<std::uint32_t>(i);
-      const auto k = test::low_rank_tokens<Half>(lengths[i], 2, 128, 6, seed);
-      const auto v = test::normal_tokens<Half>(lengths[i], 2, 128, seed + 1);
-      cache.append(0, ids.back(), test::view(k, lengths[i], 2, 128), test::view(v, lengths[i], 2, 128));
-    }
+    const std::vector<SequenceId> ids = fill_low_rank(cache, lengths, 2, 1300, true);
     const auto q = test::normal_tokens<Half>(2, 8, 128, 1399);
     constexpr float kScale = 1e-3f;  // scores within ~±0.05: every weight within a few % of the others
     std::vector<float> ref(2 * 8 * 128);
