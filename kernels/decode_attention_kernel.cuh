@@ -38,7 +38,8 @@
 // operand): one MMA instead of two.
 // Dense chunk: each warp scores its 16-token tiles (m16n8k16 in T) and accumulates P·V (m16n8k16).
 // A segment that is the whole (sequence, head) writes the output; otherwise it writes a partial (m, l, o)
-// and the last CTA of that (sequence, head) to finish, found by an atomic counter, merges all of them.
+// and the last CTA of that (sequence, head) to finish, found by an atomic counter, merges all of them, or,
+// when the plan says so (few pairs, see decode_host.cuh), decode_merge_kernel does, after this kernel.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -262,6 +263,63 @@ __device__ __forceinline__ void load_bytes(const unsigned char* p, std::uint32_t
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Work list shared by the attention kernel and the merge kernel.
+
+/// Items of sequence b: its cold blocks (when the kernel reads them) and the 64-token chunks of its dense
+/// tiers; an empty sequence still owns one (null) item, whose CTA writes zeros.
+__device__ __forceinline__ int sequence_items(const KernelArgs& a, int b, bool cold, SeqInfo& si) {
+  si.block_begin = 0;
+  si.ncold = 0;
+  if (cold && a.block_offsets != nullptr) {
+    si.block_begin = a.block_offsets[b];
+    si.ncold = a.block_offsets[b + 1] - si.block_begin;
+  }
+  int n = si.ncold;
+#pragma unroll
+  for (int t = 0; t < kNumTiers; ++t) {
+    si.len[t] = a.tiers[t].lengths != nullptr ? a.tiers[t].lengths[b] : 0;
+    n += (si.len[t] + kChunk - 1) / kChunk;
+  }
+  return n > 0 ? n : 1;
+}
+
+/// The CTAs that hold the items [start, start + n) of one (sequence, head) pair, when `total` items are cut
+/// into G equal contiguous shares (CTA c takes [c·total/G, (c+1)·total/G)). Segment s of the pair is the
+/// s-th such CTA; it writes its partial (m, l, o) to workspace slot slot(s) = CTA + pair, distinct per
+/// (CTA, pair) and below G + pairs.
+struct SegmentMap {
+  long long total, G, start, pair, first, nseg;
+  bool every_cta_busy;
+  __device__ __forceinline__ SegmentMap(long long total_, long long G_, long long start_, long long n, long long pair_)
+      : total(total_), G(G_), start(start_), pair(pair_) {
+    first = cta_of(start);
+    // With at least one item per CTA the CTAs holding this list are contiguous; with fewer items than
+    // CTAs each item has its own CTA and the CTAs in between hold nothing.
+    every_cta_busy = total >= G;
+    nseg = every_cta_busy ? cta_of(start + n - 1) - first + 1 : n;
+  }
+  __device__ __forceinline__ long long cta_of(long long x) const { return ((x + 1) * G - 1) / total; }
+  __device__ __forceinline__ long long slot(long long s) const {
+    // Sparse case (fewer items than CTAs): every value is below G, so 32-bit division suffices.
+    const long long c = every_cta_busy ? first + s
+                                       : static_cast<long long>((static_cast<int>(start + s) + 1) * static_cast<int>(G) - 1) /
+                                             static_cast<int>(total);
+    return c + pair;
+  }
+};
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
 
 template <class T, int D, int RK, int RV>
 struct DecodeTraits {
@@ -345,6 +403,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   const int S = a.stages;
   const bool hi_rows = g > 8;  // rows 8..15 of the MMA tiles hold query heads (else they are padding)
 
+  // The merge kernel (enqueued after this one as a programmatic dependent) may be scheduled from now on; its
+  // CTAs wait for this grid to finish before they read the partials, and fit only where CTAs of this grid
+  // have exited.
+  launch_dependents();
   if (tid == 0) {
     for (int st = 0; st < S; ++st) mbar_init(bar0 + 8 * st, 1);
     fence_mbar_init();  // visible to the copy engine before any bulk copy completes on them
@@ -353,20 +415,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   // ---- Items per sequence, and their prefix sums (sequence-major order). --------------------------
   for (int b = tid; b < B; b += kThreads) {
     SeqInfo si;
-    si.block_begin = 0;
-    si.ncold = 0;
-    if (kCold && a.block_offsets != nullptr) {
-      si.block_begin = a.block_offsets[b];
-      si.ncold = a.block_offsets[b + 1] - si.block_begin;
-    }
-    int n = si.ncold;
-#pragma unroll
-    for (int t = 0; t < kNumTiers; ++t) {
-      si.len[t] = a.tiers[t].lengths != nullptr ? a.tiers[t].lengths[b] : 0;
-      n += (si.len[t] + kChunk - 1) / kChunk;
-    }
+    prefix[b + 1] = sequence_items(a, b, kCold, si);
     seqs[b] = si;
-    prefix[b + 1] = n > 0 ? n : 1;  // an empty sequence still owns one (null) item, whose CTA writes zeros
   }
   __syncthreads();
   if (warp == 0) {
@@ -395,7 +445,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   const long long x0 = static_cast<long long>(blockIdx.x) * total / G;
   const long long x1 = static_cast<long long>(blockIdx.x + 1) * total / G;
   if (x0 >= x1) return;
-  auto cta_of = [&](long long x) -> long long { return ((x + 1) * G - 1) / total; };
 
   // Cursor over the flattened item list: sequence b, head h, index `local` of n items of (b, h). The
   // sequence's cold-block count and first block-table entry ride along in registers: they are read for
@@ -1087,20 +1136,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   auto finalize = [&](int b, int h, int n_items) {
     const long long p = static_cast<long long>(b) * H + h;
     const long long start = static_cast<long long>(H) * prefix[b] + static_cast<long long>(h) * n_items;
-    const long long first = cta_of(start);
-    // With at least one item per CTA the CTAs holding this list are contiguous; with fewer items than
-    // CTAs each item has its own CTA and the CTAs in between hold nothing.
-    const bool every_cta_busy = total >= G;
-    const long long nseg = every_cta_busy ? cta_of(start + n_items - 1) - first + 1 : n_items;
-    // Sparse case (fewer items than CTAs): every value is below G, so 32-bit division suffices.
-    auto segment_slot = [&](long long s) {
-      const long long c =
-          every_cta_busy ? first + s
-                         : static_cast<long long>((static_cast<int>(start + s) + 1) * static_cast<int>(G) - 1) /
-                               static_cast<int>(total);
-      return c + p;
-    };
-    const long long slot = static_cast<long long>(blockIdx.x) + p;  // distinct per (CTA, pair), < G + pairs
+    const SegmentMap map(total, G, start, n_items, p);
+    const long long nseg = map.nseg;
+    const long long slot = static_cast<long long>(blockIdx.x) + p;
 
     l_d[0] = quad_sum(l_d[0]);
     l_d[1] = quad_sum(l_d[1]);
@@ -1163,7 +1201,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       }
       if (nseg > 1 && warp == 0 && tig == 0) a.partial_ml[slot * g + r] = make_float2(m, l);
     }
-    if (nseg > 1) {
+    if (nseg > 1 && a.merge_in_kernel) {
       __threadfence();
       __syncthreads();
       int* flag = reinterpret_cast<int*>(misc + kWarps);
@@ -1196,7 +1234,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
             float2 ml[kPer][kBatch], v[kPer][kBatch];
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
-              const long long ss = u < n ? segment_slot(s0 + u) : 0;
+              const long long ss = u < n ? map.slot(s0 + u) : 0;
 #pragma unroll
               for (int k = 0; k < kPer; ++k) {
                 ml[k][u] = make_float2(-INFINITY, 0.0f);
@@ -1294,6 +1332,144 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Split merge by a second kernel (KernelArgs::merge_in_kernel = 0, chosen when the pairs are few next to the
+// CTAs): one CTA per (sequence, head) pair whose items span several CTAs of the attention kernel combines
+// their partials (m, l, o) by log-sum-exp. It is the attention kernel's programmatic dependent: its CTAs are
+// scheduled as the attention kernel's CTAs exit, recompute the work list from the lengths and block offsets
+// (inputs, not written by the attention kernel) and wait for the attention grid to complete before they read
+// the partials. Measured on an H200 (B = 1, T = 128K, 33 partials per head), the merge inside the attention
+// kernel kept the last CTA of each pair busy for ~12 µs after its last item: the fence and the atomic, five
+// dependent rounds of L2 loads, and the first fetch of the merge code after an L2 flush.
+
+constexpr int kMergeThreads = 256;
+constexpr int kMergeBatch = 16;  ///< segments whose loads one thread has in flight at once
+
+template <class T, int D>
+__global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __grid_constant__ KernelArgs a, int grid, int cold) {
+  __shared__ long long red[3][kMergeThreads / 32];
+  __shared__ float part[6][kMergeThreads];
+  const int tid = threadIdx.x;
+  const int H = a.num_kv_heads;
+  const int g = a.group;
+  const int pair = blockIdx.x;
+  const int b = pair / H;
+  const int h = pair % H;
+
+  // Items before sequence b, of b, and of all sequences: the attention kernel's work list.
+  long long before = 0, all = 0, mine = 0;
+  for (int s = tid; s < a.batch; s += kMergeThreads) {
+    SeqInfo si;
+    const int n = sequence_items(a, s, cold != 0, si);
+    all += n;
+    if (s < b) before += n;
+    if (s == b) mine = n;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    before += __shfl_xor_sync(0xffffffffu, before, o);
+    all += __shfl_xor_sync(0xffffffffu, all, o);
+    mine += __shfl_xor_sync(0xffffffffu, mine, o);
+  }
+  if ((tid & 31) == 0) {
+    red[0][tid >> 5] = before;
+    red[1][tid >> 5] = all;
+    red[2][tid >> 5] = mine;
+  }
+  __syncthreads();
+  before = all = mine = 0;
+#pragma unroll
+  for (int w = 0; w < kMergeThreads / 32; ++w) {
+    before += red[0][w];
+    all += red[1][w];
+    mine += red[2][w];
+  }
+  const SegmentMap map(H * all, grid, H * before + h * mine, mine, pair);
+  // Every CTA waits, even one with nothing to merge: this grid must not complete before the attention grid,
+  // since work enqueued after it waits only for it.
+  grid_dependency_wait();
+  if (map.nseg <= 1) return;  // the attention kernel wrote this pair's output itself
+
+  // Thread (way j, group e) merges segments j, j + W, ... of the 4 output elements e of the pair (row e / (D/4)),
+  // kMergeBatch segments' loads in flight at once; the W ways then combine through shared memory.
+  const int groups = g * (D / 4);
+  const int ways = max(1, kMergeThreads / groups);
+  const int per_way = kMergeThreads / ways;
+  const int j = tid / per_way;
+  for (int e0 = 0; e0 < groups; e0 += per_way) {
+    const int e = e0 + tid % per_way;
+    const bool active = e < groups && j < ways;
+    const int r = active ? e / (D / 4) : 0;
+    const int d = active ? 4 * (e % (D / 4)) : 0;
+    float m = -INFINITY, l = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (long long s0 = j; active && s0 < map.nseg; s0 += static_cast<long long>(ways) * kMergeBatch) {
+      float2 ml[kMergeBatch];
+      float4 v[kMergeBatch];
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {
+        const long long s = s0 + static_cast<long long>(ways) * u;
+        ml[u] = make_float2(-INFINITY, 0.0f);
+        v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (s < map.nseg) {
+          const long long slot = map.slot(s);
+          ml[u] = __ldcg(a.partial_ml + slot * g + r);
+          v[u] = __ldcg(reinterpret_cast<const float4*>(a.partial_o + (slot * g + r) * D + d));
+        }
+      }
+      float mx = m;
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) mx = fmaxf(mx, ml[u].x);
+      const float mref = finite_or_zero(mx);
+      const float f = fast_exp2(m - mref);
+      l *= f;
+      acc.x *= f;
+      acc.y *= f;
+      acc.z *= f;
+      acc.w *= f;
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {  // missing segments: weight 0 · exp2(-inf) = 0
+        const float w = ml[u].y * fast_exp2(ml[u].x - mref);
+        l += w;
+        acc.x += w * v[u].x;
+        acc.y += w * v[u].y;
+        acc.z += w * v[u].z;
+        acc.w += w * v[u].w;
+      }
+      m = mx;
+    }
+    part[0][tid] = m;
+    part[1][tid] = l;
+    part[2][tid] = acc.x;
+    part[3][tid] = acc.y;
+    part[4][tid] = acc.z;
+    part[5][tid] = acc.w;
+    __syncthreads();
+    if (j == 0 && active) {
+      float mx = -INFINITY;
+      for (int w = 0; w < ways; ++w) mx = fmaxf(mx, part[0][w * per_way + tid]);
+      const float mref = finite_or_zero(mx);
+      float lt = 0.0f;
+      float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int w = 0; w < ways; ++w) {
+        const int t = w * per_way + tid;
+        const float f = fast_exp2(part[0][t] - mref);
+        lt += f * part[1][t];
+        o.x += f * part[2][t];
+        o.y += f * part[3][t];
+        o.z += f * part[4][t];
+        o.w += f * part[5][t];
+      }
+      const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+      const long long oe = (static_cast<long long>(pair) * g + r) * D + d;
+      std::uint32_t* o32 = static_cast<std::uint32_t*>(a.out) + oe / 2;
+      o32[0] = pack2<T>(o.x * inv, o.y * inv);
+      o32[1] = pack2<T>(o.z * inv, o.w * inv);
+    }
+    __syncthreads();  // part[] is reused by the next groups
+  }
+}
+
 /// Definition of the launcher declared in decode_kernel_args.cuh; the instantiation files instantiate it.
 template <class T, int D, int RK, int RV>
 void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_t stream) {
@@ -1316,6 +1492,19 @@ void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_
   }
   fn<<<grid, DecodeTraits<T, D, RK, RV>::kThreads, smem_bytes, stream>>>(args);
   check_launch("decode_attention_kernel");
+  if (args.merge_in_kernel) return;
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(args.batch * args.num_kv_heads));
+  config.blockDim = dim3(kMergeThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  check(cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, args, grid, RK > 0 ? 1 : 0),
+        "cudaLaunchKernelEx(decode_merge_kernel)");
 }
 
 }  // namespace spectralkv::cuda::kernel

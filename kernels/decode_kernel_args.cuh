@@ -60,6 +60,9 @@ struct KernelArgs {
   float* partial_o = nullptr;    ///< [slots][group][head_dim]
   float2* partial_ml = nullptr;  ///< [slots][group]: (max, sum)
   unsigned int* counters = nullptr;  ///< [batch * num_kv_heads]
+  /// Split merge of a pair whose items span several CTAs: 1, the last of those CTAs merges the partials
+  /// (counters); 0, decode_merge_kernel, enqueued after the attention kernel, merges them.
+  int merge_in_kernel = 1;
 };
 
 struct SeqInfo {

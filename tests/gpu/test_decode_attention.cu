@@ -392,8 +392,28 @@ TEST(SpectralDecode, EveryRankVForSmallAndLargeGroups) {
   }
 }
 
+/// Many (sequence, head) pairs next to the number of CTAs (48 pairs: at least a quarter of the SMs of any GPU
+/// with up to 192), so the split merge runs inside the attention kernel: the last CTA of a pair merges its
+/// partials. One sequence is long enough that its pairs span dozens of CTAs (merged in rounds of eight), the
+/// others span one or two. The tests with few pairs above and below take the merge kernel instead.
+TEST(SpectralDecode, ManyPairsMergedInsideTheKernel) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  SpectralCache<Half> cache(config_d128(8, 4, 32, 8, 0, 16, 32));
+  const std::vector<std::int64_t> lengths = {1300, 150, 170, 90, 200, 133, 64, 177, 99, 120, 143, 111};
+  const int batch = static_cast<int>(lengths.size());
+  const std::vector<SequenceId> ids = fill_low_rank(cache, lengths, 4, 2100);
+  const auto q = test::normal_tokens<Half>(batch, 8, 128, 2177);
+  std::vector<float> ref(static_cast<std::size_t>(batch) * 8 * 128);
+  cache.attend(0, ids, std::vector<std::int64_t>(ids.size(), 1), test::view(q, batch, 8, 128),
+               test::view(ref, batch, 8, 128), 0.0884f);
+  UploadedLayer u = upload_layer(cache, 0, ids);
+  u.params.scale = 0.0884f;
+  const auto got = run_decode(u.params, q, ref.size());
+  EXPECT_EQ(0, compare(ref, got, batch * 8, 128, 2e-3, "many pairs, merged inside the kernel"));
+}
+
 /// One sequence and one KV head with more items than the grid has CTAs: the (sequence, head) is split over
-/// every CTA, so the last CTA merges hundreds of partials (the merge takes them in batches of eight).
+/// every CTA, and the merge kernel combines hundreds of partials.
 TEST(SpectralDecode, OneSequenceSpansEveryCta) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   SpectralCache<Half> cache(config_d128(4, 1, 16, 8, 0, 8, 16));

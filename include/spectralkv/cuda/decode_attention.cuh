@@ -34,9 +34,12 @@
 //
 // Work decomposition (split-KV): the work of a sequence and KV head is a list of items (one cold block, or up
 // to 64 dense tokens), all (sequence, head) lists are laid end to end, and every CTA of a grid that fills the
-// GPU takes an equal share of the whole list. A (sequence, head) whose items span several CTAs gets one partial
-// (max, sum, output) from each; the last CTA to finish merges them (log-sum-exp), so one launch does
-// everything and batch 1 at long context keeps every SM busy.
+// GPU takes an equal share of the whole list, so batch 1 at long context keeps every SM busy. A (sequence,
+// head) whose items span several CTAs gets one partial (max, sum, output) from each, merged by log-sum-exp:
+// with many (sequence, head) pairs by the last of those CTAs to finish, inside the attention kernel; with few
+// pairs next to the CTAs (fewer than a quarter of the SMs, e.g. batch 1) by a second, small kernel that run()
+// enqueues after the first as its programmatic dependent (it starts as the attention kernel's CTAs exit and
+// merges every pair in parallel).
 
 #include <cuda_runtime.h>
 
