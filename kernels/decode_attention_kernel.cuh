@@ -655,10 +655,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   // Query fragments of (b, h): A operands of m16n8k16, entry [kd][lane] = rows gid/gid+8, columns
   // 16kd + 2tig (+1) and +8 (+9). Rows >= g are zero.
   constexpr int kQPasses = (32 * kKd + kThreads - 1) / kThreads;  // fragment entries per thread
-  auto begin_segment = [&](int b, int h) {
-    float v[kQPasses][8];
-    std::uint32_t raw[kQPasses][4];
-    float mx = 0.0f;
+  // The query's global loads are separate from the rest so that the first segment's can be issued before the
+  // prologue's copies, which wait for the first block-table entry: the two round trips then overlap.
+  using QRaw = std::uint32_t[kQPasses][4];
+  auto load_q = [&](int b, int h, QRaw& raw) {
 #pragma unroll
     for (int ip = 0; ip < kQPasses; ++ip) {
       const int idx = tid + kThreads * ip;
@@ -671,10 +671,20 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         for (int k = 0; k < 4; ++k) {
           const int r = r0 + 8 * (k & 1);
           const int col = c0 + 8 * (k >> 1);
-          if (r < g) {
-            const long long e = ((static_cast<long long>(b) * H + h) * g + r) * D + col;
-            raw[ip][k] = __ldg(qp + e / 2);
-          }
+          if (r < g) raw[ip][k] = __ldg(qp + (((static_cast<long long>(b) * H + h) * g + r) * D + col) / 2);
+        }
+      }
+    }
+  };
+  auto begin_segment = [&](const QRaw& raw) {
+    float v[kQPasses][8];
+    float mx = 0.0f;
+#pragma unroll
+    for (int ip = 0; ip < kQPasses; ++ip) {
+      const int idx = tid + kThreads * ip;
+      if (idx < 32 * kKd) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
           const float2 f = unpack2<T>(raw[ip][k]);
           v[ip][2 * k] = f.x;
           v[ip][2 * k + 1] = f.y;
@@ -1279,12 +1289,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   };
 
   // ---- Main loop. -----------------------------------------------------------------------------------
-  for (int s = 0; s < S - 1; ++s) {
-    if (lx < x1) issue();
-    cp_async_commit();
-  }
   Cursor cc = locate(x0);
-  begin_segment(cc.b, cc.h);
+  {
+    QRaw raw;
+    load_q(cc.b, cc.h, raw);
+    for (int s = 0; s < S - 1; ++s) {
+      if (lx < x1) issue();
+      cp_async_commit();
+    }
+    begin_segment(raw);
+  }
   int cs = 0;              // stage of item x
   std::uint32_t cpar = 0;  // parity of its barrier phase
   for (long long x = x0; x < x1; ++x) {
@@ -1303,7 +1317,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
       prev.n = prefix[prev.b + 1] - prefix[prev.b];
       finalize(prev.b, prev.h, prev.n);
       __syncthreads();
-      begin_segment(cc.b, cc.h);
+      QRaw raw;
+      load_q(cc.b, cc.h, raw);
+      begin_segment(raw);
     }
     const unsigned char* st = stage0 + cs * a.stage_bytes;
     mbar_wait(bar0 + 8 * cs, cpar);
