@@ -1519,8 +1519,11 @@ void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  check(cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, args, grid, RK > 0 ? 1 : 0),
-        "cudaLaunchKernelEx(decode_merge_kernel)");
+  const cudaError_t st = cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, args, grid, RK > 0 ? 1 : 0);
+  if (st != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so that a later launch check does not report it again
+    check(st, "cudaLaunchKernelEx(decode_merge_kernel)");
+  }
 }
 
 }  // namespace spectralkv::cuda::kernel

@@ -395,7 +395,7 @@ TEST(SpectralDecode, EveryRankVForSmallAndLargeGroups) {
 /// Many (sequence, head) pairs next to the number of CTAs (48 pairs: at least a quarter of the SMs of any GPU
 /// with up to 192), so the split merge runs inside the attention kernel: the last CTA of a pair merges its
 /// partials. One sequence is long enough that its pairs span dozens of CTAs (merged in rounds of eight), the
-/// others span one or two. The tests with few pairs above and below take the merge kernel instead.
+/// others span one to five. The tests with few pairs above and below take the merge kernel instead.
 TEST(SpectralDecode, ManyPairsMergedInsideTheKernel) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   SpectralCache<Half> cache(config_d128(8, 4, 32, 8, 0, 16, 32));

@@ -37,9 +37,9 @@
 // GPU takes an equal share of the whole list, so batch 1 at long context keeps every SM busy. A (sequence,
 // head) whose items span several CTAs gets one partial (max, sum, output) from each, merged by log-sum-exp:
 // with many (sequence, head) pairs by the last of those CTAs to finish, inside the attention kernel; with few
-// pairs next to the CTAs (fewer than a quarter of the SMs, e.g. batch 1) by a second, small kernel that run()
-// enqueues after the first as its programmatic dependent (it starts as the attention kernel's CTAs exit and
-// merges every pair in parallel).
+// pairs next to the CTAs (more than 8 CTAs per pair on average, e.g. batch 1) by a second, small kernel that
+// run() enqueues after the first as its programmatic dependent (it starts as the attention kernel's CTAs exit
+// and merges every pair in parallel).
 
 #include <cuda_runtime.h>
 
