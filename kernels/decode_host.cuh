@@ -123,7 +123,7 @@ inline bool make_plan(const Shape& s, const DeviceInfo& dev, Plan& p, std::strin
   off = align_up(off + 8 * kernel::kMaxStages, 128);
   p.smem_stage = static_cast<int>(off);
   // The instantiation's CTAs per SM when two stages fit in their share of the SM's shared memory (large
-  // ranks do not), else one CTA per SM with all of it. The work list is cut into one equal share per CTA.
+  // ranks do not), else one CTA per SM with all of it. The kernel cuts the work list among the CTAs (sharing_ctas).
   int ctas = kernel::kCtasPerSm;
   long long budget = dev.smem_optin;
   for (; ctas > 1; --ctas) {

@@ -412,6 +412,90 @@ TEST(SpectralDecode, ManyPairsMergedInsideTheKernel) {
   EXPECT_EQ(0, compare(ref, got, batch * 8, 128, 2e-3, "many pairs, merged inside the kernel"));
 }
 
+/// Sequences enough that the (sequence, head) pairs reach a quarter of the SMs, whatever the GPU: with at most
+/// two CTAs per SM the plan then merges the split partials inside the attention kernel (decode_host.cuh).
+int sequences_for_many_pairs(int kv_heads) {
+  int device = 0, sms = 0;
+  skc::check(cudaGetDevice(&device), "cudaGetDevice");
+  skc::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return (sms / 4 + kv_heads) / kv_heads;
+}
+
+/// Sequences of the given lengths (low-rank K and V) in one layer of `cfg`, attended on the GPU and compared
+/// with the CPU reference.
+template <class T>
+void many_pairs_case(const CacheConfig& cfg, const std::vector<std::int64_t>& lengths, std::uint32_t seed,
+                     const std::string& what) {
+  SpectralCache<T> cache(cfg);
+  const int heads = cfg.num_kv_heads, dim = cfg.head_dim;
+  std::vector<SequenceId> ids;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    ids.push_back(static_cast<SequenceId>(i));
+    cache.add_sequence(ids.back());
+    const auto k = test::low_rank_tokens<T>(lengths[i], heads, dim, 6, seed + 2 * static_cast<std::uint32_t>(i));
+    const auto v = test::low_rank_tokens<T>(lengths[i], heads, dim, 6, seed + 2 * static_cast<std::uint32_t>(i) + 1);
+    cache.append(0, ids.back(), test::view(k, lengths[i], heads, dim), test::view(v, lengths[i], heads, dim));
+  }
+  const auto batch = static_cast<std::int64_t>(ids.size());
+  const auto q = test::normal_tokens<T>(batch, cfg.num_q_heads, dim, seed + 999);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  std::vector<float> ref(static_cast<std::size_t>(batch) * cfg.num_q_heads * dim);
+  cache.attend(0, ids, std::vector<std::int64_t>(ids.size(), 1), test::view(q, batch, cfg.num_q_heads, dim),
+               test::view(ref, batch, cfg.num_q_heads, dim), scale);
+  UploadedLayer u = upload_layer(cache, 0, ids);
+  u.params.scale = scale;
+  const auto got = run_decode(u.params, q, ref.size());
+  EXPECT_EQ(0, compare(ref, got, batch * cfg.num_q_heads, dim, 2e-3, what));
+}
+
+/// The merge inside the attention kernel in the shapes the test above does not take there, and under both cuts
+/// of the work list (the kernel's WorkSplit: equal shares of the whole list, or of each (sequence, head)):
+/// - BF16 at head_dim 64 with groups of 16 (the cold-block code for groups above 8), sinks and mean-centring,
+///   one sequence much longer than the others: equal shares of the whole list, more items than CTAs;
+/// - FP16 at head_dim 128, groups of 4, three sets of lengths (the cuts named are those of a 132-SM GPU; the
+///   lengths keep the item counts in the same relation to the CTAs on other GPUs): one sequence with 18 items
+///   and the others with 2, fewer items than CTAs in all (equal shares of the whole list, each item its own
+///   CTA); every sequence with 2 items (equal shares of each pair, fewer items than CTAs per pair); every
+///   sequence with 9 items (equal shares of each pair, several items per CTA); and with four times as many
+///   sequences of 2 items, more pairs than half the CTAs (one CTA per pair, nothing to merge).
+TEST(SpectralDecode, ManyPairsMergedInsideTheKernelEveryPath) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  {
+    CacheConfig cfg;
+    cfg.num_q_heads = 32;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 64;
+    cfg.block_size = 64;
+    cfg.hot_tokens = 8;
+    cfg.sink_tokens = 4;
+    cfg.mean_center = true;
+    cfg.default_ranks = {16, 32};
+    const int n = sequences_for_many_pairs(cfg.num_kv_heads);
+    std::vector<std::int64_t> lengths(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) lengths[static_cast<std::size_t>(i)] = i == 1 ? 9000 : 70 + 37 * (i % 7);
+    many_pairs_case<BFloat16>(cfg, lengths, 3100, "bf16, head_dim 64, groups of 16, one long sequence");
+  }
+  const CacheConfig cfg = config_d128(16, 4, 128, 16, 0, 16, 32);
+  // Items per pair: (length - 16) / 128 cold blocks, then the tail's 64-token chunks (the tail keeps 16 to 143
+  // tokens): 1 + 1, 7 + 2 and 15 + 3.
+  const std::int64_t two_items = 145, nine_items = 1012, eighteen_items = 2050;
+  std::uint32_t seed = 3300;
+  for (int pattern = 0; pattern < 4; ++pattern) {
+    const int n = pattern == 3 ? 4 * sequences_for_many_pairs(cfg.num_kv_heads) : sequences_for_many_pairs(cfg.num_kv_heads);
+    std::vector<std::int64_t> lengths(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      const std::int64_t jitter = 3 * (i % 5);  // ragged lengths, same item counts
+      lengths[static_cast<std::size_t>(i)] =
+          (pattern == 2 ? nine_items : pattern == 0 && i == 2 ? eighteen_items : two_items) + jitter;
+    }
+    const char* what[4] = {"f16, head_dim 128, one sequence of 18 items, the rest of 2",
+                           "f16, head_dim 128, 2 items per pair", "f16, head_dim 128, 9 items per pair",
+                           "f16, head_dim 128, 2 items per pair, one CTA per pair"};
+    many_pairs_case<Half>(cfg, lengths, seed, what[pattern]);
+    seed += 100;
+  }
+}
+
 /// One sequence and one KV head with more items than the grid has CTAs: the (sequence, head) is split over
 /// every CTA, and the merge kernel combines hundreds of partials.
 TEST(SpectralDecode, OneSequenceSpansEveryCta) {

@@ -34,7 +34,9 @@
 //
 // Work decomposition (split-KV): the work of a sequence and KV head is a list of items (one cold block, or up
 // to 64 dense tokens), all (sequence, head) lists are laid end to end, and every CTA of a grid that fills the
-// GPU takes an equal share of the whole list, so batch 1 at long context keeps every SM busy. A (sequence,
+// GPU takes an equal share of the whole list, so batch 1 at long context keeps every SM busy (or, when that
+// does not put more items on the busiest CTA, a multiple of the (sequence, head) count of those CTAs do, so
+// that with equal lengths no CTA holds parts of two; the kernel decides from the lengths). A (sequence,
 // head) whose items span several CTAs gets one partial (max, sum, output) from each, merged by log-sum-exp:
 // with many (sequence, head) pairs by the last of those CTAs to finish, inside the attention kernel; with few
 // pairs next to the CTAs (more than 8 CTAs per pair on average, e.g. batch 1) by a second, small kernel that
