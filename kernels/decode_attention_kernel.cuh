@@ -239,6 +239,30 @@ __device__ __forceinline__ float quad_sum(float x) {
 /// since every term is then exp2(-inf) = 0, and it avoids inf - inf.
 __device__ __forceinline__ float finite_or_zero(float m) { return m == -INFINITY ? 0.0f : m; }
 
+/// Folds K split partials into a running log-sum-exp state (max m, sum l, unnormalised output acc of N
+/// elements): partial k holds its max ml[k].x, its sum ml[k].y and its output o[k] already divided by that
+/// sum, so it weighs ml[k].y · 2^(ml[k].x - m). A missing partial is (-inf, 0) with weight 0.
+template <int K, int N>
+__device__ __forceinline__ void fold_partials(float& m, float& l, float (&acc)[N], const float2 (&ml)[K],
+                                              const float (&o)[K][N]) {
+  float mx = m;
+#pragma unroll
+  for (int k = 0; k < K; ++k) mx = fmaxf(mx, ml[k].x);
+  const float mref = finite_or_zero(mx);
+  const float f = fast_exp2(m - mref);
+  l *= f;
+#pragma unroll
+  for (int e = 0; e < N; ++e) acc[e] *= f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float w = ml[k].y * fast_exp2(ml[k].x - mref);
+    l += w;
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] += w * o[k][e];
+  }
+  m = mx;
+}
+
 /// Loads RK/4 (or RV/8) bytes, 1..16, as up to four words (zero-extended when narrower than a word).
 template <int kBytes>
 __device__ __forceinline__ void load_bytes(const unsigned char* p, std::uint32_t (&w)[(kBytes + 3) / 4]) {
@@ -1252,8 +1276,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
         for (int e0 = tid; e0 < g * (D / 2); e0 += kPer * kThreads) {
           int r[kPer], d[kPer];
           bool ok[kPer];
-          float m[kPer], l[kPer];
-          float2 acc[kPer];
+          float m[kPer], l[kPer], acc[kPer][2];
 #pragma unroll
           for (int k = 0; k < kPer; ++k) {
             const int e = e0 + k * kThreads;
@@ -1262,50 +1285,36 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
             d[k] = ok[k] ? 2 * (e % (D / 2)) : 0;
             m[k] = -INFINITY;
             l[k] = 0.0f;
-            acc[k] = make_float2(0.0f, 0.0f);
+            acc[k][0] = acc[k][1] = 0.0f;
           }
           for (long long s0 = 0; s0 < nseg; s0 += kBatch) {
             const int n = static_cast<int>(min(static_cast<long long>(kBatch), nseg - s0));
-            float2 ml[kPer][kBatch], v[kPer][kBatch];
+            float2 ml[kPer][kBatch];
+            float v[kPer][kBatch][2];
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
               const long long ss = u < n ? map.slot(s0 + u) : 0;
 #pragma unroll
               for (int k = 0; k < kPer; ++k) {
-                ml[k][u] = make_float2(-INFINITY, 0.0f);
-                v[k][u] = make_float2(0.0f, 0.0f);
+                ml[k][u] = make_float2(-INFINITY, 0.0f);  // padding entries weigh nothing
+                float2 o = make_float2(0.0f, 0.0f);
                 if (u < n && ok[k]) {
                   ml[k][u] = __ldcg(a.partial_ml + ss * g + r[k]);
-                  v[k][u] = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r[k]) * D + d[k]));
+                  o = __ldcg(reinterpret_cast<const float2*>(a.partial_o + (ss * g + r[k]) * D + d[k]));
                 }
+                v[k][u][0] = o.x;
+                v[k][u][1] = o.y;
               }
             }
 #pragma unroll
-            for (int k = 0; k < kPer; ++k) {
-              float mx = m[k];
-#pragma unroll
-              for (int u = 0; u < kBatch; ++u) mx = fmaxf(mx, ml[k][u].x);
-              const float mref = finite_or_zero(mx);
-              const float f = fast_exp2(m[k] - mref);
-              l[k] *= f;
-              acc[k].x *= f;
-              acc[k].y *= f;
-#pragma unroll
-              for (int u = 0; u < kBatch; ++u) {  // padding entries: weight 0 · exp2(-inf) = 0
-                const float w = ml[k][u].y * fast_exp2(ml[k][u].x - mref);
-                l[k] += w;
-                acc[k].x += w * v[k][u].x;
-                acc[k].y += w * v[k][u].y;
-              }
-              m[k] = mx;
-            }
+            for (int k = 0; k < kPer; ++k) fold_partials(m[k], l[k], acc[k], ml[k], v[k]);
           }
 #pragma unroll
           for (int k = 0; k < kPer; ++k) {
             if (!ok[k]) continue;
             const float inv = l[k] > 0.0f ? 1.0f / l[k] : 0.0f;
             const long long oe = ((static_cast<long long>(b) * H + h) * g + r[k]) * D + d[k];
-            static_cast<std::uint32_t*>(a.out)[oe / 2] = pack2<T>(acc[k].x * inv, acc[k].y * inv);
+            static_cast<std::uint32_t*>(a.out)[oe / 2] = pack2<T>(acc[k][0] * inv, acc[k][1] * inv);
           }
         }
         if (tid == 0) a.counters[p] = 0u;  // ready for the next launch with this workspace
@@ -1447,49 +1456,31 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __gri
     const bool active = e < groups && j < ways;
     const int r = active ? e / (D / 4) : 0;
     const int d = active ? 4 * (e % (D / 4)) : 0;
-    float m = -INFINITY, l = 0.0f;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float m = -INFINITY, l = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (long long s0 = j; active && s0 < map.nseg; s0 += static_cast<long long>(ways) * kMergeBatch) {
       float2 ml[kMergeBatch];
-      float4 v[kMergeBatch];
+      float v[kMergeBatch][4];
 #pragma unroll
       for (int u = 0; u < kMergeBatch; ++u) {
         const long long s = s0 + static_cast<long long>(ways) * u;
-        ml[u] = make_float2(-INFINITY, 0.0f);
-        v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ml[u] = make_float2(-INFINITY, 0.0f);  // missing segments weigh nothing
+        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (s < map.nseg) {
           const long long slot = map.slot(s);
           ml[u] = __ldcg(a.partial_ml + slot * g + r);
-          v[u] = __ldcg(reinterpret_cast<const float4*>(a.partial_o + (slot * g + r) * D + d));
+          o = __ldcg(reinterpret_cast<const float4*>(a.partial_o + (slot * g + r) * D + d));
         }
+        v[u][0] = o.x;
+        v[u][1] = o.y;
+        v[u][2] = o.z;
+        v[u][3] = o.w;
       }
-      float mx = m;
-#pragma unroll
-      for (int u = 0; u < kMergeBatch; ++u) mx = fmaxf(mx, ml[u].x);
-      const float mref = finite_or_zero(mx);
-      const float f = fast_exp2(m - mref);
-      l *= f;
-      acc.x *= f;
-      acc.y *= f;
-      acc.z *= f;
-      acc.w *= f;
-#pragma unroll
-      for (int u = 0; u < kMergeBatch; ++u) {  // missing segments: weight 0 · exp2(-inf) = 0
-        const float w = ml[u].y * fast_exp2(ml[u].x - mref);
-        l += w;
-        acc.x += w * v[u].x;
-        acc.y += w * v[u].y;
-        acc.z += w * v[u].z;
-        acc.w += w * v[u].w;
-      }
-      m = mx;
+      fold_partials(m, l, acc, ml, v);
     }
     part[0][tid] = m;
     part[1][tid] = l;
-    part[2][tid] = acc.x;
-    part[3][tid] = acc.y;
-    part[4][tid] = acc.z;
-    part[5][tid] = acc.w;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[2 + e][tid] = acc[e];
     __syncthreads();
     if (j == 0 && active) {
       float mx = -INFINITY;
