@@ -29,7 +29,6 @@
 #include <cstdio>
 #include <cstdint>
 #include <cstdlib>
-#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -120,7 +119,11 @@ void fill(__half* p, std::size_t n, std::uint64_t seed, float amplitude) {
   skc::check_launch("fill_half");
 }
 
-/// Everything one (batch, length) shape needs, on the GPU.
+/// Everything one (batch, length) shape needs, on the GPU. Only one shape is alive at a time. The figures come
+/// from one process per shape (bench/run_decode_bench.sh): on an H200 the dense kernel ran up to 13% slower
+/// on buffers allocated from the memory an earlier shape had freed (B=32, T=4K: 128.9 µs as a process's
+/// first shape, 145-146 µs after the B=8 shapes), an artifact an engine, which allocates its cache once,
+/// does not have; keeping every shape's buffers instead (~80 GB) slowed the last shapes.
 struct Case {
   int batch = 0;
   std::int64_t length = 0;
@@ -136,11 +139,7 @@ struct Case {
   std::int64_t spectral_bytes = 0, dense_bytes = 0;
 };
 
-/// Every shape keeps its buffers until the process ends (~80 GB for the whole set on an H200). Freeing one
-/// shape's buffers and allocating the next shape's from that memory made the dense kernel up to 13% slower
-/// (B=32, T=4K: 128.9 µs as the process's first shape, 145-146 µs after the B=8 shapes), an artifact of the
-/// benchmark's allocation history that an engine, which allocates its cache once, does not have.
-std::map<std::pair<int, std::int64_t>, std::unique_ptr<Case>> g_cases;
+std::unique_ptr<Case> g_case;
 std::unique_ptr<DeviceBuffer> g_flush, g_flush_sink;
 bool g_flush_write = false;
 
@@ -171,8 +170,8 @@ void global_setup() {
 
 Case& get_case(int batch, std::int64_t length) {
   global_setup();
-  std::unique_ptr<Case>& slot = g_cases[{batch, length}];
-  if (slot) return *slot;
+  if (g_case && g_case->batch == batch && g_case->length == length) return *g_case;
+  g_case.reset();
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   auto c = std::make_unique<Case>();
   c->batch = batch;
@@ -269,8 +268,8 @@ Case& get_case(int batch, std::int64_t length) {
   c->dense_bytes = 2 * static_cast<std::int64_t>(dense_elems) * 2 + 2 * static_cast<std::int64_t>(q_elems) * 2;
   check(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize(fill)");
-  slot = std::move(c);
-  return *slot;
+  g_case = std::move(c);
+  return *g_case;
 }
 
 /// Milliseconds of one call of `f`, L2 flushed first.
@@ -383,7 +382,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  g_cases.clear();
+  g_case.reset();
   g_flush.reset();
   g_flush_sink.reset();
   return 0;

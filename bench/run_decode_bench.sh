@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Produces the decode-attention figures of docs/PERFORMANCE.md: builds bench_decode (Release, sm_90),
-# runs it and bench/torch_sdpa.py on the same GPU, and prints the markdown table.
+# runs it (one process per shape) and bench/torch_sdpa.py on the same GPU, and prints the markdown table.
 #
 # Usage: bench/run_decode_bench.sh [OUT_DIR]   (default bench/results)
 # Environment: BUILD_DIR (default build-bench), JOBS (default 16); BENCH_BIN: a bench_decode binary built
@@ -23,8 +23,29 @@ if [[ -z "$bench_bin" ]]; then
 fi
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
-"$bench_bin" --benchmark_out="$out_dir/decode_bench.json" --benchmark_out_format=json \
-  --benchmark_counters_tabular=true
+# One process per shape, so that every shape's buffers are the process's first allocations (see Case in
+# bench_decode.cu); the per-shape JSON files are merged into decode_bench.json.
+parts=()
+for batch in 1 8 32; do
+  for len in 4096 16384 65536 131072; do
+    part="$out_dir/.decode_bench_B${batch}_T${len}.json"
+    "$bench_bin" --benchmark_filter="/B:${batch}/T:${len}/" --benchmark_out="$part" --benchmark_out_format=json \
+      --benchmark_counters_tabular=true
+    parts+=("$part")
+  done
+done
+python3 - "$out_dir/decode_bench.json" "${parts[@]}" <<'EOF'
+import json, sys
+merged = None
+for path in sys.argv[2:]:
+    part = json.load(open(path))
+    if merged is None:
+        merged = part
+    else:
+        merged["benchmarks"] += part["benchmarks"]
+json.dump(merged, open(sys.argv[1], "w"), indent=2)
+EOF
+rm -f "${parts[@]}"
 PYTHONUNBUFFERED=1 python3 bench/torch_sdpa.py --out "$out_dir/torch_sdpa.json" --flush "${SPECTRALKV_FLUSH:-read}"
 
 python3 - "$out_dir" <<'EOF'
