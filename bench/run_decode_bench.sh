@@ -23,9 +23,10 @@ if [[ -z "$bench_bin" ]]; then
 fi
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
-# One process per shape, so that every shape's buffers are the process's first allocations (see Case in
+# One process per shape, so that no shape's buffers come from memory an earlier shape freed (see Case in
 # bench_decode.cu); the per-shape JSON files are merged into decode_bench.json.
 parts=()
+trap 'rm -f "${parts[@]}"' EXIT
 for batch in 1 8 32; do
   for len in 4096 16384 65536 131072; do
     part="$out_dir/.decode_bench_B${batch}_T${len}.json"
@@ -43,9 +44,10 @@ for path in sys.argv[2:]:
         merged = part
     else:
         merged["benchmarks"] += part["benchmarks"]
-json.dump(merged, open(sys.argv[1], "w"), indent=2)
+with open(sys.argv[1], "w") as f:
+    json.dump(merged, f, indent=2)
+    f.write("\n")
 EOF
-rm -f "${parts[@]}"
 PYTHONUNBUFFERED=1 python3 bench/torch_sdpa.py --out "$out_dir/torch_sdpa.json" --flush "${SPECTRALKV_FLUSH:-read}"
 
 python3 - "$out_dir" <<'EOF'

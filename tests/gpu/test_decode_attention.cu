@@ -424,7 +424,7 @@ int sequences_for_many_pairs(int kv_heads) {
 /// Sequences of the given lengths (low-rank K and V) in one layer of `cfg`, attended on the GPU and compared
 /// with the CPU reference.
 template <class T>
-void many_pairs_case(const CacheConfig& cfg, const std::vector<std::int64_t>& lengths, std::uint32_t seed,
+void low_rank_case(const CacheConfig& cfg, const std::vector<std::int64_t>& lengths, std::uint32_t seed,
                      const std::string& what) {
   SpectralCache<T> cache(cfg);
   const int heads = cfg.num_kv_heads, dim = cfg.head_dim;
@@ -449,15 +449,16 @@ void many_pairs_case(const CacheConfig& cfg, const std::vector<std::int64_t>& le
 }
 
 /// The merge inside the attention kernel in the shapes the test above does not take there, and under both cuts
-/// of the work list (the kernel's WorkSplit: equal shares of the whole list, or of each (sequence, head)):
+/// of the work list (sharing_ctas in the kernel: equal shares over the whole grid, or over pairs·⌊grid/pairs⌋
+/// CTAs, which with equal item counts gives every (sequence, head) the same number of CTAs):
 /// - BF16 at head_dim 64 with groups of 16 (the cold-block code for groups above 8), sinks and mean-centring,
-///   one sequence much longer than the others: equal shares of the whole list, more items than CTAs;
+///   one sequence much longer than the others: the whole grid, more items than CTAs;
 /// - FP16 at head_dim 128, groups of 4, three sets of lengths (the cuts named are those of a 132-SM GPU; the
 ///   lengths keep the item counts in the same relation to the CTAs on other GPUs): one sequence with 18 items
-///   and the others with 2, fewer items than CTAs in all (equal shares of the whole list, each item its own
-///   CTA); every sequence with 2 items (equal shares of each pair, fewer items than CTAs per pair); every
-///   sequence with 9 items (equal shares of each pair, several items per CTA); and with four times as many
-///   sequences of 2 items, more pairs than half the CTAs (one CTA per pair, nothing to merge).
+///   and the others with 2, fewer items than CTAs in all (the whole grid, each item its own CTA); every
+///   sequence with 2 items (CTAs per pair, fewer items than CTAs); every sequence with 9 items (CTAs per pair,
+///   one or two items per CTA); and with four times as many sequences of 2 items, more pairs than half the
+///   CTAs (one CTA per pair, nothing to merge).
 TEST(SpectralDecode, ManyPairsMergedInsideTheKernelEveryPath) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   {
@@ -473,7 +474,7 @@ TEST(SpectralDecode, ManyPairsMergedInsideTheKernelEveryPath) {
     const int n = sequences_for_many_pairs(cfg.num_kv_heads);
     std::vector<std::int64_t> lengths(static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i) lengths[static_cast<std::size_t>(i)] = i == 1 ? 9000 : 70 + 37 * (i % 7);
-    many_pairs_case<BFloat16>(cfg, lengths, 3100, "bf16, head_dim 64, groups of 16, one long sequence");
+    low_rank_case<BFloat16>(cfg, lengths, 3100, "bf16, head_dim 64, groups of 16, one long sequence");
   }
   const CacheConfig cfg = config_d128(16, 4, 128, 16, 0, 16, 32);
   // Items per pair: (length - 16) / 128 cold blocks, then the tail's 64-token chunks (the tail keeps 16 to 143
@@ -491,8 +492,23 @@ TEST(SpectralDecode, ManyPairsMergedInsideTheKernelEveryPath) {
     const char* what[4] = {"f16, head_dim 128, one sequence of 18 items, the rest of 2",
                            "f16, head_dim 128, 2 items per pair", "f16, head_dim 128, 9 items per pair",
                            "f16, head_dim 128, 2 items per pair, one CTA per pair"};
-    many_pairs_case<Half>(cfg, lengths, seed, what[pattern]);
+    low_rank_case<Half>(cfg, lengths, seed, what[pattern]);
     seed += 100;
+  }
+}
+
+/// Few pairs (the merge kernel) whose count does not divide the grid: 5 pairs on a 264-CTA grid (132 SMs) share
+/// 260 CTAs, 52 per pair, and the merge kernel must find the partials of that cut, not of the whole grid's. With
+/// 20 items per pair each item has its own CTA; with 100, each CTA holds one or two.
+TEST(SpectralDecode, FewPairsNotDividingTheGrid) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  const CacheConfig cfg = config_d128(4, 1, 32, 8, 0, 8, 16);
+  // (length - 8) / 32 cold blocks and one tail chunk (the tail keeps 8 to 39 tokens): 19 + 1 and 99 + 1 items.
+  for (const std::int64_t base : {628, 3188}) {
+    std::vector<std::int64_t> lengths(5);
+    for (int i = 0; i < 5; ++i) lengths[static_cast<std::size_t>(i)] = base + i;
+    low_rank_case<Half>(cfg, lengths, static_cast<std::uint32_t>(base),
+                          base == 628 ? "5 pairs of 20 items" : "5 pairs of 100 items");
   }
 }
 
