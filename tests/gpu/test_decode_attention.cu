@@ -425,7 +425,7 @@ int sequences_for_many_pairs(int kv_heads) {
 /// with the CPU reference.
 template <class T>
 void low_rank_case(const CacheConfig& cfg, const std::vector<std::int64_t>& lengths, std::uint32_t seed,
-                     const std::string& what) {
+                   const std::string& what) {
   SpectralCache<T> cache(cfg);
   const int heads = cfg.num_kv_heads, dim = cfg.head_dim;
   std::vector<SequenceId> ids;
@@ -482,7 +482,7 @@ TEST(SpectralDecode, ManyPairsMergedInsideTheKernelEveryPath) {
   const std::int64_t two_items = 145, nine_items = 1012, eighteen_items = 2050;
   std::uint32_t seed = 3300;
   for (int pattern = 0; pattern < 4; ++pattern) {
-    const int n = pattern == 3 ? 4 * sequences_for_many_pairs(cfg.num_kv_heads) : sequences_for_many_pairs(cfg.num_kv_heads);
+    const int n = (pattern == 3 ? 4 : 1) * sequences_for_many_pairs(cfg.num_kv_heads);
     std::vector<std::int64_t> lengths(static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i) {
       const std::int64_t jitter = 3 * (i % 5);  // ragged lengths, same item counts
@@ -508,7 +508,7 @@ TEST(SpectralDecode, FewPairsNotDividingTheGrid) {
     std::vector<std::int64_t> lengths(5);
     for (int i = 0; i < 5; ++i) lengths[static_cast<std::size_t>(i)] = base + i;
     low_rank_case<Half>(cfg, lengths, static_cast<std::uint32_t>(base),
-                          base == 628 ? "5 pairs of 20 items" : "5 pairs of 100 items");
+                        base == 628 ? "5 pairs of 20 items" : "5 pairs of 100 items");
   }
 }
 
