@@ -25,16 +25,16 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
 # One process per shape, so that no shape's buffers come from memory an earlier shape freed (see Case in
 # bench_decode.cu); the per-shape JSON files are merged into decode_bench.json.
+shapes=$("$bench_bin" --benchmark_list_tests | sed -n 's#^[A-Za-z]*/B:\([0-9]*\)/T:\([0-9]*\)/.*#\1 \2#p' | sort -u -k1,1n -k2,2n)
+[[ -n "$shapes" ]] || { echo "run_decode_bench.sh: $bench_bin lists no shapes (no GPU?)" >&2; exit 1; }
 parts=()
 trap 'rm -f "${parts[@]}"' EXIT
-for batch in 1 8 32; do
-  for len in 4096 16384 65536 131072; do
-    part="$out_dir/.decode_bench_B${batch}_T${len}.json"
-    "$bench_bin" --benchmark_filter="/B:${batch}/T:${len}/" --benchmark_out="$part" --benchmark_out_format=json \
-      --benchmark_counters_tabular=true
-    parts+=("$part")
-  done
-done
+while read -r batch len; do
+  part="$out_dir/.decode_bench_B${batch}_T${len}.json"
+  "$bench_bin" --benchmark_filter="/B:${batch}/T:${len}/" --benchmark_out="$part" --benchmark_out_format=json \
+    --benchmark_counters_tabular=true
+  parts+=("$part")
+done <<< "$shapes"
 python3 - "$out_dir/decode_bench.json" "${parts[@]}" <<'EOF'
 import json, sys
 merged = None

@@ -462,15 +462,9 @@ void low_rank_case(const CacheConfig& cfg, const std::vector<std::int64_t>& leng
 TEST(SpectralDecode, ManyPairsMergedInsideTheKernelEveryPath) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   {
-    CacheConfig cfg;
-    cfg.num_q_heads = 32;
-    cfg.num_kv_heads = 2;
+    CacheConfig cfg = config_d128(32, 2, 64, 8, 4, 16, 32);
     cfg.head_dim = 64;
-    cfg.block_size = 64;
-    cfg.hot_tokens = 8;
-    cfg.sink_tokens = 4;
     cfg.mean_center = true;
-    cfg.default_ranks = {16, 32};
     const int n = sequences_for_many_pairs(cfg.num_kv_heads);
     std::vector<std::int64_t> lengths(static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i) lengths[static_cast<std::size_t>(i)] = i == 1 ? 9000 : 70 + 37 * (i % 7);
