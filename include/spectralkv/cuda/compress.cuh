@@ -28,7 +28,8 @@
 // FP32 coefficients. The cuSOLVER path returns converged singular vectors. The fast path returns Ritz
 // vectors after at most `jacobi_sweeps` Jacobi sweeps: together they span the near-optimal rank-r
 // subspace (truncation error ≤ 1.01× the Eckart–Young optimum on every spectrum tested), and each of
-// them is a singular vector only where the singular values are well separated. The coefficients are
+// them is a singular vector only where the singular values are well separated (to the accuracy of one
+// full sweep: later sweeps refine the subspace, not the vectors within it). The coefficients are
 // computed against the FP16 basis as stored, so dequantised reconstruction uses exactly the basis it
 // was projected on.
 //
@@ -94,7 +95,9 @@ struct CompressOptions {
   int oversample = 0;
   /// Subspace-iteration steps (products with G), ≥ 1.
   int iterations = 4;
-  /// Upper bound on cyclic Jacobi sweeps in the Rayleigh–Ritz step (stops early once converged), ≥ 1.
+  /// Upper bound on Jacobi sweeps in the Rayleigh–Ritz step (stops early once converged), ≥ 1. The
+  /// first sweep rotates every pair; later ones only the pairs that straddle the top-r boundary of the
+  /// current diagonal, which is all that moves the top-r subspace.
   int jacobi_sweeps = 2;
 };
 
