@@ -623,8 +623,11 @@ constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 /// \param S     scratch, 2ℓ² floats (8-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
 /// \param invd  scratch, ℓ floats: 1 / R_jj
+/// \param orth  nullptr, or a shared word holding 0 (as float bits) on entry: then the pass returns with
+///              Z unchanged, after S, when every |S − I| entry is below 1e-5 — the second pass of a basis
+///              the first one already left orthonormal (κ(Z) ≲ 100) has nothing to correct
 template <int D>
-__device__ void cholqr(float* Z, double* S, float* invd, int ell) {
+__device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth = nullptr) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int nb = ell / 8;
@@ -647,10 +650,22 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell) {
         mma_f64(acc[u], static_cast<double>(Z[swz<D>(m0 + g, k)]), static_cast<double>(Z[swz<D>(n0 + g, k)]));
       }
     }
-    S[(m0 + g) * ell + n0 + 2 * t] = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]);
-    S[(m0 + g) * ell + n0 + 2 * t + 1] = (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]);
+    const double s0 = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]);
+    const double s1 = (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]);
+    S[(m0 + g) * ell + n0 + 2 * t] = s0;
+    S[(m0 + g) * ell + n0 + 2 * t + 1] = s1;
+    if (orth != nullptr) {
+      const int row = m0 + g, col = n0 + 2 * t;
+      float dev = fmaxf(static_cast<float>(fabs(s0 - (row == col ? 1.0 : 0.0))),
+                        static_cast<float>(fabs(s1 - (row == col + 1 ? 1.0 : 0.0))));
+      if (!(dev == dev)) dev = 1.0f;  // NaN: not orthonormal
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) dev = fmaxf(dev, __shfl_xor_sync(0xffffffffu, dev, o));
+      if (lane == 0) atomicMax(orth, __float_as_uint(dev));  // non-negative floats order as their bits
+    }
   }
   __syncthreads();
+  if (orth != nullptr && __uint_as_float(*orth) < 1e-5f) return;  // uniform
   // --- S = RᵀR (upper R in place, FP64), blocked by 8, right-looking; Z ← Z·R⁻¹ -----------------
   // Per 8-column block J: (1) one warp factors the diagonal block in registers (lane k holds column k,
   // R_jk and the trailing updates travel by shuffles); (2) one thread per later column c solves
@@ -1101,7 +1116,10 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     Gs[swz<D>(i, k)] = v;
     Gs[swz<D>(k, i)] = v;
   }
-  if (tid == 0) misc[0] = 0.0f;
+  if (tid == 0) {
+    misc[0] = 0.0f;
+    misc[1] = 0.0f;  // max |QᵀQ − I| before the final CholQR pass (float bits, see cholqr)
+  }
   __syncthreads();
   if (tid < 32) {
     float tr = 0.0f;
@@ -1141,7 +1159,8 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     } else {
       cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // zero block: orthonormalise Ω itself
     }
-    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // second pass: orthonormal to FP32 precision
+    // Second pass, unless the first left Q orthonormal to 1e-5 already.
+    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell, reinterpret_cast<unsigned*>(misc + 1));
     // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi with H1 and W
     // in the free panel and the pair table after H in Gs.
     float* H = Gs;
