@@ -40,6 +40,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes));
 }
+/// 4-byte global→shared copy (L1-allocating: the only size cp.async.cg lacks); `valid == false` writes zeros.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -617,8 +622,8 @@ constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 /// Z ← Z·R⁻¹ by forward substitution (each thread one of the D rows, FP32). S loses
 /// κ(Z)² of its accuracy, which FP64 affords up to κ(Z) ≈ 1e7; the caller keeps κ(Z) ≤ ~1e6 by
 /// shifting G by 1e-6·trace(G). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
-/// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision. 3ℓ/8 barriers per
-/// pass, against ℓ for Gram–Schmidt.
+/// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision, or stops after S when
+/// the first already did (see `orth`). 3ℓ/8 barriers per pass, against ℓ for Gram–Schmidt.
 /// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
 /// \param S     scratch, 2ℓ² floats (8-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
@@ -1374,7 +1379,9 @@ __device__ __forceinline__ void project_load_chunk(T* stage, const T* x, std::in
 }
 
 /// The FP16 basis (rows r..rpad−1 zero), the FP32 mean (zero when not centred) and the column-max
-/// bits (zero) into shared memory.
+/// bits (zero) into shared memory. The basis goes by 4-byte cp.async (basis_out is 4-byte aligned) into
+/// the caller's next commit group: loads through registers kept one or two of a thread's eight in
+/// flight, and the first store waited a global round trip for each.
 template <int D>
 __device__ __forceinline__ void project_load_operands(const CompressJob& job, int rpad, __half* Bs, float* mu,
                                                       unsigned* amax) {
@@ -1382,8 +1389,8 @@ __device__ __forceinline__ void project_load_operands(const CompressJob& job, in
   const int r = job.rank;
   for (int e = threadIdx.x; e < rpad * (D / 2); e += S::kThreads) {
     const int j = e / (D / 2), c2 = e % (D / 2);
-    const unsigned v = j < r ? reinterpret_cast<const unsigned*>(job.basis_out)[j * (D / 2) + c2] : 0u;
-    *reinterpret_cast<unsigned*>(&Bs[j * S::kLd + 2 * c2]) = v;
+    const bool ok = j < r;
+    cp_async4(&Bs[j * S::kLd + 2 * c2], ok ? job.basis_out + j * D + 2 * c2 : job.basis_out, ok);
   }
   for (int d = threadIdx.x; d < D; d += S::kThreads) mu[d] = job.mean_center ? __half2float(job.mean_out[d]) : 0.0f;
   for (int j = threadIdx.x; j < rpad; j += S::kThreads) amax[j] = 0u;
@@ -1479,12 +1486,12 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
   const int ntiles = (r + 7) / 8;
   const int chunks = (rows + kChunkRows - 1) / kChunkRows;
   const int total = 2 * chunks;  // pass 0 then pass 1 over the same chunks
+  project_load_operands<D>(job, rpad, Bs, mu, amax);  // the basis joins chunk 0's group
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {  // same pipeline as gram_kernel
     if (st < total) project_load_chunk<T, D>(stage, x, ld, rows, st % chunks, st);
     cp_async_commit();
   }
-  project_load_operands<D>(job, rpad, Bs, mu, amax);
 
   float cmax[kNT][2];
 #pragma unroll
@@ -1575,9 +1582,9 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
   const int ntiles = (r + 7) / 8;
   const int chunks = (rows + kChunkRows - 1) / kChunkRows;
 
+  project_load_operands<D>(job, rpad, Bs, mu, amax);  // the basis joins chunk 0's group
   project_load_chunk<T, D>(stage, x, ld, rows, 0, 0);
   cp_async_commit();
-  project_load_operands<D>(job, rpad, Bs, mu, amax);
 
   float cmax[kNT][2];
 #pragma unroll
