@@ -40,7 +40,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes));
 }
-/// 4-byte global→shared copy (L1-allocating: the only size cp.async.cg lacks); `valid == false` writes zeros.
+/// 4-byte global→shared copy (L1-allocating: cp.async.cg takes 16 bytes only); `valid == false` writes zeros.
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
   const int bytes = valid ? 4 : 0;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(bytes));
@@ -623,7 +623,7 @@ constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 /// κ(Z)² of its accuracy, which FP64 affords up to κ(Z) ≈ 1e7; the caller keeps κ(Z) ≤ ~1e6 by
 /// shifting G by 1e-6·trace(G). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
 /// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision, or stops after S when
-/// the first already did (see `orth`). 3ℓ/8 barriers per pass, against ℓ for Gram–Schmidt.
+/// every entry of QᵀQ − I is already below 1e-5 (see `orth`). 3ℓ/8 barriers per pass, against ℓ for Gram–Schmidt.
 /// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
 /// \param S     scratch, 2ℓ² floats (8-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
@@ -846,6 +846,19 @@ __device__ __forceinline__ void jacobi_rotate_block(const float* Hc, float* Hn, 
 constexpr int kJacobiRowsPerThread = 64 / (kEigenThreads / 32);
 static_assert(kFastMaxEll<128> <= 64 && kFastMaxEll<64> <= 64, "jacobi_fast's W slots assume l <= 64");
 
+/// Position of entry i when the n values d[0], d[stride], ... are sorted by decreasing value, ties by
+/// index; NaN sorts as −∞, so the positions are a permutation of 0..n−1 whatever the values.
+__device__ __forceinline__ int descending_rank(const float* d, int stride, int n, int i) {
+  auto key = [](float x) { return x == x ? x : -INFINITY; };
+  const float v = key(d[i * stride]);
+  int rank = 0;
+  for (int m = 0; m < n; ++m) {
+    const float u = key(d[m * stride]);
+    rank += (u > v) || (u == v && m < i);
+  }
+  return rank;
+}
+
 /// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ 64), rotations accumulated in W, one barrier per
 /// round: H is double-buffered (round s reads Hc, writes Hn), and every warp computes the round's
 /// rotations from Hc itself (lane k: pair k) and shuffles them to the lanes that apply them, instead
@@ -857,9 +870,11 @@ static_assert(kFastMaxEll<128> <= 64 && kFastMaxEll<64> <= 64, "jacobi_fast's W 
 /// The first sweep is the round-robin over all pairs (ℓ − 1 rounds). Only the span of the top-r Ritz
 /// vectors matters to the caller, and a rotation between two indices on the same side of the top-r
 /// boundary leaves that span unchanged, so every later sweep splits the indices by the current diagonal
-/// (the r largest against the rest) and rotates only pairs that straddle it: max(r, ℓ − r) rounds
+/// (the r largest against the rest) and rotates the pairs that straddle it: max(r, ℓ − r) rounds
 /// instead of ℓ − 1 (32 against 47 at r = 32, ℓ = 48). Each round pairs every index of the smaller side
-/// with a distinct one of the larger side; the larger side's idle indices rotate among themselves.
+/// with a distinct one of the larger side; the larger side's idle indices rotate among themselves
+/// (harmless, and it keeps the round one table of ℓ/2 pairs), and only the straddling rotations count
+/// for the early stop.
 /// \param H0     [ℓ][ℓ + 1] the symmetric input; H1 the second buffer; W [ℓ][ℓ] output (identity on
 ///               entry is written here); pairs (ℓ−1)·ℓ/2 + ℓ ints of scratch; flags 2 ints of scratch
 /// \param r      the rank, 1 ≤ r < ℓ
@@ -900,6 +915,7 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
   const int lane = tid & 31;
   int* side = pairs + (ell - 1) * np;  // [ℓ]: indices by decreasing diagonal (the top r, then the rest)
   int rounds = ell - 1;
+  int counted = np;  // pairs whose rotations decide convergence: all, then the straddling ones (first)
   for (int sweep = 0; sweep < sweeps; ++sweep) {
     for (int s = 0; s < rounds; ++s) {
       const int* pr = pairs + s * np;
@@ -909,7 +925,7 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
       if (lane < np) {
         bool big = false;
         jacobi_rotation(Hc, hs, pr[lane] & 0xFFFF, pr[lane] >> 16, c, sn, big);
-        if (big) flags[sweep & 1] = 1;
+        if (big && lane < counted) flags[sweep & 1] = 1;
       }
 #pragma unroll
       for (int u = 0; u < 3; ++u) {
@@ -959,15 +975,7 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
     if (sweep + 1 == sweeps) break;
     // Next sweep: the pairs straddling the top-r boundary of the current diagonal. Every thread read
     // the last round's pairs before its barrier.
-    if (tid < ell) {
-      const float v = Hc[tid * hs + tid];
-      int rank_of = 0;
-      for (int m = 0; m < ell; ++m) {
-        const float u = Hc[m * hs + m];
-        rank_of += (u > v) || (u == v && m < tid);
-      }
-      side[rank_of] = tid;
-    }
+    if (tid < ell) side[descending_rank(Hc, hs + 1, ell, tid)] = tid;
     __syncthreads();
     const int ns = min(r, ell - r), nl = ell - ns;  // smaller and larger side
     const int* small = r <= ell - r ? side : side + r;
@@ -987,6 +995,7 @@ __device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* f
     }
     __syncthreads();
     rounds = nl;
+    counted = ns;
   }
   return Hc;
 }
@@ -1252,12 +1261,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   if (tid < ell) diag[tid] = Hfin[tid * ldh + tid];
   __syncthreads();
   if (tid < ell) {
-    const float v = diag[tid];
-    int rank_of = 0;
-    for (int m = 0; m < ell; ++m) {
-      const float u = diag[m];
-      rank_of += (u > v) || (u == v && m < tid);
-    }
+    const int rank_of = descending_rank(diag, 1, ell, tid);
     if (rank_of < r) order[rank_of] = tid;
   }
   __syncthreads();
@@ -1380,8 +1384,8 @@ __device__ __forceinline__ void project_load_chunk(T* stage, const T* x, std::in
 
 /// The FP16 basis (rows r..rpad−1 zero), the FP32 mean (zero when not centred) and the column-max
 /// bits (zero) into shared memory. The basis goes by 4-byte cp.async (basis_out is 4-byte aligned) into
-/// the caller's next commit group: loads through registers kept one or two of a thread's eight in
-/// flight, and the first store waited a global round trip for each.
+/// the caller's next commit group: loads through registers (eight per thread at r ≤ 32, D = 128) kept
+/// one or two in flight, and the first store waited a global round trip for each.
 template <int D>
 __device__ __forceinline__ void project_load_operands(const CompressJob& job, int rpad, __half* Bs, float* mu,
                                                       unsigned* amax) {

@@ -13,11 +13,13 @@
 //    mean of its first 64 rows, so large channel means cost no accuracy); `iterations` steps of block
 //    subspace iteration on G with ℓ = r + p columns (3×TF32 tensor-core products, so FP32 accuracy),
 //    each orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G), plus a
-//    second CholQR pass at the end (ℓ ≤ 64 at D = 128, ℓ ≤ 48 at D = 64; wider subspaces use modified
-//    Gram–Schmidt with completion of degenerate columns); Rayleigh–Ritz on span(Q) with a parallel
-//    cyclic Jacobi eigen-solve of the ℓ×ℓ projection; then C = (X − mean)·B_hᵀ against the stored
-//    FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X with C held in
-//    shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise). Three kernels per run.
+//    second CholQR pass at the end when the first left an entry of QᵀQ − I above 1e-5 (ℓ ≤ 64 at
+//    D = 128, ℓ ≤ 48 at D = 64; wider subspaces use modified Gram–Schmidt with completion of degenerate
+//    columns); Rayleigh–Ritz on span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the
+//    first sweep over all pairs, later ones across the top-r boundary); then C = (X − mean)·B_hᵀ
+//    against the stored FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X
+//    with C held in shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise).
+//    Three kernels per run.
 //  - kCusolver (oracle in the tests and fallback): FP32 Gram by cuBLAS, cusolverDnXsyevBatched for the
 //    full eigen-decomposition of every Gram, the top r eigenvectors, then the same projection and
 //    quantisation kernel.
@@ -96,8 +98,9 @@ struct CompressOptions {
   /// Subspace-iteration steps (products with G), ≥ 1.
   int iterations = 4;
   /// Upper bound on Jacobi sweeps in the Rayleigh–Ritz step (stops early once converged), ≥ 1. The
-  /// first sweep rotates every pair; later ones only the pairs that straddle the top-r boundary of the
-  /// current diagonal, which is all that moves the top-r subspace.
+  /// first sweep rotates every pair; later ones the pairs that straddle the top-r boundary of the
+  /// current diagonal (what moves the top-r subspace), filling each round with pairs within the larger
+  /// side, and stop early once the straddling pairs have converged.
   int jacobi_sweeps = 2;
 };
 
