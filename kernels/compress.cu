@@ -623,7 +623,8 @@ constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 /// κ(Z)² of its accuracy, which FP64 affords up to κ(Z) ≈ 1e7; the caller keeps κ(Z) ≤ ~1e6 by
 /// shifting G by 1e-6·trace(G). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
 /// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision, or stops after S when
-/// every entry of QᵀQ − I is already below 1e-5 (see `orth`). 3ℓ/8 barriers per pass, against ℓ for Gram–Schmidt.
+/// every entry of QᵀQ − I is already below 1e-5 (see `orth`). 3ℓ/8 barriers per pass, against ℓ for
+/// Gram–Schmidt.
 /// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
 /// \param S     scratch, 2ℓ² floats (8-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
@@ -862,8 +863,9 @@ __device__ __forceinline__ int descending_rank(const float* d, int stride, int n
 /// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ 64), rotations accumulated in W, one barrier per
 /// round: H is double-buffered (round s reads Hc, writes Hn), and every warp computes the round's
 /// rotations from Hc itself (lane k: pair k) and shuffles them to the lanes that apply them, instead
-/// of waiting at a barrier for a shared table. Thread work is fixed for the whole solve: ≤ 3 blocks (a ≤ b, mirrored into
-/// (b, a), so H stays exactly symmetric) and the rows x ≡ tid / np (mod 256 / np) of W for pair tid % np.
+/// of waiting at a barrier for a shared table. Thread work is fixed for the whole solve: ≤ 3 blocks
+/// (a ≤ b, mirrored into (b, a), so H stays exactly symmetric) and the rows x ≡ tid / np (mod 256 / np)
+/// of W for pair tid % np.
 /// H's row stride is ℓ + 1 (odd): the mirrored stores walk down a column, which a stride of ℓ (a
 /// multiple of 8) would put into 2–4 banks.
 ///
