@@ -485,6 +485,20 @@ TEST_F(CompressGpu, OtherJacobiShapesKeepEveryOtherBound) {
   }
 }
 
+/// Job ja of batch a and job jb of batch b (the same block) produced the same bytes. Exact comparisons:
+/// every value is a finite FP16/FP32/INT8 value, converted to double exactly.
+void expect_same_outputs(const Batch<Half>& a, const Outputs& oa, std::size_t ja, const Batch<Half>& b,
+                         const Outputs& ob, std::size_t jb) {
+  EXPECT_TRUE(a.basis16(oa, ja) == b.basis16(ob, jb)) << "FP16 basis";
+  EXPECT_TRUE(a.basis32(oa, ja) == b.basis32(ob, jb)) << "FP32 basis";
+  EXPECT_TRUE(a.mean(oa, ja) == b.mean(ob, jb)) << "mean";
+  EXPECT_TRUE(a.scales(oa, ja) == b.scales(ob, jb)) << "scales";
+  EXPECT_TRUE(a.coeff8(oa, ja) == b.coeff8(ob, jb)) << "INT8 coefficients";
+  EXPECT_TRUE(a.coeff32(oa, ja) == b.coeff32(ob, jb)) << "FP32 coefficients";
+  for (int k = 0; k < a.cases()[ja].rank; ++k)
+    EXPECT_EQ(oa.eig[a.scale_offset(ja) + k], ob.eig[b.scale_offset(jb) + k]) << "Ritz value " << k;
+}
+
 /// A job's outputs depend on its own block only. The eigen kernel takes the jobs in an order of its
 /// own (widest subspace first, ties in whatever order its atomics give), every job starts from the
 /// same vectors, and both projection kernels compute the same FP32 values, so the same blocks
@@ -506,15 +520,7 @@ TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   const Outputs oa = alone.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
   auto expect_same = [&](const Batch<Half>& other, const Outputs& oo, std::size_t j, std::size_t b) {
     SCOPED_TRACE("job " + std::to_string(b) + " (" + cs[b].name + ", r=" + std::to_string(cs[b].rank) + ")");
-    // Exact comparisons: every value is a finite FP16/FP32/INT8 value, converted to double exactly.
-    EXPECT_TRUE(forward.basis16(of, b) == other.basis16(oo, j)) << "FP16 basis";
-    EXPECT_TRUE(forward.basis32(of, b) == other.basis32(oo, j)) << "FP32 basis";
-    EXPECT_TRUE(forward.mean(of, b) == other.mean(oo, j)) << "mean";
-    EXPECT_TRUE(forward.scales(of, b) == other.scales(oo, j)) << "scales";
-    EXPECT_TRUE(forward.coeff8(of, b) == other.coeff8(oo, j)) << "INT8 coefficients";
-    EXPECT_TRUE(forward.coeff32(of, b) == other.coeff32(oo, j)) << "FP32 coefficients";
-    for (int k = 0; k < cs[b].rank; ++k)
-      EXPECT_EQ(of.eig[forward.scale_offset(b) + k], oo.eig[other.scale_offset(j) + k]) << "Ritz value " << k;
+    expect_same_outputs(forward, of, b, other, oo, j);
   };
   for (std::size_t b = 0; b < n; ++b) expect_same(backward, ob, n - 1 - b, b);
   for (std::size_t j = 0; j < picked.size(); ++j) expect_same(alone, oa, j, picked[j]);
@@ -555,14 +561,8 @@ TEST_F(CompressGpu, NonFiniteBlocksDoNotDisturbTheOthers) {
   const Outputs ot = together.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
   check_outputs(alone, oa, "finite blocks alone");
   for (std::size_t j = 0; j < finite.size(); ++j) {
-    const std::size_t b = 2 * j + 1;  // where finite[j] sits in the mixed batch
     SCOPED_TRACE(finite[j].name);
-    EXPECT_TRUE(alone.basis16(oa, j) == together.basis16(ot, b)) << "FP16 basis";
-    EXPECT_TRUE(alone.basis32(oa, j) == together.basis32(ot, b)) << "FP32 basis";
-    EXPECT_TRUE(alone.mean(oa, j) == together.mean(ot, b)) << "mean";
-    EXPECT_TRUE(alone.scales(oa, j) == together.scales(ot, b)) << "scales";
-    EXPECT_TRUE(alone.coeff8(oa, j) == together.coeff8(ot, b)) << "INT8 coefficients";
-    EXPECT_TRUE(alone.coeff32(oa, j) == together.coeff32(ot, b)) << "FP32 coefficients";
+    expect_same_outputs(alone, oa, j, together, ot, 2 * j + 1);  // finite[j] sits at 2j + 1 in the mixed batch
   }
 }
 
