@@ -1,12 +1,15 @@
 // Batched truncated SVD + INT8 quantisation (see include/spectralkv/cuda/compress.cuh for the
-// interface and the algorithm overview). Four kernels per run on the fast path:
-//   order_kernel    the order in which the eigen kernel takes the jobs: widest subspace first
+// interface and the algorithm overview). Kernels of the fast path:
+//   order_kernel    the order in which the jobs are taken: widest subspace first
 //   gram_kernel     G = (X − m)ᵀ(X − m) (+ column sums), tensor cores, FP32 accumulation → workspace
 //                   (m = 0, or for centred jobs a provisional per-column shift, see below)
 //   eigen_kernel    centring, subspace iteration (CholQR), Rayleigh–Ritz + Jacobi, basis → basis_out, mean_out
 //   project_kernel  C = (X − mean)·B_hᵀ, per-column max, INT8 quantisation         → scale_out, coeff_out
 //                   (project_resident_kernel: the same in one pass over X when C fits in shared memory)
-// The cuSOLVER path replaces the first two by gather + cuBLAS SGEMM + cusolverDnXsyevBatched + select.
+//   compress_fused_kernel  the last three in one CTA per job, G kept in shared memory: used whenever the
+//                   one-pass projection applies (order_kernel + this kernel per run)
+// The cuSOLVER path replaces the Gram and eigen kernels by gather + cuBLAS SGEMM + cusolverDnXsyevBatched
+// + select.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -170,7 +173,7 @@ struct GramShape {
   static constexpr std::size_t kSmemBytes = static_cast<std::size_t>(kGramStages + 1) * kChunkRows * kLd * 2;
 };
 
-/// One CTA per job. X streams through shared memory in 64-row chunks (cp.async pipeline); each
+/// The Gram of one job. X streams through shared memory in 64-row chunks (cp.async pipeline); each
 /// warp owns a 32×(D/2) tile of G. Both mma operands come from Xᵀ via ldmatrix.trans. Products of
 /// 16-bit inputs are exact in FP32, so G is XᵀX up to FP32 accumulation.
 ///
@@ -180,32 +183,36 @@ struct GramShape {
 /// ‖X − μ‖² + L‖μ‖² (channel means of tens of σ are common in keys). Y is formed in FP32 (exact: a
 /// difference of two 16-bit values) and split into FP16 hi + lo; YᵀY ≈ hiᵀhi + hiᵀlo + loᵀhi carries
 /// ~2^-22 relative accuracy per product. Y must fit the FP16 range, as for the projection.
-/// \param gram    [jobs][D][D] FP32 output (row-major)
-/// \param colsum  [jobs][D] FP32 column sums of Y (written only for mean-centred jobs)
-/// \param shift   [jobs][D] FP32 shift m (written only for mean-centred jobs)
-template <class T, int D>
-__global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const CompressJob* __restrict__ jobs, int rows,
-                                                                      float* __restrict__ gram,
-                                                                      float* __restrict__ colsum,
-                                                                      float* __restrict__ shift) {
+///
+/// Called by all kCta threads of the CTA; the first GramShape<D>::kThreads do the arithmetic, the rest
+/// (the fused kernel at D = 64) help with the copies and take the barriers.
+/// \param smem    GramShape<D>::kSmemBytes of shared memory (the stages)
+/// \param part    shared scratch, 3·D floats
+/// \param colsum_out, shift_out  [D] each (global or shared): the column sums of Y and the shift m,
+///                written only for mean-centred jobs
+/// \param store   store(row, col, G[row][col], G[row][col + 1]) for even col, called once per pair after
+///                a barrier that ends every read of `smem` (so G may overwrite the stages)
+template <class T, int D, int kCta, class Store>
+__device__ __forceinline__ void gram_block(const CompressJob& job, int rows, unsigned char* smem, float* part,
+                                           float* colsum_out, float* shift_out, Store&& store) {
   using S = GramShape<D>;
-  extern __shared__ __align__(16) unsigned char gsmem[];
-  T* stage = reinterpret_cast<T*>(gsmem);  // [kGramStages][kChunkRows][kLd]
-  __half* lo_buf = reinterpret_cast<__half*>(gsmem + static_cast<std::size_t>(kGramStages) * kChunkRows * S::kLd * 2);
-  __shared__ float sum_part[2][D];
-  __shared__ float shift_s[D];
+  static_assert(kCta >= S::kThreads && kCta % 32 == 0, "the CTA must hold the Gram's warps");
+  T* stage = reinterpret_cast<T*>(smem);  // [kGramStages][kChunkRows][kLd]
+  __half* lo_buf = reinterpret_cast<__half*>(smem + static_cast<std::size_t>(kGramStages) * kChunkRows * S::kLd * 2);
+  float* sum_part = part;       // [2][D]
+  float* shift_s = part + 2 * D;  // [D]
 
-  const CompressJob job = jobs[blockIdx.x];
   const T* x = static_cast<const T*>(job.x);
   const std::int64_t ld = job.x_row_stride;
   const bool center = job.mean_center;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const bool worker = kCta == S::kThreads || tid < S::kThreads;  // uniform per warp
   const int wm = warp >> 1, wn = warp & 1;
   const int chunks = (rows + kChunkRows - 1) / kChunkRows;
 
   auto load_chunk = [&](int c, int buf) {
     constexpr int kVecPerRow = D / 8;
-    for (int v = tid; v < kChunkRows * kVecPerRow; v += S::kThreads) {
+    for (int v = tid; v < kChunkRows * kVecPerRow; v += kCta) {
       const int r = v / kVecPerRow, cv = v % kVecPerRow;
       const int t = c * kChunkRows + r;
       const bool ok = t < rows;
@@ -239,6 +246,7 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const C
     cp_async_commit();
     T* s = stage + (c % kGramStages) * kChunkRows * S::kLd;
     if (!center) {
+      if (!worker) continue;
 #pragma unroll
       for (int ks = 0; ks < kChunkRows / 16; ++ks) {
         const int k0 = ks * 16;
@@ -266,15 +274,17 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const C
     // --- mean-centred job: shift, split into FP16 hi (in place) + lo, three products --------------
     const int valid = min(kChunkRows, rows - c * kChunkRows);
     if (c == 0) {  // the shift: FP16-rounded mean of the first chunk (zero-filled rows add nothing)
-      float p = 0.0f;
+      if (worker) {
+        float p = 0.0f;
 #pragma unroll 8
-      for (int r = 0; r < kChunkRows / 2; ++r) p += to_float1(s[(half * (kChunkRows / 2) + r) * S::kLd + col]);
-      sum_part[half][col] = p;
+        for (int r = 0; r < kChunkRows / 2; ++r) p += to_float1(s[(half * (kChunkRows / 2) + r) * S::kLd + col]);
+        sum_part[half * D + col] = p;
+      }
       __syncthreads();
-      if (tid < D) shift_s[tid] = __half2float(__float2half_rn((sum_part[0][tid] + sum_part[1][tid]) / valid));
+      if (tid < D) shift_s[tid] = __half2float(__float2half_rn((sum_part[tid] + sum_part[D + tid]) / valid));
       __syncthreads();
     }
-    {
+    if (worker) {
       const float m = shift_s[col];
 #pragma unroll 8
       for (int r = 0; r < kChunkRows / 2; ++r) {
@@ -284,7 +294,7 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const C
     }
     __syncthreads();  // the column sums read the raw chunk, which the split below overwrites
     __half* hi = reinterpret_cast<__half*>(s);
-    for (int e = tid; e < kChunkRows * (D / 2); e += S::kThreads) {
+    for (int e = tid; e < kChunkRows * (D / 2); e += kCta) {
       const int rr = e / (D / 2), c2 = 2 * (e % (D / 2));
       float v0 = 0.0f, v1 = 0.0f;  // rows past the end stay zero
       if (rr < valid) {
@@ -298,6 +308,7 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const C
       *reinterpret_cast<__half2*>(lo_buf + rr * S::kLd + c2) = __floats2half2_rn(v0 - hf.x, v1 - hf.y);
     }
     __syncthreads();
+    if (!worker) continue;
 #pragma unroll 1
     for (int ks = 0; ks < kChunkRows / 16; ++ks) {
       const int k0 = ks * 16;
@@ -327,27 +338,49 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const C
     }
   }
   cp_async_wait<0>();
+  __syncthreads();  // every read of the stages is done: G may overwrite them
 
-  float* g = gram + static_cast<std::int64_t>(blockIdx.x) * D * D;
-  const int gr = lane >> 2, gc = 2 * (lane & 3);
+  if (worker) {
+    const int gr = lane >> 2, gc = 2 * (lane & 3);
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < S::kNTiles; ++ni) {
-      const int row = wm * 32 + mi * 16 + gr;
-      const int col = wn * (D / 2) + ni * 8 + gc;
-      *reinterpret_cast<float2*>(&g[row * D + col]) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
-      *reinterpret_cast<float2*>(&g[(row + 8) * D + col]) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
-    }
+      for (int ni = 0; ni < S::kNTiles; ++ni) {
+        const int row = wm * 32 + mi * 16 + gr;
+        const int col = wn * (D / 2) + ni * 8 + gc;
+        store(row, col, acc[mi][ni][0], acc[mi][ni][1]);
+        store(row + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
+      }
+  }
   if (center) {
-    __syncthreads();  // sum_part was last used for the shift
-    sum_part[half][col] = csum;
+    if (worker) sum_part[half * D + col] = csum;  // sum_part was last read before two barriers
     __syncthreads();
     if (tid < D) {
-      colsum[static_cast<std::int64_t>(blockIdx.x) * D + tid] = sum_part[0][tid] + sum_part[1][tid];
-      shift[static_cast<std::int64_t>(blockIdx.x) * D + tid] = shift_s[tid];
+      colsum_out[tid] = sum_part[tid] + sum_part[D + tid];
+      shift_out[tid] = shift_s[tid];
     }
   }
+}
+
+/// One CTA per job: gram_block into the workspace (when the projection cannot be fused, see
+/// compress_fused_kernel).
+/// \param gram    [jobs][D][D] FP32 output (row-major)
+/// \param colsum  [jobs][D] FP32 column sums of Y (written only for mean-centred jobs)
+/// \param shift   [jobs][D] FP32 shift m (written only for mean-centred jobs)
+template <class T, int D>
+__global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const CompressJob* __restrict__ jobs, int rows,
+                                                                      float* __restrict__ gram,
+                                                                      float* __restrict__ colsum,
+                                                                      float* __restrict__ shift) {
+  extern __shared__ __align__(16) unsigned char gsmem[];
+  __shared__ float part[3 * D];
+  const std::int64_t jb = blockIdx.x;
+  const CompressJob job = jobs[jb];
+  float* g = gram + jb * D * D;
+  gram_block<T, D, GramShape<D>::kThreads>(job, rows, gsmem, part, colsum + jb * D, shift + jb * D,
+                                           [&](int row, int col, float v0, float v1) {
+                                             *reinterpret_cast<float2*>(&g[row * D + col]) = make_float2(v0, v1);
+                                           });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1046,9 +1079,9 @@ __global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int ov
   for (int j = threadIdx.x; j < n; j += blockDim.x) order[atomicAdd(&start[bucket(j)], 1)] = j;
 }
 
-/// One CTA per job: loads G, centres it, runs `iterations` subspace-iteration steps with ℓ columns,
-/// the Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the
-/// top-r Ritz vectors V = Q·W (sorted, sign-fixed) as the basis.
+/// One job's eigen-solve: centres G, runs `iterations` subspace-iteration steps with ℓ columns, the
+/// Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the top-r
+/// Ritz vectors V = Q·W (sorted, sign-fixed) as the basis (and the mean, for a centred job).
 ///
 /// Two variants of the middle part, chosen per job:
 ///  - ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to 32 at D = 64): each step
@@ -1058,15 +1091,14 @@ __global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int ov
 ///    then the one-barrier Jacobi (jacobi_fast).
 ///  - otherwise: modified Gram–Schmidt with completion of degenerate columns (ℓ barriers per pass) and
 ///    the 2-barrier Jacobi.
+///
+/// G arrives in `smem` (swizzled [D][D], both triangles as accumulated) through the caller's
+/// outstanding cp.async groups or by stores before a barrier.
+/// \param colsum, shift  the job's [D] column sums and shift from gram_block (read for centred jobs)
 template <int D>
-__global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJob* __restrict__ jobs, int rows,
-                                                              const float* __restrict__ gram,
-                                                              const float* __restrict__ colsum,
-                                                              const float* __restrict__ shift,
-                                                              const int* __restrict__ job_order, int lp, int panel,
-                                                              CompressOptions opt) {
+__device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, float* smem, const float* colsum,
+                                            const float* shift, int lp, int panel, const CompressOptions& opt) {
   using S = EigenShape<D>;
-  extern __shared__ __align__(16) float smem[];
   float* Gs = smem;
   float* Qa = Gs + D * D;
   float* Qb = Qa + panel;
@@ -1077,31 +1109,20 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
   float* misc = reinterpret_cast<float*>(order + lp);
   int* flags = reinterpret_cast<int*>(misc + 2);
 
-  const int jb = job_order[blockIdx.x];
-  const CompressJob job = jobs[jb];
   const int r = job.rank;
   const int ell = compress_subspace_width(r, D, opt.oversample);
   const bool fast = ell <= kFastMaxEll<D> && ell < D;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const float* g = gram + static_cast<std::int64_t>(jb) * D * D;
 
-  // --- 1. G (symmetrised) into shared memory; centring with the stored FP16 mean -----------------
-  // G by 16-byte cp.async straight into its swizzled place (the XOR moves whole groups of 4 floats),
-  // all 64 KB in flight at once: element-wise loads through registers kept only a few per thread in
-  // flight, and G has mostly left the L2 by the time its job runs.
-  for (int v = tid; v < D * D / 4; v += kEigenThreads) {
-    const int row = v / (D / 4), col = (v % (D / 4)) * 4;
-    cp_async16(&Gs[swz<D>(row, col)], g + 4 * v, true);
-  }
-  cp_async_commit();
-  // The Gram kernel accumulated Y = X − 1mᵀ (shift m, column sums s' of Y). With the stored mean μ_h
+  // --- 1. centring with the stored FP16 mean; G (symmetrised) -------------------------------------
+  // The Gram accumulated Y = X − 1mᵀ (shift m, column sums s' of Y). With the stored mean μ_h
   // and d = μ_h − m (exact: both are FP16 values), (X − 1μ_hᵀ)ᵀ(X − 1μ_hᵀ) = YᵀY − d·s'ᵀ − s'·dᵀ + L·ddᵀ.
   float* sum = Qa;  // scratch until the start vectors are written
   float* mu = Qa + D;
   if (job.mean_center) {
     if (tid < D) {
-      const float sd = colsum[static_cast<std::int64_t>(jb) * D + tid];
-      const float m = shift[static_cast<std::int64_t>(jb) * D + tid];
+      const float sd = colsum[tid];
+      const float m = shift[tid];
       const __half mh = __float2half_rn(m + sd / static_cast<float>(rows));
       job.mean_out[tid] = mh;
       sum[tid] = sd;
@@ -1318,6 +1339,29 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     }
     if (lane == 0 && job.eigenvalues_out != nullptr) job.eigenvalues_out[j] = diag[order[j]];
   }
+}
+
+/// One CTA per job, in job_order (widest subspace first): G by 16-byte cp.async straight into its
+/// swizzled place (the XOR moves whole groups of 4 floats), all 64 KB in flight at once (element-wise
+/// loads through registers kept only a few per thread in flight, and G has mostly left the L2 by the
+/// time its job runs), then eigen_block.
+template <int D>
+__global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJob* __restrict__ jobs, int rows,
+                                                              const float* __restrict__ gram,
+                                                              const float* __restrict__ colsum,
+                                                              const float* __restrict__ shift,
+                                                              const int* __restrict__ job_order, int lp, int panel,
+                                                              CompressOptions opt) {
+  extern __shared__ __align__(16) float smem[];
+  const std::int64_t jb = job_order[blockIdx.x];
+  const CompressJob job = jobs[jb];
+  const float* g = gram + jb * D * D;
+  for (int v = threadIdx.x; v < D * D / 4; v += kEigenThreads) {
+    const int row = v / (D / 4), col = (v % (D / 4)) * 4;
+    cp_async16(&smem[swz<D>(row, col)], g + 4 * v, true);
+  }
+  cp_async_commit();
+  eigen_block<D>(job, rows, smem, colsum + jb * D, shift + jb * D, lp, panel, opt);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1561,20 +1605,17 @@ struct ResidentShape {
 /// C = (X − mean)·B_hᵀ and INT8 quantisation in one pass over X: the FP32 coefficients stay in shared
 /// memory until the column maxima are known, then are quantised and written row by row, so every
 /// store is coalesced (4 bytes per thread when r % 4 == 0 and coeff_out is 4-byte aligned). Same
-/// warp tiling and FP32 values as project_kernel, hence the same bytes; used when
-/// ResidentShape::bytes fits (e.g. L = 512 with r ≤ 32), project_kernel otherwise.
+/// warp tiling and FP32 values as project_kernel, hence the same bytes.
 /// \tparam kNT  n-tiles per warp, ≥ ceil(ceil(r/8)/2) for every job of the batch: the accumulators and
 ///              column maxima of only that many tiles live in registers, with no per-tile guard.
+/// \param smem  ResidentShape<D>::bytes(rows, rpad) of shared memory
 template <class T, int D, int kNT>
-__global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
-    project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
+__device__ __forceinline__ void project_resident_block(const CompressJob& job, int rows, unsigned char* smem) {
   using S = ResidentShape<D>;
-  extern __shared__ __align__(16) unsigned char rsmem[];
-  const CompressJob job = jobs[blockIdx.x];
   const int r = job.rank;
   const int rpad = (r + 15) / 16 * 16;
-  T* stage = reinterpret_cast<T*>(rsmem);
-  __half* Bs = reinterpret_cast<__half*>(rsmem + static_cast<std::size_t>(S::kStages) * kChunkRows * S::kLd * 2u);
+  T* stage = reinterpret_cast<T*>(smem);
+  __half* Bs = reinterpret_cast<__half*>(smem + static_cast<std::size_t>(S::kStages) * kChunkRows * S::kLd * 2u);
   float* mu = reinterpret_cast<float*>(Bs + rpad * S::kLd);
   unsigned* amax = reinterpret_cast<unsigned*>(mu + D);
   float* scale = reinterpret_cast<float*>(amax + rpad);
@@ -1644,6 +1685,75 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
       const int row = e / r, col = e - row * r;
       job.coeff_f32_out[e] = C[row * rpad + col];
     }
+}
+
+/// One CTA per job: project_resident_block after the eigen kernel (used when ResidentShape::bytes fits,
+/// e.g. L = 512 with r ≤ 32, and the projection is not fused; project_kernel otherwise).
+template <class T, int D, int kNT>
+__global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
+    project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
+  extern __shared__ __align__(16) unsigned char rsmem[];
+  const CompressJob job = jobs[blockIdx.x];
+  project_resident_block<T, D, kNT>(job, rows, rsmem);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The three steps fused: one CTA per job
+// ------------------------------------------------------------------------------------------------
+
+/// Shared memory of the fused kernel's Gram phase: its X stages, then its scratch (part [3][D], the
+/// column sums and the shift, [D] each). The eigen phase reads the last two, so they lie past the
+/// stages and past Gs and the eigen layout's first 2·D floats of scratch (Qa), which G and the
+/// centring overwrite.
+template <int D>
+struct FusedSmem {
+  static constexpr std::size_t kScratchOffset = GramShape<D>::kSmemBytes;
+  static constexpr std::size_t kGramBytes = kScratchOffset + 5u * D * sizeof(float);
+  static_assert(kScratchOffset >= (static_cast<std::size_t>(D) * D + 2 * D) * sizeof(float),
+                "the column sums and shift must outlive G's stores and the centring's scratch");
+};
+
+/// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
+/// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
+/// allocation, and the eigen-solve spills 44 bytes (the calling convention reserves a few registers).
+template <class T, int D>
+__device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
+  auto* bytes = reinterpret_cast<unsigned char*>(smem);
+  float* scratch = reinterpret_cast<float*>(bytes + FusedSmem<D>::kScratchOffset);
+  gram_block<T, D, kEigenThreads>(job, rows, bytes, scratch, scratch + 3 * D, scratch + 4 * D,
+                                  [&](int row, int col, float v0, float v1) {
+                                    // col is even: the pair stays adjacent under the swizzle
+                                    *reinterpret_cast<float2*>(&smem[swz<D>(row, col)]) = make_float2(v0, v1);
+                                  });
+}
+template <class T, int D, int kNT>
+__device__ __noinline__ void fused_project(const CompressJob& job, int rows, unsigned char* smem) {
+  project_resident_block<T, D, kNT>(job, rows, smem);
+}
+
+/// Gram, eigen-solve and one-pass projection of one job in one CTA, in job_order (widest subspace
+/// first), each phase reusing the whole shared memory. The separate kernels write G to global memory
+/// (32 MiB at 512 jobs of D = 128) and read it back, 6% of the eigen kernel's time; here G stays in
+/// shared memory, the workspace shrinks to the job table and the order, and two launches go. The
+/// projection reads the basis and mean this CTA has just stored, as project_resident_kernel does. Same
+/// arithmetic as the separate kernels, hence the same bytes. Used when the projection is resident
+/// (ResidentShape::bytes fits, e.g. L = 512 with r ≤ 32).
+/// \param jobs, job_order  not __restrict__, so that each phase loads the descriptor again after the
+///                         previous one's stores instead of keeping it in registers across the calls
+template <class T, int D, int kNT>
+__global__ void __launch_bounds__(kEigenThreads, 2)
+    compress_fused_kernel(const CompressJob* jobs, int rows, const int* job_order, int lp, int panel,
+                          CompressOptions opt) {
+  static_assert(ResidentShape<D>::kThreads == kEigenThreads, "the projection runs on the eigen CTA");
+  extern __shared__ __align__(16) float smem[];
+  float* scratch = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(smem) + FusedSmem<D>::kScratchOffset);
+  fused_gram<T, D>(jobs[job_order[blockIdx.x]], rows, smem);
+  {
+    const CompressJob job = jobs[job_order[blockIdx.x]];
+    eigen_block<D>(job, rows, smem, scratch + 3 * D, scratch + 4 * D, lp, panel, opt);
+  }
+  __syncthreads();  // the basis and mean are stored; every read of the eigen layout is done
+  fused_project<T, D, kNT>(jobs[job_order[blockIdx.x]], rows, reinterpret_cast<unsigned char*>(smem));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1794,6 +1904,8 @@ struct BatchedCompressor::Impl {
   int panel = 0;   // floats per eigen-kernel panel (EigenSmem::panel)
   std::size_t eigen_smem = 0, project_smem = 0;
   bool resident = false;  // project_resident_kernel instead of project_kernel
+  bool fused = false;     // compress_fused_kernel instead of gram → eigen → project_resident
+  std::size_t fused_smem = 0;
   int project_tiles = 2;  // its kNT: n-tiles per warp for the batch's largest rank
   // Fast path workspace offsets.
   std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, off_order = 0, total = 0;
@@ -1886,12 +1998,32 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     m.resident = resident_bytes <= ResidentShape<D>::kMaxBytes;
     m.project_tiles = std::min(D / 16, rpad_max <= 32 ? 2 : rpad_max <= 64 ? 4 : 8);
     m.project_smem = m.resident ? resident_bytes : ProjectShape<D>::bytes(rpad_max);
+    m.fused = problem.algorithm == CompressAlgorithm::kSubspaceIteration && m.resident;
+    m.fused_smem = std::max({m.eigen_smem, FusedSmem<D>::kGramBytes, m.project_smem});
   });
 
   m.off_jobs = 0;
   const std::size_t jobs_bytes = align_up(sizeof(CompressJob) * problem.max_jobs);
   const std::size_t n = static_cast<std::size_t>(problem.max_jobs);
-  if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
+  if (m.fused) {
+    m.off_order = jobs_bytes;
+    m.total = m.off_order + align_up(n * sizeof(int));
+    dispatch_element(problem.element, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      dispatch_dim(d, [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
+          const auto kernel = compress_fused_kernel<T, D, decltype(tiles)::value>;
+          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(m.fused_smem)),
+                "cudaFuncSetAttribute(compress_fused_kernel)");
+          check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                     cudaSharedmemCarveoutMaxShared),
+                "cudaFuncSetAttribute(compress_fused_kernel carveout)");
+        });
+      });
+    });
+  } else if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
     m.off_gram = jobs_bytes;
     m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
     m.off_shift = m.off_sum + align_up(n * d * sizeof(float));
@@ -1929,6 +2061,7 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     m.syev_host.resize(std::max<std::size_t>(host_bytes, 1));
     m.total = m.off_syev + align_up(std::max<std::size_t>(dev_bytes, 1));
   }
+  if (m.fused) return;  // the separate kernels below are not launched
   dispatch_element(problem.element, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_dim(d, [&](auto dim) {
@@ -1995,6 +2128,17 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
     using T = typename decltype(tag)::type;
     dispatch_dim(p.head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
+      if (m.fused) {
+        auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
+        order_kernel<D><<<1, 1024, 0, stream>>>(device_jobs, num_jobs, p.options.oversample, job_order);
+        check_launch("order_kernel");
+        dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
+          compress_fused_kernel<T, D, decltype(tiles)::value><<<num_jobs, kEigenThreads, m.fused_smem, stream>>>(
+              device_jobs, p.rows, job_order, m.lp, m.panel, p.options);
+        });
+        check_launch("compress_fused_kernel");
+        return;
+      }
       if (p.algorithm == CompressAlgorithm::kSubspaceIteration) {
         auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
         auto* shifts = reinterpret_cast<float*>(ws + m.off_shift);

@@ -499,22 +499,40 @@ void expect_same_outputs(const Batch<Half>& a, const Outputs& oa, std::size_t ja
     EXPECT_EQ(oa.eig[a.scale_offset(ja) + k], ob.eig[b.scale_offset(jb) + k]) << "Ritz value " << k;
 }
 
-/// A job's outputs depend on its own block only. The eigen kernel takes the jobs in an order of its
+/// Bytes of workspace a BatchedCompressor asks for.
+std::size_t workspace_bytes(int rows, int dim, int max_jobs, int max_rank) {
+  CompressProblem p;
+  p.rows = rows;
+  p.head_dim = dim;
+  p.max_jobs = max_jobs;
+  p.max_rank = max_rank;
+  return BatchedCompressor(p).get_workspace_size();
+}
+
+/// A job's outputs depend on its own block only. The eigen-solve takes the jobs in an order of its
 /// own (widest subspace first, ties in whatever order its atomics give), every job starts from the
-/// same vectors, and both projection kernels compute the same FP32 values, so the same blocks
-/// compressed in reverse order, two of them alone (a batch whose ranks select the other projection
-/// kernel and smaller panels), or 24 copies of the batch (552 jobs: more than one wave of every
+/// same vectors, and the fused kernel and the separate ones (gram → eigen → either projection) compute
+/// the same FP32 values, so the same blocks compressed in reverse order, those of rank ≤ 32 alone (the
+/// fused kernel, with smaller panels; the whole batch, with ranks up to 120, runs the separate kernels
+/// and the two-pass projection), or 24 copies of the batch (552 jobs: more than one wave of every
 /// kernel) must give the same bytes.
 TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   Rng rng(20261130);
   const std::vector<Case> cs = cases_d128(rng);
   const std::vector<Case> reversed(cs.rbegin(), cs.rend());
   const std::size_t n = cs.size();
-  const std::vector<std::size_t> picked = {10, 15};  // outlier channels r = 32; offsets, centred, r = 16
-  ASSERT_EQ(cs[picked[0]].rank, 32);
-  ASSERT_TRUE(cs[picked[1]].mean_center);
-  Batch<Half> forward(cs, kRows, 128), backward(reversed, kRows, 128),
-      alone({cs[picked[0]], cs[picked[1]]}, kRows, 128);
+  std::vector<std::size_t> picked;
+  std::vector<Case> small;
+  for (std::size_t b = 0; b < n; ++b)
+    if (cs[b].rank <= 32) {
+      picked.push_back(b);
+      small.push_back(cs[b]);
+    }
+  ASSERT_GE(picked.size(), 10u);
+  // The fused kernel keeps G in shared memory: its workspace is the job table and the order alone.
+  ASSERT_LT(workspace_bytes(kRows, 128, static_cast<int>(small.size()), 32), small.size() * 128 * 128 * 4);
+  ASSERT_GT(workspace_bytes(kRows, 128, static_cast<int>(n), 120), n * 128 * 128 * 4);
+  Batch<Half> forward(cs, kRows, 128), backward(reversed, kRows, 128), alone(std::move(small), kRows, 128);
   const Outputs of = forward.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
   const Outputs ob = backward.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
   const Outputs oa = alone.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
@@ -742,6 +760,16 @@ TEST_F(CompressGpu, HeadDim64WithRankUpToD) {
   four.jacobi_sweeps = 4;
   check_outputs(batch, batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_, four),
                 "subspace D=64, 4 sweeps");
+  // The jobs of rank ≤ 32 alone run the fused kernel (the batch above, with ranks up to 64, the separate
+  // ones): the same bytes.
+  ASSERT_LT(workspace_bytes(kRows, D, 3, 32), 3u * D * D * 4);
+  Batch<Half> small({cs[0], cs[1], cs[2]}, kRows, D);
+  const Outputs all = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const Outputs fused = small.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  for (std::size_t j = 0; j < 3; ++j) {
+    SCOPED_TRACE("D=64 job " + std::to_string(j));
+    expect_same_outputs(batch, all, j, small, fused, j);
+  }
 }
 
 TEST_F(CompressGpu, BFloat16InputAndShortBlock) {
@@ -759,6 +787,20 @@ TEST_F(CompressGpu, BFloat16InputAndShortBlock) {
     const Outputs o = batch.run(a, ElementType::kBFloat16, stream_);
     check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver bf16" : "subspace bf16");
   }
+}
+
+/// A short block with a rank whose subspace is too wide for CholQR (r = 64: ℓ = 96, Gram–Schmidt):
+/// at L = 96 the coefficients fit in shared memory, so the fused kernel runs it, beside a CholQR job.
+TEST_F(CompressGpu, ShortBlockWithAWideSubspace) {
+  Rng rng(17);
+  const int D = 128, rows = 96;
+  ASSERT_LT(workspace_bytes(rows, D, 2, 64), 2u * D * D * 4);  // the fused kernel
+  std::vector<Case> cs;
+  cs.push_back(Case{"decay i^-0.5", 64, false, round_to<Half>(with_spectrum(rows, D, spectrum(D, pow_half), rng))});
+  cs.push_back(Case{"offsets, centred", 16, true,
+                    round_to<Half>(with_spectrum(rows, D, spectrum(D, exp20), rng).rowwise() + 4.0 * gaussian_row(D, rng))});
+  Batch<Half> batch(std::move(cs), rows, D);
+  check_outputs(batch, batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_), "L=96, r=64");
 }
 
 /// Blocks longer than the device cache's (1100 rows: 18 chunks, the last one partial): their FP32

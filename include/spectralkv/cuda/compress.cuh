@@ -19,7 +19,9 @@
 //    first sweep over all pairs, later ones across the top-r boundary); then C = (X − mean)·B_hᵀ
 //    against the stored FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X
 //    with C held in shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise).
-//    Three kernels per run.
+//    When the one-pass projection applies, the Gram, the eigen-solve and the projection of a job run in
+//    one CTA with G kept in shared memory (two kernels per run, a workspace of a few bytes per job);
+//    otherwise they are separate kernels (four per run) and the workspace holds every job's FP32 Gram.
 //  - kCusolver (oracle in the tests and fallback): FP32 Gram by cuBLAS, cusolverDnXsyevBatched for the
 //    full eigen-decomposition of every Gram, the top r eigenvectors, then the same projection and
 //    quantisation kernel.
@@ -163,7 +165,10 @@ class BatchedCompressor {
 
   const CompressProblem& problem() const;
 
-  /// Device bytes run() needs for up to problem().max_jobs jobs (256-byte aligned base required).
+  /// Device bytes run() needs for up to problem().max_jobs jobs (256-byte aligned base required): the
+  /// job table and their order (under 100 bytes per job), plus D²·4 bytes per job for the Gram matrices when
+  /// the one-pass projection does not apply (L·r too large for shared memory) or for kCusolver (its
+  /// chunk of 256 jobs, with their FP32 copies of X).
   std::size_t get_workspace_size() const;
 
   /// Compresses `num_jobs` jobs whose descriptors are already in device memory (e.g. built by a kernel
