@@ -25,6 +25,7 @@
 
 #include "spectralkv/cuda/compress.cuh"
 #include "spectralkv/cuda/error.cuh"
+#include "spectralkv/cuda/quantize.cuh"
 #include "spectralkv/error.hpp"
 
 namespace spectralkv::cuda {
@@ -1371,11 +1372,11 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
 /// Column maxima → quantisation scales, shared by both projection kernels. Each lane holds the running
 /// max |C| of its two columns (2t, 2t + 1) of the n-tiles ng, ng + 2, ...; they are reduced over the
 /// lane's row group and published by atomicMax on the float bits (all values ≥ 0, so the bits order as
-/// the values), then scale = max / 127 goes to shared memory and to the job's output. Every thread calls
-/// it (two barriers).
+/// the values), then scale = max / 127 goes to shared memory and to the job's output, its
+/// quantize_reciprocal to `inv`. Every thread calls it (two barriers).
 template <int kNT>
 __device__ __forceinline__ void publish_scales(const float (&cmax)[kNT][2], int ng, int ntiles, int r, unsigned* amax,
-                                               float* scale, float* scale_out) {
+                                               float* scale, float* inv, float* scale_out) {
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nn = 0; nn < kNT; ++nn) {
@@ -1394,6 +1395,7 @@ __device__ __forceinline__ void publish_scales(const float (&cmax)[kNT][2], int 
   if (tid < r) {
     const float sc = __uint_as_float(amax[tid]) / 127.0f;
     scale[tid] = sc;
+    inv[tid] = quantize_reciprocal(sc);
     scale_out[tid] = sc;
   }
   __syncthreads();
@@ -1408,7 +1410,7 @@ struct ProjectShape {
     return static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2u  // X stages
            + static_cast<std::size_t>(rpad) * kLd * 2u  // basis
            + D * 4u                            // mean
-           + static_cast<std::size_t>(rpad) * 8u;       // column max bits + scales
+           + static_cast<std::size_t>(rpad) * 12u;      // column max bits, scales, reciprocals
   }
 };
 
@@ -1527,6 +1529,7 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
   float* mu = reinterpret_cast<float*>(Bs + rpad * S::kLd);
   unsigned* amax = reinterpret_cast<unsigned*>(mu + D);
   float* scale = reinterpret_cast<float*>(amax + rpad);
+  float* inv = scale + rpad;
 
   const T* x = static_cast<const T*>(job.x);
   const std::int64_t ld = job.x_row_stride;
@@ -1555,7 +1558,7 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
     if (it + kStages - 1 < total)
       project_load_chunk<T, D>(stage, x, ld, rows, (it + kStages - 1) % chunks, (it + kStages - 1) % kStages);
     cp_async_commit();
-    if (it == chunks) publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);  // pass boundary
+    if (it == chunks) publish_scales(cmax, ng, ntiles, r, amax, scale, inv, job.scale_out);  // pass boundary
 
     float acc[kNT][4];
     project_chunk_mma<T, D, kNT>(stage + buf * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
@@ -1571,10 +1574,7 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
         const int col = nt * 8 + 2 * t + (e & 1);
         if (row < rows && col < r) {
           const float v = acc[nn][e];
-          const float sc = scale[col];
-          // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the
-          // quotient rounds into [-127, 127].
-          const int qv = sc > 0.0f ? __float2int_rn(v / sc) : 0;
+          const int qv = quantize_coefficient(v, scale[col], inv[col]);  // the CPU rule, bit for bit
           job.coeff_out[static_cast<std::int64_t>(row) * r + col] = static_cast<std::int8_t>(qv);
           if (job.coeff_f32_out != nullptr) job.coeff_f32_out[static_cast<std::int64_t>(row) * r + col] = v;
         }
@@ -1595,7 +1595,7 @@ struct ResidentShape {
     return static_cast<std::size_t>(kStages) * kChunkRows * kLd * 2u  // X stages
            + static_cast<std::size_t>(rpad) * kLd * 2u                // basis
            + D * 4u                                                  // mean
-           + static_cast<std::size_t>(rpad) * 8u                     // column max bits + scales
+           + static_cast<std::size_t>(rpad) * 12u                    // column max bits, scales, reciprocals
            + rows_pad * static_cast<std::size_t>(rpad) * 4u;         // C
   }
   /// Largest footprint that still lets two CTAs share an SM (2 × 113 KB of the 227 KB).
@@ -1619,7 +1619,8 @@ __device__ __forceinline__ void project_resident_block(const CompressJob& job, i
   float* mu = reinterpret_cast<float*>(Bs + rpad * S::kLd);
   unsigned* amax = reinterpret_cast<unsigned*>(mu + D);
   float* scale = reinterpret_cast<float*>(amax + rpad);
-  float* C = scale + rpad;  // [rows_pad][rpad]
+  float* inv = scale + rpad;
+  float* C = inv + rpad;  // [rows_pad][rpad]
 
   const T* x = static_cast<const T*>(job.x);
   const std::int64_t ld = job.x_row_stride;
@@ -1657,13 +1658,12 @@ __device__ __forceinline__ void project_resident_block(const CompressJob& job, i
     project_track_max(acc, row0 < rows, row1 < rows, ng, ntiles, cmax);
   }
   cp_async_wait<0>();
-  publish_scales(cmax, ng, ntiles, r, amax, scale, job.scale_out);
-  // CPU rule (compress.hpp): q = nearbyint(c / scale) with IEEE division; |c| ≤ max, so the quotient
-  // rounds into [-127, 127]. Consecutive threads write consecutive bytes of the [rows][r] section.
+  publish_scales(cmax, ng, ntiles, r, amax, scale, inv, job.scale_out);
+  // The CPU rule, bit for bit (quantize.cuh). Consecutive threads write consecutive bytes of the
+  // [rows][r] section.
   auto quant = [&](int row, int col) {
-    const float v = C[row * rpad + col];
-    const float sc = scale[col];
-    return static_cast<unsigned>(static_cast<std::uint8_t>(static_cast<std::int8_t>(sc > 0.0f ? __float2int_rn(v / sc) : 0)));
+    const int qv = quantize_coefficient(C[row * rpad + col], scale[col], inv[col]);
+    return static_cast<unsigned>(static_cast<std::uint8_t>(static_cast<std::int8_t>(qv)));
   };
   const int total = rows * r;
   if (r % 4 == 0 && reinterpret_cast<std::uintptr_t>(job.coeff_out) % 4 == 0) {

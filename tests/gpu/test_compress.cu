@@ -31,6 +31,7 @@
 #include "spectralkv/cpu/svd.hpp"
 #include "spectralkv/cuda/compress.cuh"
 #include "spectralkv/cuda/error.cuh"
+#include "spectralkv/cuda/quantize.cuh"
 #include "spectralkv/numeric.hpp"
 
 namespace {
@@ -950,6 +951,58 @@ TEST_F(CompressGpu, RejectsBadProblemsAndJobs) {
   DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
   EXPECT_THROW(comp.run_host_jobs(&j, 1, ws.get(), ws.size() - 1, stream_), spectralkv::InvalidArgument);
   EXPECT_NO_THROW(comp.run_host_jobs(&j, 0, ws.get(), ws.size(), stream_));
+}
+
+/// For the scale of row blockIdx.y: every float c in [2^-30·scale, 128·scale] (ordered by its bits) and,
+/// for every eighth, −c. Counts where quantize_coefficient disagrees with round(c / scale) by IEEE
+/// division ([0]), and where the plain product round(c·RN(1/scale)) does ([1]: the reason for the
+/// correction steps).
+__global__ void count_quantize_mismatches(const float* scales, unsigned long long* mismatches) {
+  const float scale = scales[blockIdx.y];
+  const float inv = spectralkv::cuda::quantize_reciprocal(scale);
+  const unsigned lo = __float_as_uint(scale * 0x1p-30f), hi = __float_as_uint(scale * 128.0f);
+  unsigned long long bad = 0, naive = 0;
+  for (unsigned long long u = lo + blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; u <= hi;
+       u += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    const float c = __uint_as_float(static_cast<unsigned>(u));
+    const int want = __float2int_rn(__fdiv_rn(c, scale));
+    bad += spectralkv::cuda::quantize_coefficient(c, scale, inv) != want;
+    naive += __float2int_rn(__fmul_rn(c, __frcp_rn(scale))) != want;
+    if ((u & 7) == 0) bad += spectralkv::cuda::quantize_coefficient(-c, scale, inv) != -want;
+  }
+  if (bad != 0) atomicAdd(&mismatches[0], bad);
+  if (naive != 0) atomicAdd(&mismatches[1], naive);
+}
+
+/// The division-free quantisation (quantize.cuh) against the IEEE division, on every coefficient of 37
+/// binades (3·10^8 values) per scale: scales at both ends of the accepted range and just outside it
+/// (where the division itself is used), significands 1 and 2 − 2^-23, typical KV-cache scales, and
+/// random ones across the range.
+TEST_F(CompressGpu, QuantisationWithoutDivisionMatchesTheDivision) {
+  std::vector<float> scales = {0x1p-90f, 0x1p90f, 0x1.fffffep-91f, 0x1p-95f, 0x1p95f, 1.0f, 0x1.fffffep0f,
+                               0x1.fffffep-20f, 1.5f, 3e-4f, 7.1e-3f, 0.05f, 0.9f, 13.0f, 1e4f};
+  Rng rng(5);
+  std::uniform_int_distribution<int> exponent(-89, 89);
+  std::uniform_int_distribution<unsigned> significand(0, (1u << 23) - 1);
+  for (int k = 0; k < 17; ++k) {
+    const unsigned bits = (static_cast<unsigned>(exponent(rng) + 127) << 23) | significand(rng);
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    scales.push_back(f);
+  }
+  DeviceBuffer<float> d_scales(scales.size());
+  d_scales.upload(scales);
+  DeviceBuffer<unsigned long long> counts(2);
+  check(cudaMemset(counts.get(), 0, 2 * sizeof(unsigned long long)), "cudaMemset");
+  count_quantize_mismatches<<<dim3(264, static_cast<unsigned>(scales.size())), 256, 0, stream_>>>(d_scales.get(),
+                                                                                                  counts.get());
+  check(cudaGetLastError(), "count_quantize_mismatches");
+  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  const std::vector<unsigned long long> n = counts.download();
+  EXPECT_EQ(n[0], 0u) << "coefficients quantised differently from the IEEE division";
+  // The check can tell: a single rounded product c·RN(1/scale) does disagree somewhere.
+  EXPECT_GT(n[1], 0u);
+  std::printf("[ info ] %zu scales: %llu mismatches; c·RN(1/scale) alone: %llu\n", scales.size(), n[0], n[1]);
 }
 
 }  // namespace
