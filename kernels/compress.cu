@@ -5,9 +5,10 @@
 //                   (m = 0, or for centred jobs a provisional per-column shift, see below)
 //   eigen_kernel    centring, subspace iteration (CholQR), Rayleigh–Ritz + Jacobi, basis → basis_out, mean_out
 //   project_kernel  C = (X − mean)·B_hᵀ, per-column max, INT8 quantisation         → scale_out, coeff_out
-//                   (project_resident_kernel: the same in one pass over X when C fits in shared memory)
-//   compress_fused_kernel  the last three in one CTA per job, G kept in shared memory: used whenever the
-//                   one-pass projection applies (order_kernel + this kernel per run)
+//                   (project_resident_kernel: the same in one pass over X when C fits in shared memory,
+//                   after the cuSOLVER path)
+//   compress_fused_kernel  Gram, eigen-solve and one-pass projection in one CTA per job, G kept in shared
+//                   memory: used whenever C fits in shared memory (order_kernel + this kernel per run)
 // The cuSOLVER path replaces the Gram and eigen kernels by gather + cuBLAS SGEMM + cusolverDnXsyevBatched
 // + select.
 
@@ -1687,8 +1688,9 @@ __device__ __forceinline__ void project_resident_block(const CompressJob& job, i
     }
 }
 
-/// One CTA per job: project_resident_block after the eigen kernel (used when ResidentShape::bytes fits,
-/// e.g. L = 512 with r ≤ 32, and the projection is not fused; project_kernel otherwise).
+/// One CTA per job: project_resident_block after the cuSOLVER path's selection, when ResidentShape::bytes
+/// fits (e.g. L = 512 with r ≤ 32; project_kernel otherwise). The subspace-iteration path runs it inside
+/// compress_fused_kernel in that case.
 template <class T, int D, int kNT>
 __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
     project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
@@ -1904,7 +1906,7 @@ struct BatchedCompressor::Impl {
   int panel = 0;   // floats per eigen-kernel panel (EigenSmem::panel)
   std::size_t eigen_smem = 0, project_smem = 0;
   bool resident = false;  // project_resident_kernel instead of project_kernel
-  bool fused = false;     // compress_fused_kernel instead of gram → eigen → project_resident
+  bool fused = false;     // compress_fused_kernel (subspace iteration with a resident projection)
   std::size_t fused_smem = 0;
   int project_tiles = 2;  // its kNT: n-tiles per warp for the batch's largest rank
   // Fast path workspace offsets.

@@ -512,11 +512,11 @@ std::size_t workspace_bytes(int rows, int dim, int max_jobs, int max_rank) {
 
 /// A job's outputs depend on its own block only. The eigen-solve takes the jobs in an order of its
 /// own (widest subspace first, ties in whatever order its atomics give), every job starts from the
-/// same vectors, and the fused kernel and the separate ones (gram → eigen → either projection) compute
-/// the same FP32 values, so the same blocks compressed in reverse order, those of rank ≤ 32 alone (the
-/// fused kernel, with smaller panels; the whole batch, with ranks up to 120, runs the separate kernels
-/// and the two-pass projection), or 24 copies of the batch (552 jobs: more than one wave of every
-/// kernel) must give the same bytes.
+/// same vectors, and the fused kernel and the separate ones (gram → eigen → two-pass projection)
+/// compute the same FP32 values, so the same blocks compressed in reverse order, those of rank ≤ 32
+/// alone (the fused kernel, with smaller panels; the whole batch, with ranks up to 120, runs the
+/// separate kernels), 24 copies of the batch (552 jobs: more than one wave of the separate kernels) or
+/// 24 copies of those of rank ≤ 32 (504 jobs: two waves of the fused kernel) must give the same bytes.
 TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   Rng rng(20261130);
   const std::vector<Case> cs = cases_d128(rng);
@@ -545,11 +545,16 @@ TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   for (std::size_t j = 0; j < picked.size(); ++j) expect_same(alone, oa, j, picked[j]);
 
   constexpr std::size_t kCopies = 24;
-  std::vector<Case> many;
-  for (std::size_t k = 0; k < kCopies; ++k) many.insert(many.end(), cs.begin(), cs.end());
-  Batch<Half> copies(std::move(many), kRows, 128);
+  std::vector<Case> many, many_small;
+  for (std::size_t k = 0; k < kCopies; ++k) {
+    many.insert(many.end(), cs.begin(), cs.end());
+    for (std::size_t b : picked) many_small.push_back(cs[b]);
+  }
+  Batch<Half> copies(std::move(many), kRows, 128), copies_small(std::move(many_small), kRows, 128);
   const Outputs om = copies.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
   for (std::size_t j = 0; j < kCopies * n; ++j) expect_same(copies, om, j, j % n);
+  const Outputs oms = copies_small.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  for (std::size_t j = 0; j < kCopies * picked.size(); ++j) expect_same(copies_small, oms, j, picked[j % picked.size()]);
 }
 
 /// A block holding a NaN or an infinity (an FP16 overflow upstream) has no meaningful basis, but it must

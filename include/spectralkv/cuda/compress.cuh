@@ -38,8 +38,9 @@
 // was projected on.
 //
 // Usage (CUTLASS-like): construct with the problem (validated, throws InvalidArgument naming the field),
-// query get_workspace_size(), allocate once, then run() any number of times on any stream. run() never
-// allocates.
+// query get_workspace_size(), allocate once, then run() any number of times on any stream of the device
+// that was current at construction (the constructor raises the kernels' shared-memory limits there;
+// one compressor per device). run() never allocates.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -26,14 +26,14 @@ __device__ __forceinline__ float quantize_reciprocal(float scale) {
 ///
 /// The steps of the IEEE division's own fast path, with its reciprocal refinement and range check
 /// replaced by the correctly rounded reciprocal y = RN(1/scale) of the column: q0 = RN(c·y) is within
-/// 1.5 ulp of c/scale; the remainder c − q0·scale is then exact in one FMA and q1 = RN(q0 + rem·y) is
-/// within one ulp; and Markstein's theorem (y within half an ulp of 1/b, q within one ulp of a/b, the
-/// remainder exact ⇒ RN(q + (a − q·b)·y) = RN(a/b)) makes the last step the correctly rounded
-/// quotient. The remainders are exact because for |c/scale| ≥ 1/4 they are multiples of 2^-138
-/// (≤ ulp(q)·ulp(scale)) smaller than 2^24 such steps; below 1/4 the quotient rounds to 0, as the
-/// division's does, whatever its last bits. tests/gpu/test_compress.cu compares every
-/// coefficient of every binade from 2^-30·scale to 128·scale with the division, for scales across
-/// the accepted range.
+/// 1.5 ulp of c/scale; q1 = RN(q0 + RN(c − q0·scale)·y) is within one ulp (that first remainder may
+/// need 25 bits and lose its last one, which moves q1 by ~2^-24 ulp); for |c/scale| ≥ 1/4 the second
+/// remainder c − q1·scale is then exact in one FMA (at most 2^24 steps of 2^-138 ≤ ulp(q1)·ulp(scale));
+/// and Markstein's theorem (y within half an ulp of 1/b, q within one ulp of a/b, the remainder
+/// exact ⇒ RN(q + (a − q·b)·y) = RN(a/b)) makes the last step the correctly rounded quotient. Below
+/// 1/4 the quotient rounds to 0, as the division's does, whatever its last bits.
+/// tests/gpu/test_compress.cu compares every coefficient of every binade from 2^-30·scale to 128·scale
+/// with the division, for scales across the accepted range.
 __device__ __forceinline__ int quantize_coefficient(float c, float scale, float inv) {
   if (inv == 0.0f) return scale > 0.0f ? __float2int_rn(__fdiv_rn(c, scale)) : 0;
   const float q0 = __fmul_rn(c, inv);
