@@ -1717,7 +1717,8 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve spills 44 bytes (the calling convention reserves a few registers).
+/// allocation, and the eigen-solve spills 44 bytes (none alone in a kernel): fields reloaded once per
+/// phase or per CholQR block, not in inner loops.
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
