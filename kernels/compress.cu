@@ -1897,6 +1897,15 @@ int max_subspace_width(const CompressProblem& p) {
   return ell;
 }
 
+/// Lets `kernel` use `bytes` of dynamic shared memory, with the largest shared-memory carveout: two
+/// CTAs of ~113 KB per SM (eigen, fused, one-pass projection) need ~226 KB of the 228 KB.
+template <class Kernel>
+void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* what) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), what);
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+        what);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -2011,37 +2020,12 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
   if (m.fused) {
     m.off_order = jobs_bytes;
     m.total = m.off_order + align_up(n * sizeof(int));
-    dispatch_element(problem.element, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      dispatch_dim(d, [&](auto dim) {
-        constexpr int D = decltype(dim)::value;
-        dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
-          const auto kernel = compress_fused_kernel<T, D, decltype(tiles)::value>;
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(m.fused_smem)),
-                "cudaFuncSetAttribute(compress_fused_kernel)");
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                     cudaSharedmemCarveoutMaxShared),
-                "cudaFuncSetAttribute(compress_fused_kernel carveout)");
-        });
-      });
-    });
   } else if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
     m.off_gram = jobs_bytes;
     m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
     m.off_shift = m.off_sum + align_up(n * d * sizeof(float));
     m.off_order = m.off_shift + align_up(n * d * sizeof(float));
     m.total = m.off_order + align_up(n * sizeof(int));
-    dispatch_dim(d, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      check(cudaFuncSetAttribute(eigen_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(m.eigen_smem)),
-            "cudaFuncSetAttribute(eigen_kernel)");
-      // Two eigen CTAs per SM need ~226 KB of the 228 KB: ask for the largest shared-memory carveout.
-      check(cudaFuncSetAttribute(eigen_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared),
-            "cudaFuncSetAttribute(eigen_kernel carveout)");
-    });
   } else {
     m.chunk = std::min(problem.max_jobs, kCusolverChunk);
     const std::size_t c = static_cast<std::size_t>(m.chunk);
@@ -2064,29 +2048,30 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     m.syev_host.resize(std::max<std::size_t>(host_bytes, 1));
     m.total = m.off_syev + align_up(std::max<std::size_t>(dev_bytes, 1));
   }
-  if (m.fused) return;  // the separate kernels below are not launched
+  // The shared-memory limits of the kernels run() launches for this problem.
   dispatch_element(problem.element, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_dim(d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
+      if (m.fused) {
+        dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
+          allow_shared_memory(compress_fused_kernel<T, D, decltype(tiles)::value>, m.fused_smem,
+                              "cudaFuncSetAttribute(compress_fused_kernel)");
+        });
+        return;
+      }
+      if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
+        allow_shared_memory(gram_kernel<T, D>, GramShape<D>::kSmemBytes, "cudaFuncSetAttribute(gram_kernel)");
+        allow_shared_memory(eigen_kernel<D>, m.eigen_smem, "cudaFuncSetAttribute(eigen_kernel)");
+      }
       if (m.resident) {
         dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
-          const auto kernel = project_resident_kernel<T, D, decltype(tiles)::value>;
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(m.project_smem)),
-                "cudaFuncSetAttribute(project_resident_kernel)");
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                     cudaSharedmemCarveoutMaxShared),
-                "cudaFuncSetAttribute(project_resident_kernel carveout)");
+          allow_shared_memory(project_resident_kernel<T, D, decltype(tiles)::value>, m.project_smem,
+                              "cudaFuncSetAttribute(project_resident_kernel)");
         });
       } else {
-        check(cudaFuncSetAttribute(project_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(m.project_smem)),
-              "cudaFuncSetAttribute(project_kernel)");
+        allow_shared_memory(project_kernel<T, D>, m.project_smem, "cudaFuncSetAttribute(project_kernel)");
       }
-      check(cudaFuncSetAttribute(gram_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(GramShape<D>::kSmemBytes)),
-            "cudaFuncSetAttribute(gram_kernel)");
     });
   });
 }
