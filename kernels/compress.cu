@@ -834,9 +834,7 @@ __device__ __forceinline__ float rsqrt_approx(float x) {
 /// reciprocal finite. Every warp computes the round's rotations itself; one inlined instruction
 /// sequence on the same inputs gives every warp bit-identical values, and the products are written
 /// so that no FMA contraction can differ between them.
-__device__ __forceinline__ void jacobi_rotation(const float* H, int ldh, int p, int q, float& c, float& sn,
-                                                bool& big) {
-  const float app = H[p * ldh + p], aqq = H[q * ldh + q], apq = H[p * ldh + q];
+__device__ __forceinline__ void jacobi_rotation(float app, float aqq, float apq, float& c, float& sn, bool& big) {
   c = 1.0f;
   sn = 0.0f;
   const float apq2 = __fmul_rn(apq, apq);
@@ -895,14 +893,88 @@ __device__ __forceinline__ int descending_rank(const float* d, int stride, int n
   return rank;
 }
 
-/// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ 64), rotations accumulated in W, one barrier per
-/// round: H is double-buffered (round s reads Hc, writes Hn), and every warp computes the round's
-/// rotations from Hc itself (lane k: pair k) and shuffles them to the lanes that apply them, instead
-/// of waiting at a barrier for a shared table. Thread work is fixed for the whole solve: ≤ 3 blocks
-/// (a ≤ b, mirrored into (b, a), so H stays exactly symmetric) and the rows x ≡ tid / np (mod 256 / np)
-/// of W for pair tid % np.
-/// H's row stride is ℓ + 1 (odd): the mirrored stores walk down a column, which a stride of ℓ (a
-/// multiple of 8) would put into 2–4 banks.
+/// The fast Jacobi's storage, in slots: a round always rotates the pairs of slots (2k, 2k + 1), and
+/// between rounds every entry moves to the slots of the next round's pairs (a fixed permutation for a
+/// whole sweep), so a pair's 2×2 block has a fixed place, no thread looks up a pair table, and each
+/// thread's addresses are the same in every round of a sweep.
+/// H is kept as its upper triangle of 2×2 tiles (a ≤ b over the ℓ/2 pairs, numbered row by row) in four
+/// planes, one per tile entry (top–top, top–bottom, bottom–top, bottom–bottom), so that threads holding
+/// consecutive tiles touch consecutive words; a diagonal tile uses its top–bottom entry for both
+/// off-diagonal entries. W (row x: original index, column: slot) is kept in two planes, the top and the
+/// bottom slots of the pairs, [ℓ][32] each, so that lane k of a warp owns pair k's columns in every row.
+/// H's planes are sized for the largest ℓ at D (the Gram's space has room), so that they are immediates.
+template <int D>
+struct JacobiSlots {
+  static constexpr int kMaxPairs = kFastMaxEll<D> / 2;
+  static constexpr int kHPlane = kMaxPairs * (kMaxPairs + 1) / 2;  ///< floats per plane of H
+  static constexpr int kHBuffer = 4 * kHPlane;
+  /// Floats of the Gram's space used: the row-major input [ℓ][ℓ + 1] first, then two H buffers and
+  /// two [ℓ] arrays of scratch.
+  static constexpr int kGramFloats =
+      2 * kHBuffer + 2 * kFastMaxEll<D> > kFastMaxEll<D> * (kFastMaxEll<D> + 1) ? 2 * kHBuffer + 2 * kFastMaxEll<D>
+                                                                              : kFastMaxEll<D> * (kFastMaxEll<D> + 1);
+  static_assert(kGramFloats <= D * D, "the fast Jacobi's H must fit in the Gram's space");
+
+  int np;      ///< pairs, ℓ/2
+  int wplane;  ///< floats per plane of W, 32·ℓ
+  __device__ int tile(int a, int b) const { return a * np - a * (a - 1) / 2 + (b - a); }
+  /// Offset in an H buffer of the entry (slot i, slot j), by symmetry from its canonical tile.
+  __device__ int h_offset(int i, int j) const {
+    if ((i >> 1) > (j >> 1)) {
+      const int t = i;
+      i = j;
+      j = t;
+    }
+    const int a = i >> 1, b = j >> 1;
+    const int plane = a < b ? 2 * (i & 1) + (j & 1) : (i == j ? 3 * (i & 1) : 1);
+    return plane * kHPlane + tile(a, b);
+  }
+  /// Offset in a W buffer of row x, slot j.
+  __device__ int w_offset(int x, int j) const { return (j & 1) * wplane + x * 32 + (j >> 1); }
+};
+
+/// Slot of the next round for the entry in slot j, in a sweep over all pairs: the round-robin (circle)
+/// schedule on ℓ indices, whose round s pairs (s, ℓ−1) and (s + k, s − k) mod (ℓ − 1). The tops of
+/// pairs k ≥ 1 move to pair k − 1, the bottoms of pairs 1..np−2 to pair k + 1; the top of pair 0 becomes
+/// the bottom of pair 1, the bottom of pair np − 1 the top of pair np − 1, and the bottom of pair 0 (index
+/// ℓ − 1) stays.
+__device__ __forceinline__ int jacobi_next_all(int j, int np) {
+  const int k = j >> 1;
+  if ((j & 1) == 0) return k == 0 ? 3 : 2 * (k - 1);
+  if (k == 0) return 1;
+  return k == np - 1 ? 2 * (np - 1) : 2 * (k + 1) + 1;
+}
+
+/// Slot of position m of the larger side in a boundary sweep: the bottoms of the ns straddling pairs,
+/// then both slots of the remaining pairs.
+__device__ __forceinline__ int jacobi_large_slot(int m, int ns) { return m < ns ? 2 * m + 1 : ns + m; }
+
+/// Slot of the next round for the entry in slot j, in a boundary sweep: the smaller side stays in the
+/// tops of the first ns pairs and the larger side (nl indices) moves one place down its slots, so round
+/// t pairs small[k] with large[(k + t) mod nl].
+__device__ __forceinline__ int jacobi_next_boundary(int j, int ns, int nl) {
+  const int k = j >> 1;
+  if ((j & 1) == 0 && k < ns) return j;
+  const int m = (j & 1) && k < ns ? k : j - ns;
+  return jacobi_large_slot(m == 0 ? nl - 1 : m - 1, ns);
+}
+
+__device__ __forceinline__ void swap_buffers(float*& hc, float*& hn, float*& wc, float*& wn) {
+  float* t = hc;
+  hc = hn;
+  hn = t;
+  t = wc;
+  wc = wn;
+  wn = t;
+}
+
+/// Parallel cyclic Jacobi on the ℓ×ℓ matrix H (ℓ ≤ kFastMaxEll<D>), rotations accumulated in W, one
+/// barrier per round, in the slot storage of JacobiSlots: H and W are double-buffered (a round reads one
+/// buffer and writes the other, each entry rotated and moved to its next slot at once), and every warp
+/// computes the round's rotations from the diagonal tiles itself (lane k: pair k) and shuffles them to
+/// the lanes that rotate H. Thread work is fixed for the whole solve: ≤ 3 tiles of H (rotated once: H
+/// stays exactly symmetric), and W's two columns of pair `lane` in the rows x ≡ warp (mod 8); where each
+/// of them goes next is worked out once per sweep.
 ///
 /// The first sweep is the round-robin over all pairs (ℓ − 1 rounds). Only the span of the top-r Ritz
 /// vectors matters to the caller, and a rotation between two indices on the same side of the top-r
@@ -910,143 +982,212 @@ __device__ __forceinline__ int descending_rank(const float* d, int stride, int n
 /// (the r largest against the rest) and rotates the pairs that straddle it: max(r, ℓ − r) rounds
 /// instead of ℓ − 1 (32 against 47 at r = 32, ℓ = 48). Each round pairs every index of the smaller side
 /// with a distinct one of the larger side; the larger side's idle indices rotate among themselves
-/// (harmless, and it keeps the round one table of ℓ/2 pairs), and only the straddling rotations count
-/// for the early stop.
-/// \param H0     [ℓ][ℓ + 1] the symmetric input; H1 the second buffer; W [ℓ][ℓ] output (identity on
-///               entry is written here); pairs (ℓ−1)·ℓ/2 + ℓ ints of scratch; flags 2 ints of scratch
+/// (harmless, and it keeps every pair slot busy), and only the straddling rotations count for the early
+/// stop. Between sweeps one pass without rotations moves every entry to its slot for the split.
+///
+/// A call, not inlined: with its own register allocation neither it nor the eigen-solve around it
+/// spills much (inlined, its per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused
+/// kernel 80, and both ran 1–4% slower on an H200).
+/// \param H      [ℓ][ℓ + 1] the symmetric input, row-major, in JacobiSlots<D>::kGramFloats floats that
+///               the solve then uses for its two H buffers and scratch
+/// \param W      128·ℓ floats: the two W buffers
+/// \param diag   [ℓ] output: the final diagonal (the Ritz values), by slot
+/// \param flags  2 ints of scratch
 /// \param r      the rank, 1 ≤ r < ℓ
-/// \return the buffer holding the final H (its diagonal: the Ritz values)
-__device__ float* jacobi_fast(float* H0, float* H1, float* W, int* pairs, int* flags, int ell, int r, int sweeps,
-                              bool active) {
-  const int tid = threadIdx.x;
-  const int hs = ell + 1;
+/// \return the W buffer holding the result: the Ritz vector of diag[j] is column j (JacobiSlots::w_offset)
+template <int D>
+__device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int* flags, int ell, int r, int sweeps,
+                                           bool active) {
+  using JS = JacobiSlots<D>;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int np = ell / 2;
-  for (int e = tid; e < (ell - 1) * np; e += kEigenThreads) {
-    int p, q;
-    jacobi_pair(e / np, e % np, ell, p, q);
-    pairs[e] = p | (q << 16);
-  }
-  for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
-  if (tid == 0) flags[0] = 0;
-  // Blocks are dealt from the last thread down, so the threads that get a second block are the ones
-  // with the fewest rows of W (those go from the first thread up): the round waits for the slowest.
-  int blk[3];
+  const int tiles = np * (np + 1) / 2;
+  const JS js{np, 32 * ell};
+  // Round s reads (Hc, Wc) and writes (Hn, Wn); the pointers swap after each round.
+  float* Hc = H;
+  float* Hn = H + JS::kHBuffer;
+  float* Wc = W;
+  float* Wn = W + 2 * js.wplane;
+  float* dsc = H + 2 * JS::kHBuffer;              // [ℓ] diagonal between sweeps
+  int* next = reinterpret_cast<int*>(dsc + ell);  // [ℓ] slot of each slot after the split
+  // Tile u of this thread is number kEigenThreads − 1 − tid + u·kEigenThreads in the row-by-row order:
+  // a warp's tiles are consecutive, and so are (mostly) the places their entries move to.
+  int blk[3] = {0, 0, 0};
+  unsigned dst[3][2];  // the next offsets of a tile's four entries, two 16-bit halves each (< kHBuffer)
   int nmine = 0;
-  for (int idx = kEigenThreads - 1 - tid; idx < np * (np + 1) / 2 && nmine < 3; idx += kEigenThreads) {
-    int a = 0, rest = idx;
-    while (rest >= np - a) {
-      rest -= np - a;
-      ++a;
-    }
-    blk[nmine++] = a | ((a + rest) << 8);
-  }
-  // CTA-uniform bounds of the per-thread work, so that unused slots skip their shuffles.
-  const int max_blocks = (np * (np + 1) / 2 + kEigenThreads - 1) / kEigenThreads;
-  const int tpp = kEigenThreads / np;  // threads per pair for W (≥ kEigenThreads / 32 = 8)
-  const int max_rows = (ell + tpp - 1) / tpp;
-  const int wb = tid % np, wr0 = tid / np;
-  __syncthreads();
-  float* Hc = H0;
-  float* Hn = H1;
-  if (!active) return Hc;
-  const int lane = tid & 31;
-  int* side = pairs + (ell - 1) * np;  // [ℓ]: indices by decreasing diagonal (the top r, then the rest)
-  int rounds = ell - 1;
-  int counted = np;  // pairs whose rotations decide convergence: all, then the straddling ones (first)
-  for (int sweep = 0; sweep < sweeps; ++sweep) {
-    for (int s = 0; s < rounds; ++s) {
-      const int* pr = pairs + s * np;
-      // Every warp computes the round's np ≤ 32 rotations, lane k the one of pair k, and hands them
-      // around by shuffles: no barrier between computing and applying them.
-      float c = 1.0f, sn = 0.0f;
-      if (lane < np) {
-        bool big = false;
-        jacobi_rotation(Hc, hs, pr[lane] & 0xFFFF, pr[lane] >> 16, c, sn, big);
-        if (big && lane < counted) flags[sweep & 1] = 1;
-      }
 #pragma unroll
-      for (int u = 0; u < 3; ++u) {
-        if (u >= max_blocks) break;  // uniform
-        const int bl = u < nmine ? blk[u] : 0;
-        const int a = bl & 0xFF, b = bl >> 8;
-        const float ca = __shfl_sync(0xffffffffu, c, a), sa = __shfl_sync(0xffffffffu, sn, a);
-        const float cb = __shfl_sync(0xffffffffu, c, b), sb = __shfl_sync(0xffffffffu, sn, b);
-        if (u >= nmine) continue;
-        jacobi_rotate_block(Hc, Hn, hs, pr[a] & 0xFFFF, pr[a] >> 16, pr[b] & 0xFFFF, pr[b] >> 16, ca, sa, cb, sb, a == b);
+  for (int u = 0; u < 3; ++u) {
+    const int idx = kEigenThreads - 1 - tid + u * kEigenThreads;
+    if (idx < tiles) {
+      int a = 0, rest = idx;
+      while (rest >= np - a) {
+        rest -= np - a;
+        ++a;
       }
-      {
-        const float cb = __shfl_sync(0xffffffffu, c, wb), sb = __shfl_sync(0xffffffffu, sn, wb);
-        if (wr0 < tpp) {
-          // All loads first: the compiler cannot tell that the rows are distinct, and would otherwise
-          // wait for each row's stores before the next row's loads.
-          const int pb = pr[wb] & 0xFFFF, qb = pr[wb] >> 16;
+      blk[u] = a | ((a + rest) << 8);
+      nmine = u + 1;
+    }
+  }
+  const int max_blocks = (tiles + kEigenThreads - 1) / kEigenThreads;  // CTA-uniform
+  const int wrows = ell / 8;                                            // W rows per warp
+  int wdst[2];
+  // The circle schedule's round 0 pairs (k, ℓ − 1 − k): slot 2k holds index k, slot 2k + 1 index ℓ−1−k.
+  auto index0 = [&](int j) { return (j & 1) ? ell - 1 - (j >> 1) : j >> 1; };
+  float h0[3][4];
+#pragma unroll
+  for (int u = 0; u < 3; ++u) {
+    if (u >= nmine) break;
+    const int a = blk[u] & 0xFF, b = blk[u] >> 8;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) h0[u][e] = H[index0(2 * a + (e >> 1)) * (ell + 1) + index0(2 * b + (e & 1))];
+  }
+  for (int e = tid; e < ell * ell; e += kEigenThreads) {
+    const int x = e / ell, j = e % ell;
+    Wc[js.w_offset(x, j)] = x == index0(j) ? 1.0f : 0.0f;
+  }
+  if (tid == 0) flags[0] = 0;
+  __syncthreads();  // every entry of the row-major H read
+#pragma unroll
+  for (int u = 0; u < 3; ++u) {
+    if (u >= nmine) break;
+    const int t = kEigenThreads - 1 - tid + u * kEigenThreads;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) Hc[e * JS::kHPlane + t] = h0[u][e];
+  }
+  // Where this thread's entries go after a round, from the table next[slot] (complete and visible).
+  auto plan = [&]() {
+#pragma unroll
+    for (int u = 0; u < 3; ++u) {
+      if (u >= max_blocks) break;  // uniform
+      const int a = blk[u] & 0xFF, b = blk[u] >> 8;
+      const int pb = next[2 * b], qb = next[2 * b + 1];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = next[2 * a + e];
+        dst[u][e] = static_cast<unsigned>(js.h_offset(i, pb)) | static_cast<unsigned>(js.h_offset(i, qb)) << 16;
+      }
+    }
+    wdst[0] = lane < np ? js.w_offset(0, next[2 * lane]) : 0;
+    wdst[1] = lane < np ? js.w_offset(0, next[2 * lane + 1]) : 0;
+  };
+  if (tid < ell) next[tid] = jacobi_next_all(tid, np);  // beyond the row-major H: 2·kHBuffer ≥ ℓ(ℓ + 1)
+  __syncthreads();
+  plan();
+  if (active) {
+    const int diag_tile = lane < np ? js.tile(lane, lane) : 0;
+    int rounds = ell - 1;
+    int counted = np;  // pairs whose rotations decide convergence: all, then the straddling ones (first)
+    for (int sweep = 0; sweep < sweeps; ++sweep) {
+      for (int s = 0; s < rounds; ++s) {
+        // Every warp computes the round's np ≤ 32 rotations, lane k the one of pair k, and hands them
+        // around by shuffles: no barrier between computing and applying them.
+        float c = 1.0f, sn = 0.0f;
+        if (lane < np) {
+          bool big = false;
+          jacobi_rotation(Hc[diag_tile], Hc[3 * JS::kHPlane + diag_tile], Hc[JS::kHPlane + diag_tile], c, sn, big);
+          if (big && lane < counted) flags[sweep & 1] = 1;
+        }
+#pragma unroll
+        for (int u = 0; u < 3; ++u) {
+          if (u >= max_blocks) break;  // uniform
+          const int bl = u < nmine ? blk[u] : 0;
+          const int a = bl & 0xFF, b = bl >> 8;
+          const float ca = __shfl_sync(0xffffffffu, c, a), sa = __shfl_sync(0xffffffffu, sn, a);
+          const float cb = __shfl_sync(0xffffffffu, c, b), sb = __shfl_sync(0xffffffffu, sn, b);
+          if (u >= nmine) continue;
+          const float* h = Hc + (kEigenThreads - 1 - tid + u * kEigenThreads);
+          const float hpp = h[0], hpq = h[JS::kHPlane], hqq = h[3 * JS::kHPlane];
+          const float hqp = a == b ? hpq : h[2 * JS::kHPlane];
+          const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
+          const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
+          Hn[dst[u][0] & 0xFFFF] = cb * tpp - sb * tpq;  // ·J on the columns
+          Hn[dst[u][1] >> 16] = sb * tqp + cb * tqq;
+          const float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
+          if (a == b) {
+            Hn[dst[u][0] >> 16] = 0.5f * (npq + nqp);  // a diagonal tile: keep H exactly symmetric
+          } else {
+            Hn[dst[u][0] >> 16] = npq;
+            Hn[dst[u][1] & 0xFFFF] = nqp;
+          }
+        }
+        if (lane < np) {
+          const float* w = Wc + warp * 32 + lane;
+          const float* wq_row = w + js.wplane;
           float wp[kJacobiRowsPerThread], wq[kJacobiRowsPerThread];
 #pragma unroll
           for (int i = 0; i < kJacobiRowsPerThread; ++i) {
-            if (i >= max_rows) break;  // uniform
-            const int xr = wr0 + i * tpp;
-            if (xr < ell) {
-              wp[i] = W[xr * ell + pb];
-              wq[i] = W[xr * ell + qb];
-            }
+            if (i >= wrows) break;  // uniform
+            wp[i] = w[i * 256];
+            wq[i] = wq_row[i * 256];
           }
 #pragma unroll
           for (int i = 0; i < kJacobiRowsPerThread; ++i) {
-            if (i >= max_rows) break;  // uniform
-            const int xr = wr0 + i * tpp;
-            if (xr < ell) {
-              W[xr * ell + pb] = cb * wp[i] - sb * wq[i];
-              W[xr * ell + qb] = sb * wp[i] + cb * wq[i];
-            }
+            if (i >= wrows) break;  // uniform
+            Wn[wdst[0] + warp * 32 + i * 256] = c * wp[i] - sn * wq[i];
+            Wn[wdst[1] + warp * 32 + i * 256] = sn * wp[i] + c * wq[i];
           }
         }
+        __syncthreads();
+        // Every thread has read the other flag (end of the previous sweep) before this barrier.
+        if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;
+        swap_buffers(Hc, Hn, Wc, Wn);
+      }
+      if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
+      if (sweep + 1 == sweeps) break;
+      // Next sweep: the pairs straddling the top-r boundary of the current diagonal. Ranked by
+      // decreasing diagonal, the smaller side goes to the tops of the first ns pairs and the larger side
+      // to its slots in order (jacobi_large_slot), which is round 0 of the boundary schedule.
+      const int ns = min(r, ell - r), nl = ell - ns;
+      if (tid < ell) dsc[tid] = Hc[js.h_offset(tid, tid)];
+      __syncthreads();
+      if (tid < ell) {
+        const int rank = descending_rank(dsc, 1, ell, tid);
+        const bool top = rank < r;
+        const bool small = r <= ell - r ? top : !top;
+        next[tid] = small ? 2 * (top ? rank : rank - r) : jacobi_large_slot(top ? rank : rank - r, ns);
       }
       __syncthreads();
-      // Every thread has read the other flag (end of the previous sweep) before this barrier.
-      if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;
-      float* tmp = Hc;
-      Hc = Hn;
-      Hn = tmp;
-    }
-    if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
-    if (sweep + 1 == sweeps) break;
-    // Next sweep: the pairs straddling the top-r boundary of the current diagonal. Every thread read
-    // the last round's pairs before its barrier.
-    if (tid < ell) side[descending_rank(Hc, hs + 1, ell, tid)] = tid;
-    __syncthreads();
-    const int ns = min(r, ell - r), nl = ell - ns;  // smaller and larger side
-    const int* small = r <= ell - r ? side : side + r;
-    const int* large = r <= ell - r ? side + r : side;
-    for (int e = tid; e < nl * np; e += kEigenThreads) {
-      const int t = e / np, k = e % np;
-      int a, b;
-      if (k < ns) {  // round t pairs small[k] with large[(k + t) % nl]: every cross pair once in nl rounds
-        a = small[k];
-        b = large[(k + t) % nl];
-      } else {  // the large side's idle indices, large[(ns + t + j) % nl] for j < nl − ns, in pairs
-        const int j = 2 * (k - ns);
-        a = large[(ns + t + j) % nl];
-        b = large[(ns + t + j + 1) % nl];
+      plan();
+#pragma unroll
+      for (int u = 0; u < 3; ++u) {
+        if (u >= nmine) break;
+        const float* h = Hc + (kEigenThreads - 1 - tid + u * kEigenThreads);
+        const bool diagonal = (blk[u] & 0xFF) == (blk[u] >> 8);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!diagonal || e != 2) Hn[(dst[u][e >> 1] >> (16 * (e & 1))) & 0xFFFF] = h[e * JS::kHPlane];
       }
-      pairs[e] = min(a, b) | (max(a, b) << 16);
+      if (lane < np) {
+        for (int i = 0; i < wrows; ++i) {
+          const int x = warp + 8 * i;
+          Wn[wdst[0] + x * 32] = Wc[js.w_offset(x, 2 * lane)];
+          Wn[wdst[1] + x * 32] = Wc[js.w_offset(x, 2 * lane + 1)];
+        }
+      }
+      __syncthreads();  // every thread has its offsets from the split's table
+      if (tid < ell) next[tid] = jacobi_next_boundary(tid, ns, nl);
+      __syncthreads();
+      plan();
+      swap_buffers(Hc, Hn, Wc, Wn);
+      rounds = nl;
+      counted = ns;
     }
-    __syncthreads();
-    rounds = nl;
-    counted = ns;
   }
-  return Hc;
+  if (tid < ell) diag[tid] = Hc[js.h_offset(tid, tid)];
+  return Wc;
 }
 
 /// Shared-memory layout of the eigen kernel, in floats: the Gram [D][D], two panels of `panel`
 /// floats (each ≥ lp·D: an [lp][D] swizzled panel), then cs/pq/diag/order (lp each) and kMisc.
 /// lp = ℓ_max rounded up to 16 (mma m-tiles). A panel must also hold the CholQR scratch (2ℓ² floats)
-/// and half of the fast Jacobi's (H1 [ℓ][ℓ+1] and W [ℓ][ℓ]), for every ℓ ≤ kFastMaxEll the batch may
-/// use; at D = 128 lp·D already does, at D = 64 the panels grow (ℓ = 48: 4656 floats instead of 3072).
+/// and the fast Jacobi's two W buffers (128·ℓ floats), for every ℓ ≤ kFastMaxEll the batch may use; at
+/// D = 128 lp·D already does, at D = 64 the panels grow (ℓ = 48: 6144 floats instead of 3072). The
+/// Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
 struct EigenSmem {
   static constexpr int kMisc = 8;
   SPECTRALKV_HD static constexpr std::size_t panel(int d, int lp, int ell_fast) {
     const std::size_t base = static_cast<std::size_t>(lp) * d;
-    const std::size_t fast = 2 * static_cast<std::size_t>(ell_fast) * ell_fast + ell_fast;
+    const std::size_t fast = 128 * static_cast<std::size_t>(ell_fast);  // ≥ 2ℓ² for ℓ ≤ 64
     return (base > fast ? base : fast + 3) / 4 * 4;
   }
   SPECTRALKV_HD static constexpr std::size_t floats(int d, int lp, std::size_t panel) {
@@ -1182,9 +1323,10 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   // Directions with G·q below 1e-6·trace(G) (≥ 1e-6·λ_max) are FP32 noise: treated as degenerate by
   // Gram–Schmidt; the CholQR path adds them as the shift δ, which bounds κ((G + δI)·Q) by ~1e6.
   const float ref = 1e-6f * trace;
-  float* Hfin = Gs;  // final Jacobi matrix (its diagonal: the Ritz values), row-major, row stride ldh
-  int ldh = ell;
-  float* Wfin = Zn;  // accumulated rotations, row-major [ℓ][ℓ]
+  // The accumulated rotations: column j (the Ritz vector of diag[j]) at Wfin[m · w_stride + w_column(j)],
+  // row-major [ℓ][ℓ] after the 2-barrier Jacobi, in two slot planes (JacobiSlots) after the fast one.
+  float* Wfin = Zn;
+  bool slot_planes = false;
   if (fast) {
     if (trace > 0.0f) {
       for (int it = 0; it < opt.iterations; ++it) {
@@ -1200,14 +1342,11 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
     }
     // Second pass, unless the first left Q orthonormal to 1e-5 already.
     cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell, reinterpret_cast<unsigned*>(misc + 1));
-    // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi with H1 and W
-    // in the free panel and the pair table after H in Gs.
-    float* H = Gs;
-    ldh = ell + 1;
-    rayleigh_ritz<D>(Gs, Qc, Zn, H, ell, ldh, trace > 0.0f);
-    Wfin = Zn + ell * ldh;
-    Hfin = jacobi_fast(H, Zn, Wfin, reinterpret_cast<int*>(Gs + ell * ldh), flags, ell, r, opt.jacobi_sweeps,
-                       trace > 0.0f);
+    // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi in Gs (H) and
+    // the free panel (W), which leaves the Ritz values in diag.
+    rayleigh_ritz<D>(Gs, Qc, Zn, Gs, ell, ell + 1, trace > 0.0f);
+    Wfin = jacobi_fast<D>(Gs, Zn, diag, flags, ell, r, opt.jacobi_sweeps, trace > 0.0f);
+    slot_planes = true;
   } else {
     if (trace > 0.0f) {
       for (int it = 0; it < opt.iterations; ++it) {
@@ -1277,13 +1416,14 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
         if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
       }
     }
-    Hfin = H;
+    if (tid < ell) diag[tid] = H[tid * ell + tid];
     Wfin = W;
   }
 
   // --- 6. top-r Ritz pairs, V = Q·W[:, order], sign fix, outputs ----------------------------------
   const float* W = Wfin;
-  if (tid < ell) diag[tid] = Hfin[tid * ldh + tid];
+  const int w_stride = slot_planes ? 32 : ell;
+  auto w_column = [&](int j) { return slot_planes ? (j & 1) * 32 * ell + (j >> 1) : j; };
   __syncthreads();
   if (tid < ell) {
     const int rank_of = descending_rank(diag, 1, ell, tid);
@@ -1297,13 +1437,13 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
     float v[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      col[u] = j0 + u < r ? order[j0 + u] : 0;
+      col[u] = w_column(j0 + u < r ? order[j0 + u] : 0);
       v[u] = 0.0f;
     }
     for (int m = 0; m < ell; ++m) {
       const float qv = Qc[swz<D>(m, d)];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] += qv * W[m * ell + col[u]];
+      for (int u = 0; u < 8; ++u) v[u] += qv * W[m * w_stride + col[u]];
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u)
