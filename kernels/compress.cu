@@ -646,8 +646,9 @@ __device__ __forceinline__ void jacobi_pair(int s, int k, int n, int& p, int& q)
   q = max(a, b);
 }
 
-/// Largest ℓ the CholQR + one-barrier Jacobi path handles: its FP64 ℓ×ℓ Gram must fit in one panel
-/// and its Jacobi scratch (H twice, W, pair table) in the Gram's space plus one panel (see EigenSmem).
+/// Largest ℓ the CholQR + one-barrier Jacobi path handles: its FP64 ℓ×ℓ Gram must fit in one panel,
+/// the Jacobi's two H buffers in the Gram's space and its two W buffers in one panel (see JacobiSlots
+/// and EigenSmem).
 template <int D>
 constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 
@@ -876,7 +877,7 @@ __device__ __forceinline__ void jacobi_rotate_block(const float* Hc, float* Hn, 
   }
 }
 
-/// Rows of W one thread rotates per round: ℓ ≤ 64 rows over ≥ kEigenThreads / 32 threads per pair.
+/// Rows of W one thread rotates per round: ℓ ≤ 64 rows over the CTA's warps, one lane per pair in each.
 constexpr int kJacobiRowsPerThread = 64 / (kEigenThreads / 32);
 static_assert(kFastMaxEll<128> <= 64 && kFastMaxEll<64> <= 64, "jacobi_fast's W slots assume l <= 64");
 
@@ -910,10 +911,12 @@ struct JacobiSlots {
   static constexpr int kHBuffer = 4 * kHPlane;
   /// Floats of the Gram's space used: the row-major input [ℓ][ℓ + 1] first, then two H buffers and
   /// two [ℓ] arrays of scratch.
-  static constexpr int kGramFloats =
-      2 * kHBuffer + 2 * kFastMaxEll<D> > kFastMaxEll<D> * (kFastMaxEll<D> + 1) ? 2 * kHBuffer + 2 * kFastMaxEll<D>
-                                                                              : kFastMaxEll<D> * (kFastMaxEll<D> + 1);
+  static constexpr int kGramFloats = 2 * kHBuffer + 2 * kFastMaxEll<D>;
+  static_assert(2 * kHBuffer >= kFastMaxEll<D> * (kFastMaxEll<D> + 1), "the row-major input must fit as well");
   static_assert(kGramFloats <= D * D, "the fast Jacobi's H must fit in the Gram's space");
+  static_assert(kHPlane <= 3 * kEigenThreads, "a thread holds at most three tiles");
+  static_assert(kHBuffer <= 0x10000, "next offsets are kept in 16 bits");
+  static_assert(kFastMaxEll<D> % kEigenWarps == 0, "W's rows are dealt evenly over the warps");
 
   int np;      ///< pairs, ℓ/2
   int wplane;  ///< floats per plane of W, 32·ℓ
@@ -985,16 +988,17 @@ __device__ __forceinline__ void swap_buffers(float*& hc, float*& hn, float*& wc,
 /// (harmless, and it keeps every pair slot busy), and only the straddling rotations count for the early
 /// stop. Between sweeps one pass without rotations moves every entry to its slot for the split.
 ///
-/// A call, not inlined: with its own register allocation neither it nor the eigen-solve around it
-/// spills much (inlined, its per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused
-/// kernel 80, and both ran 1–4% slower on an H200).
+/// A call, not inlined: with its own register allocation it does not spill, nor does eigen_kernel<128>;
+/// the fused kernel at D = 128 spills 56 bytes and eigen_kernel<64> 52 around the calls. Inlined, its
+/// per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused kernel 80, and both ran 1–4%
+/// slower on an H200.
 /// \param H      [ℓ][ℓ + 1] the symmetric input, row-major, in JacobiSlots<D>::kGramFloats floats that
 ///               the solve then uses for its two H buffers and scratch
 /// \param W      128·ℓ floats: the two W buffers
 /// \param diag   [ℓ] output: the final diagonal (the Ritz values), by slot
 /// \param flags  2 ints of scratch
 /// \param r      the rank, 1 ≤ r < ℓ
-/// \return the W buffer holding the result: the Ritz vector of diag[j] is column j (JacobiSlots::w_offset)
+/// \return the W buffer holding the result: its column j (JacobiSlots::w_offset) goes with diag[j]
 template <int D>
 __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int* flags, int ell, int r, int sweeps,
                                            bool active) {
@@ -1029,10 +1033,11 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
     }
   }
   const int max_blocks = (tiles + kEigenThreads - 1) / kEigenThreads;  // CTA-uniform
-  const int wrows = ell / 8;                                            // W rows per warp
+  const int wrows = ell / kEigenWarps;                                  // W rows per warp
   int wdst[2];
   // The circle schedule's round 0 pairs (k, ℓ − 1 − k): slot 2k holds index k, slot 2k + 1 index ℓ−1−k.
-  auto index0 = [&](int j) { return (j & 1) ? ell - 1 - (j >> 1) : j >> 1; };
+  // A zero matrix is not rotated and keeps the natural order, so its basis is Q's first r columns.
+  auto index0 = [&](int j) { return active ? ((j & 1) ? ell - 1 - (j >> 1) : j >> 1) : j; };
   float h0[3][4];
 #pragma unroll
   for (int u = 0; u < 3; ++u) {
@@ -1070,7 +1075,7 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
     wdst[0] = lane < np ? js.w_offset(0, next[2 * lane]) : 0;
     wdst[1] = lane < np ? js.w_offset(0, next[2 * lane + 1]) : 0;
   };
-  if (tid < ell) next[tid] = jacobi_next_all(tid, np);  // beyond the row-major H: 2·kHBuffer ≥ ℓ(ℓ + 1)
+  if (tid < ell) next[tid] = jacobi_next_all(tid, np);  // past both H buffers (the row-major H is read)
   __syncthreads();
   plan();
   if (active) {
@@ -1117,14 +1122,14 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
 #pragma unroll
           for (int i = 0; i < kJacobiRowsPerThread; ++i) {
             if (i >= wrows) break;  // uniform
-            wp[i] = w[i * 256];
-            wq[i] = wq_row[i * 256];
+            wp[i] = w[i * kEigenThreads];
+            wq[i] = wq_row[i * kEigenThreads];
           }
 #pragma unroll
           for (int i = 0; i < kJacobiRowsPerThread; ++i) {
             if (i >= wrows) break;  // uniform
-            Wn[wdst[0] + warp * 32 + i * 256] = c * wp[i] - sn * wq[i];
-            Wn[wdst[1] + warp * 32 + i * 256] = sn * wp[i] + c * wq[i];
+            Wn[wdst[0] + warp * 32 + i * kEigenThreads] = c * wp[i] - sn * wq[i];
+            Wn[wdst[1] + warp * 32 + i * kEigenThreads] = sn * wp[i] + c * wq[i];
           }
         }
         __syncthreads();
@@ -1159,7 +1164,7 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
       }
       if (lane < np) {
         for (int i = 0; i < wrows; ++i) {
-          const int x = warp + 8 * i;
+          const int x = warp + kEigenWarps * i;
           Wn[wdst[0] + x * 32] = Wc[js.w_offset(x, 2 * lane)];
           Wn[wdst[1] + x * 32] = Wc[js.w_offset(x, 2 * lane + 1)];
         }
@@ -1857,8 +1862,8 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve spills 44 bytes (none alone in a kernel): fields reloaded once per
-/// phase or per CholQR block, not in inner loops.
+/// allocation, and the eigen-solve around them spills 56 bytes at D = 128 (none at D = 64, nor alone in
+/// eigen_kernel<128>): fields reloaded once per phase or per CholQR block, not in inner loops.
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
