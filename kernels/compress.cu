@@ -916,7 +916,7 @@ struct JacobiSlots {
   static_assert(kGramFloats <= D * D, "the fast Jacobi's H must fit in the Gram's space");
   static_assert(kHPlane <= 3 * kEigenThreads, "a thread holds at most three tiles");
   static_assert(kHBuffer <= 0x10000, "next offsets are kept in 16 bits");
-  static_assert(kFastMaxEll<D> % kEigenWarps == 0, "W's rows are dealt evenly over the warps");
+  static_assert(kEigenWarps == 8, "W's rows (ℓ, a multiple of 8) are dealt evenly over the warps");
 
   int np;      ///< pairs, ℓ/2
   int wplane;  ///< floats per plane of W, 32·ℓ
@@ -1013,7 +1013,7 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
   float* Wc = W;
   float* Wn = W + 2 * js.wplane;
   float* dsc = H + 2 * JS::kHBuffer;              // [ℓ] diagonal between sweeps
-  int* next = reinterpret_cast<int*>(dsc + ell);  // [ℓ] slot of each slot after the split
+  int* next = reinterpret_cast<int*>(dsc + ell);  // [ℓ] where each slot's entries go: the sweep's permutation
   // Tile u of this thread is number kEigenThreads − 1 − tid + u·kEigenThreads in the row-by-row order:
   // a warp's tiles are consecutive, and so are (mostly) the places their entries move to.
   int blk[3] = {0, 0, 0};
@@ -1116,6 +1116,8 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
           }
         }
         if (lane < np) {
+          // All loads first: the compiler cannot tell Wc from Wn, and would otherwise wait for each
+          // row's stores before the next row's loads.
           const float* w = Wc + warp * 32 + lane;
           const float* wq_row = w + js.wplane;
           float wp[kJacobiRowsPerThread], wq[kJacobiRowsPerThread];
