@@ -652,6 +652,20 @@ __device__ __forceinline__ void jacobi_pair(int s, int k, int n, int& p, int& q)
 template <int D>
 constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 
+/// 1/√x for a positive normal finite x: the instruction sequence of the library's rsqrt(double) (the
+/// hardware's approximation, then one correction step y + y·e·(1/2 + 3e/8), e = 1 − x·y², which
+/// leaves it correctly rounded or nearly so) without its branch to a slow path for zero, subnormal,
+/// negative and non-finite x. That branch is a scheduling barrier in the middle of the Cholesky's
+/// pivot chain. The pivots it takes are guarded to be positive, and are normal and finite whenever the
+/// block is (S holds FP32 products in FP64); a block with a NaN or an infinity gets no meaningful basis
+/// either way. Bit for bit the library's result on positive normal doubles (2.7·10⁸ checked on an H200).
+__device__ __forceinline__ double rsqrt_positive(double x) {
+  double y;
+  asm("rsqrt.approx.ftz.f64 %0, %1;\n" : "=d"(y) : "d"(x));
+  const double e = __fma_rn(-__dmul_rn(y, y), x, 1.0);
+  return __fma_rn(__fma_rn(e, 0.375, 0.5), __dmul_rn(y, e), y);
+}
+
 /// Orthonormalises the ℓ columns of panel Z in place by Cholesky QR: S = ZᵀZ on the FP64 tensor
 /// cores (FP32 products are exact in FP64, so S is accurate to ~1e-16 relative), S = RᵀR in FP64
 /// (blocked by 8: ℓ/8 one-warp diagonal factorisations, the rest spread over the CTA), then
@@ -715,29 +729,40 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
   // trailing upper triangle. The serial part is ℓ/8 small factorisations: ~27 K cycles at ℓ = 48 on an
   // H200, where a one-warp left-looking factorisation took ~45 K with 7 of the 8 warps idle.
   // The diagonal slot of R keeps 1/R_jj (FP64) for the solves; R_jk (j < k) is also stored in FP32 in
-  // the unused lower slot (k, j) for the substitution.
+  // the unused lower triangle, row k's values contiguous (Rf[2kℓ + j], inside row k's lower slots), so
+  // the substitution reads four of them per 16-byte broadcast load.
   //
   // Z ← Z·R⁻¹ goes 8 columns at a time, row i of Z by one thread (D of the CTA's threads, not warp 0):
   // columns J need R's columns J only, which are final once block J is factored, so the substitution
   // of block J − 1 runs while warp 0 factors block J (during which the other warps used to wait).
   // Splitting a row's columns over two lanes (shuffling each finished column to the other) measured
   // slower: the in-block chain gains a shuffle per column.
-  float* Rf = reinterpret_cast<float*>(S);  // R_mk (m < k) as FP32 at Rf[2·(k·ℓ + m)]
+  float* Rf = reinterpret_cast<float*>(S);  // R_mk (m < k) as FP32 at Rf[2kℓ + m]: 16-byte aligned per 4
   static_assert(kEigenThreads - D >= 32, "the substituting threads must not include warp 0");
   const int zrow = tid - (kEigenThreads - D);  // the row of Z this thread substitutes, if ≥ 0
   auto substitute = [&](int jb) {  // columns jb..jb+7 of row zrow; columns < jb are done
     float acc[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) acc[u] = Z[swz<D>(jb + u, zrow)];
-    for (int m = 0; m < jb; ++m) {
-      const float qm = Z[swz<D>(m, zrow)];
+    // Four finished columns at a time: their R entries come as one broadcast float4 per column of the
+    // block (each acc[u] still subtracts in ascending m, the order of the single-column loop).
+    for (int m = 0; m < jb; m += 4) {
+      float qm[4];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] -= Rf[2 * ((jb + u) * ell + m)] * qm;  // broadcasts
+      for (int v = 0; v < 4; ++v) qm[v] = Z[swz<D>(m + v, zrow)];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const float4 rv = *reinterpret_cast<const float4*>(&Rf[2 * (jb + u) * ell + m]);
+        acc[u] -= rv.x * qm[0];
+        acc[u] -= rv.y * qm[1];
+        acc[u] -= rv.z * qm[2];
+        acc[u] -= rv.w * qm[3];
+      }
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
 #pragma unroll
-      for (int v = 0; v < u; ++v) acc[u] -= Rf[2 * ((jb + u) * ell + jb + v)] * acc[v];
+      for (int v = 0; v < u; ++v) acc[u] -= Rf[2 * (jb + u) * ell + jb + v] * acc[v];
       acc[u] *= invd[jb + u];
       Z[swz<D>(jb + u, zrow)] = acc[u];
     }
@@ -753,26 +778,35 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
         // this block receive FP32 copies of R below, from other lanes.
 #pragma unroll
         for (int i = 0; i < 8; ++i) col[i] = i <= k ? S[(j0 + min(i, k)) * ell + j0 + max(i, k)] : 0.0;
+        // One reciprocal square root instead of a square root and a division (both long in FP64).
+        auto pivot_rsqrt = [&](double d) {
+          return rsqrt_positive(d > pivot_floor ? d : (pivot_floor > 0.0 ? pivot_floor : 1.0));
+        };
+        // The chain from one pivot to the next is lane j + 1's own work: it holds the next pivot (its
+        // diagonal entry) and R_j,j+1, so it updates the pivot and takes its rsqrt without waiting for
+        // the shuffles of R's row, and one shuffle hands 1/R_jj to the warp (every lane used to shuffle
+        // the pivot in and take the rsqrt itself). Same operations on the same values, hence the same R.
+        double inv = __shfl_sync(0xffffffffu, pivot_rsqrt(col[0]), 0);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const double d = __shfl_sync(0xffffffffu, col[j], j);
-          // One reciprocal square root instead of a square root and a division (both long in FP64).
-          const double inv = rsqrt(d > pivot_floor ? d : (pivot_floor > 0.0 ? pivot_floor : 1.0));
           const double r = k > j ? col[j] * inv : 0.0;  // R_jk
           if (k >= j) col[j] = k > j ? r : inv;
+          if (lane == j) invd[j0 + j] = static_cast<float>(inv);
+          double next_inv = 0.0;
+          if (j + 1 < 8) next_inv = pivot_rsqrt(col[j + 1] - r * r);  // lane j + 1's next pivot
 #pragma unroll
           for (int i = j + 1; i < 8; ++i) {
             const double rji = __shfl_sync(0xffffffffu, r, i);
             if (k >= i) col[i] -= rji * r;
           }
-          if (lane == j) invd[j0 + j] = static_cast<float>(inv);
+          if (j + 1 < 8) inv = __shfl_sync(0xffffffffu, next_inv, j + 1);
         }
         __syncwarp();
         if (lane < 8) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             if (i <= k) S[(j0 + i) * ell + j0 + k] = col[i];
-            if (i < k) Rf[2 * ((j0 + k) * ell + j0 + i)] = static_cast<float>(col[i]);
+            if (i < k) Rf[2 * (j0 + k) * ell + j0 + i] = static_cast<float>(col[i]);
           }
         }
       } else if (zrow >= 0 && j0 > 0) {
@@ -793,14 +827,17 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           S[(j0 + i) * ell + c] = x[i];
-          Rf[2 * (c * ell + j0 + i)] = static_cast<float>(x[i]);
+          Rf[2 * c * ell + j0 + i] = static_cast<float>(x[i]);
         }
       }
       __syncthreads();
+      // The trailing upper triangle folded as in the symmetrisation of G (rows i and rest − 1 − i hold
+      // rest + 1 of its entries together; rest is a multiple of 8), so no lane idles on a lower entry.
       const int rest = ell - next;
-      for (int e = tid; e < rest * rest; e += kEigenThreads) {
-        const int kk = next + e / rest, l = next + e % rest;
-        if (kk > l) continue;
+      for (int e = tid; e < (rest / 2) * (rest + 1); e += kEigenThreads) {
+        const int fr = e / (rest + 1), fc = e % (rest + 1);
+        const int row = fc < rest - fr ? fr : rest - 1 - fr;
+        const int kk = next + row, l = next + row + (fc < rest - fr ? fc : fc - (rest - fr));
         double acc = S[kk * ell + l];
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc -= S[(j0 + i) * ell + kk] * S[(j0 + i) * ell + l];
@@ -1333,7 +1370,6 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   // The accumulated rotations: column j (the Ritz vector of diag[j]) at Wfin[m · w_stride + w_column(j)],
   // row-major [ℓ][ℓ] after the 2-barrier Jacobi, in two slot planes (JacobiSlots) after the fast one.
   float* Wfin = Zn;
-  bool slot_planes = false;
   if (fast) {
     if (trace > 0.0f) {
       for (int it = 0; it < opt.iterations; ++it) {
@@ -1353,7 +1389,6 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
     // the free panel (W), which leaves the Ritz values in diag.
     rayleigh_ritz<D>(Gs, Qc, Zn, Gs, ell, ell + 1, trace > 0.0f);
     Wfin = jacobi_fast<D>(Gs, Zn, diag, flags, ell, r, opt.jacobi_sweeps, trace > 0.0f);
-    slot_planes = true;
   } else {
     if (trace > 0.0f) {
       for (int it = 0; it < opt.iterations; ++it) {
@@ -1429,8 +1464,8 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
 
   // --- 6. top-r Ritz pairs, V = Q·W[:, order], sign fix, outputs ----------------------------------
   const float* W = Wfin;
-  const int w_stride = slot_planes ? 32 : ell;
-  auto w_column = [&](int j) { return slot_planes ? (j & 1) * 32 * ell + (j >> 1) : j; };
+  const int w_stride = fast ? 32 : ell;
+  auto w_column = [&](int j) { return fast ? (j & 1) * 32 * ell + (j >> 1) : j; };
   __syncthreads();
   if (tid < ell) {
     const int rank_of = descending_rank(diag, 1, ell, tid);
