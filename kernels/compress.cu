@@ -726,8 +726,9 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
   // Per 8-column block J: (1) one warp factors the diagonal block in registers (lane k holds column k,
   // R_jk and the trailing updates travel by shuffles); (2) one thread per later column c solves
   // R_JJᵀ·x = S_J,c for its piece of the block row of R; (3) all threads subtract R_J,kᵀ·R_J,l from the
-  // trailing upper triangle. The serial part is ℓ/8 small factorisations: ~27 K cycles at ℓ = 48 on an
-  // H200, where a one-warp left-looking factorisation took ~45 K with 7 of the 8 warps idle.
+  // trailing upper triangle. The serial part is ℓ/8 small factorisations, warp 0 busy ~19 K cycles of
+  // a ~41 K-cycle pass at ℓ = 48 on an H200 (two CTAs per SM; see docs/PERFORMANCE.md), where a one-warp
+  // left-looking factorisation took ~45 K alone with 7 of the 8 warps idle.
   // The diagonal slot of R keeps 1/R_jj (FP64) for the solves; R_jk (j < k) is also stored in FP32 in
   // the unused lower triangle, row k's values contiguous (Rf[2kℓ + j], inside row k's lower slots), so
   // the substitution reads four of them per 16-byte broadcast load.
