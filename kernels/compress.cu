@@ -656,9 +656,10 @@ constexpr int kFastMaxEll = D == 128 ? 64 : 48;
 /// hardware's approximation, then one correction step y + y·e·(1/2 + 3e/8), e = 1 − x·y², which
 /// leaves it correctly rounded or nearly so) without its branch to a slow path for zero, subnormal,
 /// negative and non-finite x. That branch is a scheduling barrier in the middle of the Cholesky's
-/// pivot chain. The pivots it takes are guarded to be positive, and are normal and finite whenever the
-/// block is (S holds FP32 products in FP64); a block with a NaN or an infinity gets no meaningful basis
-/// either way. Bit for bit the library's result on positive normal doubles (2.7·10⁸ checked on an H200).
+/// pivot chain. The pivots it takes are guarded: above 1e-30·S₀₀ (S₀₀ > 0, a squared column norm of
+/// FP32 values, finite in FP64), or 1.0 when S holds NaN (a block with a NaN or an infinity), so always
+/// positive normal numbers. Bit for bit the library's result on positive normal doubles (2.7·10⁸
+/// checked on an H200).
 __device__ __forceinline__ double rsqrt_positive(double x) {
   double y;
   asm("rsqrt.approx.ftz.f64 %0, %1;\n" : "=d"(y) : "d"(x));
@@ -676,7 +677,7 @@ __device__ __forceinline__ double rsqrt_positive(double x) {
 /// every entry of QᵀQ − I is already below 1e-5 (see `orth`). 3ℓ/8 barriers per pass, against ℓ for
 /// Gram–Schmidt.
 /// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
-/// \param S     scratch, 2ℓ² floats (8-byte aligned), must not overlap Z: S in FP64, upper triangle
+/// \param S     scratch, 2ℓ² floats (16-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
 /// \param invd  scratch, ℓ floats: 1 / R_jj
 /// \param orth  nullptr, or a shared word holding 0 (as float bits) on entry: then the pass returns with
@@ -775,8 +776,8 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
       if (warp == 0) {
         const int k = lane & 7;  // lanes 8..31 repeat lanes 0..7 so every shuffle has a full warp
         double col[8];
-        // Upper-triangle addresses only (the compiler may load before it selects): the lower slots of
-        // this block receive FP32 copies of R below, from other lanes.
+        // Upper-triangle addresses only (the compiler may load before it selects): the lower triangle
+        // holds the FP32 copies of R, which lanes of this warp store below.
 #pragma unroll
         for (int i = 0; i < 8; ++i) col[i] = i <= k ? S[(j0 + min(i, k)) * ell + j0 + max(i, k)] : 0.0;
         // One reciprocal square root instead of a square root and a division (both long in FP64).
