@@ -786,8 +786,9 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
         };
         // The chain from one pivot to the next is lane j + 1's own work: it holds the next pivot (its
         // diagonal entry) and R_j,j+1, so it updates the pivot and takes its rsqrt without waiting for
-        // the shuffles of R's row, and one shuffle hands 1/R_jj to the warp (every lane used to shuffle
-        // the pivot in and take the rsqrt itself). Same operations on the same values, hence the same R.
+        // the shuffles of R's row, and one shuffle hands 1/R_jj to the warp (rather than the updated
+        // pivot, after the row's shuffles, for every lane to take the rsqrt of). Same operations on the
+        // same values, hence the same R.
         double inv = __shfl_sync(0xffffffffu, pivot_rsqrt(col[0]), 0);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
