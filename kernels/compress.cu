@@ -1028,8 +1028,8 @@ __device__ __forceinline__ void swap_buffers(float*& hc, float*& hn, float*& wc,
 /// (harmless, and it keeps every pair slot busy), and only the straddling rotations count for the early
 /// stop. Between sweeps one pass without rotations moves every entry to its slot for the split.
 ///
-/// A call, not inlined: with its own register allocation it does not spill, nor does eigen_kernel<128>;
-/// the fused kernel at D = 128 spills 56 bytes and eigen_kernel<64> 52 around the calls. Inlined, its
+/// A call, not inlined: with its own register allocation it does not spill; around the calls the fused
+/// kernel at D = 128 and eigen_kernel<128> spill 44 bytes, eigen_kernel<64> 28 (ptxas, CUDA 13). Inlined, its
 /// per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused kernel 80, and both ran 1–4%
 /// slower on an H200.
 /// \param H      [ℓ][ℓ + 1] the symmetric input, row-major, in JacobiSlots<D>::kGramFloats floats that
@@ -1902,8 +1902,9 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve around them spills 56 bytes at D = 128 (none at D = 64, nor alone in
-/// eigen_kernel<128>): fields reloaded once per phase or per CholQR block, not in inner loops.
+/// allocation, and the eigen-solve around them spills 44 bytes at D = 128 (none at D = 64), as it does
+/// alone in eigen_kernel<128>: fields reloaded once per phase or per CholQR block (SASS of an earlier
+/// form of the solve), not in inner loops.
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
