@@ -1940,10 +1940,11 @@ __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float*
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
   float* scratch = reinterpret_cast<float*>(bytes + FusedSmem<D>::kScratchOffset);
   gram_block<T, D, kEigenThreads, true>(job, rows, bytes, scratch, scratch + 3 * D, scratch + 4 * D,
-                                  [&](int row, int col, float v0, float v1) {
-                                    // col is even: the pair stays adjacent under the swizzle
-                                    *reinterpret_cast<float2*>(&smem[swz<D>(row, col)]) = make_float2(v0, v1);
-                                  });
+                                        [&](int row, int col, float v0, float v1) {
+                                          // col is even: the pair stays adjacent under the swizzle
+                                          *reinterpret_cast<float2*>(&smem[swz<D>(row, col)]) =
+                                              make_float2(v0, v1);
+                                        });
 }
 template <class T, int D, int kNT>
 __device__ __noinline__ void fused_project(const CompressJob& job, int rows, unsigned char* smem) {
