@@ -690,6 +690,70 @@ __device__ __forceinline__ double rsqrt_positive(double x) {
   return __fma_rn(__fma_rn(e, 0.375, 0.5), __dmul_rn(y, e), y);
 }
 
+/// Factors the 8×8 diagonal block S_JJ = R_JJᵀ·R_JJ of a blocked Cholesky (J = j0..j0+7), called by
+/// all of one warp. Every lane loads the block's upper triangle (broadcast loads) and factors all of it
+/// in registers, so the pivot chain has no shuffle on it; then lane k < 8 picks column k out by
+/// selects (a register array indexed by the lane would go to local memory) and stores it. The same
+/// FP64 operations in the same order as a one-column-per-lane factorisation with shuffles, hence the
+/// same R, and the pivot chain shorter: the batch 2–3% faster on an H200 (docs/PERFORMANCE.md).
+/// Storing each row of R as soon as it is final (left-looking, no __syncwarp) put the stores on the
+/// chain and measured slower. A call, not inlined: its ~80 live doubles get their own registers; around
+/// it the fused kernel at D = 128 spills 68 bytes (44 with the shuffle form inlined), at D = 64 4 bytes.
+/// \param S      [ℓ][ℓ] FP64, row-major: reads the block's upper triangle; writes R_jk (j < k) there and
+///               1/R_jj in the diagonal slots
+/// \param Rf     the same memory as floats: writes R_jk (j < k) in FP32 at Rf[2kℓ + j], inside row k's
+///               lower slots, for the substitution
+/// \param invd   [ℓ] floats: writes 1/R_jj at j0..j0+7
+/// \param ell    ℓ, a multiple of 8; j0 a multiple of 8 below ℓ
+/// \param pivot_floor  pivots at or below it are replaced by it (or by 1.0 when it is not positive:
+///               S holds NaN); see rsqrt_positive
+__device__ __noinline__ void factor_diagonal_block(double* S, float* Rf, float* invd, int ell, int j0,
+                                                   double pivot_floor) {
+  const int lane = threadIdx.x & 31, k = lane & 7;  // lanes 8..31 factor too but do not store
+  double a[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int c = i; c < 8; ++c) a[i][c] = S[(j0 + i) * ell + j0 + c];
+  }
+  // One reciprocal square root instead of a square root and a division (both long in FP64).
+  auto pivot_rsqrt = [&](double d) {
+    return rsqrt_positive(d > pivot_floor ? d : (pivot_floor > 0.0 ? pivot_floor : 1.0));
+  };
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    a[j][j] = pivot_rsqrt(a[j][j]);  // 1/R_jj
+#pragma unroll
+    for (int c = j + 1; c < 8; ++c) a[j][c] *= a[j][j];  // R_jc
+#pragma unroll
+    for (int i = j + 1; i < 8; ++i) {
+#pragma unroll
+      for (int c = i; c < 8; ++c) a[i][c] -= a[j][i] * a[j][c];
+    }
+  }
+  // Column k: col[i] = a[i][k] for i ≤ k (1/R_kk at i = k), by selects on k.
+  double col[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    col[i] = a[i][7];
+#pragma unroll
+    for (int c = 6; c >= i; --c) col[i] = k == c ? a[i][c] : col[i];
+  }
+  double inv = a[7][7];
+#pragma unroll
+  for (int c = 6; c >= 0; --c) inv = k == c ? a[c][c] : inv;
+  // Every lane has read the block before lanes 0..7 overwrite it.
+  __syncwarp();
+  if (lane < 8) {
+    invd[j0 + k] = static_cast<float>(inv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i <= k) S[(j0 + i) * ell + j0 + k] = col[i];
+      if (i < k) Rf[2 * (j0 + k) * ell + j0 + i] = static_cast<float>(col[i]);
+    }
+  }
+}
+
 /// Orthonormalises the ℓ columns of panel Z in place by Cholesky QR: S = ZᵀZ on the FP64 tensor
 /// cores (FP32 products are exact in FP64, so S is accurate to ~1e-16 relative), S = RᵀR in FP64
 /// (blocked by 8: ℓ/8 one-warp diagonal factorisations, the rest spread over the CTA), then
@@ -747,12 +811,14 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
   __syncthreads();
   if (orth != nullptr && __uint_as_float(*orth) < 1e-5f) return;  // uniform
   // --- S = RᵀR (upper R in place, FP64), blocked by 8, right-looking; Z ← Z·R⁻¹ -----------------
-  // Per 8-column block J: (1) one warp factors the diagonal block in registers (lane k holds column k,
-  // R_jk and the trailing updates travel by shuffles); (2) one thread per later column c solves
-  // R_JJᵀ·x = S_J,c for its piece of the block row of R; (3) all threads subtract R_J,kᵀ·R_J,l from the
-  // trailing upper triangle. The serial part is ℓ/8 small factorisations, warp 0 busy ~19 K cycles of
-  // a ~41 K-cycle pass at ℓ = 48 on an H200 (two CTAs per SM; see docs/PERFORMANCE.md), where a one-warp
-  // left-looking factorisation took ~45 K alone with 7 of the 8 warps idle.
+  // Per 8-column block J: (1) warp 0 factors the diagonal block in registers (factor_diagonal_block);
+  // (2) one thread per later column c solves R_JJᵀ·x = S_J,c for its piece of the block row of R;
+  // (3) all threads subtract R_J,kᵀ·R_J,l from the trailing upper triangle. The serial part is ℓ/8
+  // small factorisations: with an earlier, shuffle-based form of (1) warp 0 was busy ~19 K cycles of a
+  // ~41 K-cycle pass at ℓ = 48 on an H200 (two CTAs per SM; see docs/PERFORMANCE.md), where a one-warp
+  // left-looking factorisation took ~45 K alone with 7 of the 8 warps idle. Updating the next diagonal
+  // block first and factoring it while the other warps update the rest (two barriers per block instead
+  // of three) measured slower: the update lengthens warp 0's chain, which is the critical path.
   // The diagonal slot of R keeps 1/R_jj (FP64) for the solves; R_jk (j < k) is also stored in FP32 in
   // the unused lower triangle, row k's values contiguous (Rf[2kℓ + j], inside row k's lower slots), so
   // the substitution reads four of them per 16-byte broadcast load.
@@ -797,44 +863,7 @@ __device__ void cholqr(float* Z, double* S, float* invd, int ell, unsigned* orth
     if (warp == 0) pivot_floor = 1e-30 * S[0];  // only reached for non-finite or degenerate input
     for (int j0 = 0; j0 < ell; j0 += 8) {
       if (warp == 0) {
-        const int k = lane & 7;  // lanes 8..31 repeat lanes 0..7 so every shuffle has a full warp
-        double col[8];
-        // Upper-triangle addresses only (the compiler may load before it selects): the lower triangle
-        // holds the FP32 copies of R, which lanes of this warp store below.
-#pragma unroll
-        for (int i = 0; i < 8; ++i) col[i] = i <= k ? S[(j0 + min(i, k)) * ell + j0 + max(i, k)] : 0.0;
-        // One reciprocal square root instead of a square root and a division (both long in FP64).
-        auto pivot_rsqrt = [&](double d) {
-          return rsqrt_positive(d > pivot_floor ? d : (pivot_floor > 0.0 ? pivot_floor : 1.0));
-        };
-        // The chain from one pivot to the next is lane j + 1's own work: it holds the next pivot (its
-        // diagonal entry) and R_j,j+1, so it updates the pivot and takes its rsqrt without waiting for
-        // the shuffles of R's row, and one shuffle hands 1/R_jj to the warp (rather than the updated
-        // pivot, after the row's shuffles, for every lane to take the rsqrt of). Same operations on the
-        // same values, hence the same R.
-        double inv = __shfl_sync(0xffffffffu, pivot_rsqrt(col[0]), 0);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const double r = k > j ? col[j] * inv : 0.0;  // R_jk
-          if (k >= j) col[j] = k > j ? r : inv;
-          if (lane == j) invd[j0 + j] = static_cast<float>(inv);
-          double next_inv = 0.0;
-          if (j + 1 < 8) next_inv = pivot_rsqrt(col[j + 1] - r * r);  // lane j + 1's next pivot
-#pragma unroll
-          for (int i = j + 1; i < 8; ++i) {
-            const double rji = __shfl_sync(0xffffffffu, r, i);
-            if (k >= i) col[i] -= rji * r;
-          }
-          if (j + 1 < 8) inv = __shfl_sync(0xffffffffu, next_inv, j + 1);
-        }
-        __syncwarp();
-        if (lane < 8) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if (i <= k) S[(j0 + i) * ell + j0 + k] = col[i];
-            if (i < k) Rf[2 * (j0 + k) * ell + j0 + i] = static_cast<float>(col[i]);
-          }
-        }
+        factor_diagonal_block(S, Rf, invd, ell, j0, pivot_floor);
       } else if (zrow >= 0 && j0 > 0) {
         substitute(j0 - 8);
       }
@@ -1052,9 +1081,9 @@ __device__ __forceinline__ void swap_buffers(float*& hc, float*& hn, float*& wc,
 /// stop. Between sweeps one pass without rotations moves every entry to its slot for the split.
 ///
 /// A call, not inlined: with its own register allocation it does not spill; around the calls the fused
-/// kernel at D = 128 and eigen_kernel<128> spill 44 bytes, eigen_kernel<64> 28 (ptxas, CUDA 13). Inlined, its
-/// per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused kernel 80, and both ran 1–4%
-/// slower on an H200.
+/// kernel at D = 128 spills 68 bytes, at D = 64 4, eigen_kernel<64> 4 and eigen_kernel<128> none (ptxas,
+/// CUDA 13). Inlined, its per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused kernel
+/// 80 (with an earlier form of the rest), and both ran 1–4% slower on an H200.
 /// \param H      [ℓ][ℓ + 1] the symmetric input, row-major, in JacobiSlots<D>::kGramFloats floats that
 ///               the solve then uses for its two H buffers and scratch
 /// \param W      128·ℓ floats: the two W buffers
@@ -1627,11 +1656,11 @@ struct ProjectShape {
 // 16·(w%4).. of every 64-row chunk and the n-tiles ≡ w/4 (mod 2), so they compute the same FP32 C.
 
 /// Stages rows [c·64, c·64 + 64) of X into stage buffer `buf` (zeros past `rows`); kLastRead: with the L2
-/// policy evict_first, for X's last read (see compress_fused_kernel).
+/// policy `last` (evict_first, for X's last read; see compress_fused_kernel).
 template <class T, int D, bool kLastRead = false>
-__device__ __forceinline__ void project_load_chunk(T* stage, const T* x, std::int64_t ld, int rows, int c, int buf) {
+__device__ __forceinline__ void project_load_chunk(T* stage, const T* x, std::int64_t ld, int rows, int c, int buf,
+                                                   std::uint64_t last = 0) {
   using S = ProjectShape<D>;
-  const std::uint64_t last = kLastRead ? l2_policy_evict_first() : 0;
   constexpr int kVecPerRow = D / 8;
   for (int v = threadIdx.x; v < kChunkRows * kVecPerRow; v += S::kThreads) {
     const int rr = v / kVecPerRow, cv = v % kVecPerRow;
@@ -1846,8 +1875,9 @@ __device__ __forceinline__ void project_resident_block(const CompressJob& job, i
   const int ntiles = (r + 7) / 8;
   const int chunks = (rows + kChunkRows - 1) / kChunkRows;
 
+  const std::uint64_t last = kLastRead ? l2_policy_evict_first() : 0;
   project_load_operands<D>(job, rpad, Bs, mu, amax);  // the basis joins chunk 0's group
-  project_load_chunk<T, D, kLastRead>(stage, x, ld, rows, 0, 0);
+  project_load_chunk<T, D, kLastRead>(stage, x, ld, rows, 0, 0, last);
   cp_async_commit();
 
   float cmax[kNT][2];
@@ -1858,7 +1888,7 @@ __device__ __forceinline__ void project_resident_block(const CompressJob& job, i
   for (int c = 0; c < chunks; ++c) {
     cp_async_wait<0>();
     __syncthreads();  // chunk c landed for everyone; the other buffer (chunk c − 1) is no longer read
-    if (c + 1 < chunks) project_load_chunk<T, D, kLastRead>(stage, x, ld, rows, c + 1, (c + 1) & 1);
+    if (c + 1 < chunks) project_load_chunk<T, D, kLastRead>(stage, x, ld, rows, c + 1, (c + 1) & 1, last);
     cp_async_commit();
     float acc[kNT][4];
     project_chunk_mma<T, D, kNT>(stage + (c & 1) * kChunkRows * S::kLd, Bs, mu, split, ntiles, acc);
@@ -1932,9 +1962,9 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve around them spills 44 bytes at D = 128 (none at D = 64), as it does
-/// alone in eigen_kernel<128>: fields reloaded once per phase or per CholQR block (SASS of an earlier
-/// form of the solve), not in inner loops.
+/// allocation, and the eigen-solve around them spills 68 bytes at D = 128 (4 at D = 64; 44 and none
+/// with an earlier form of the Cholesky's diagonal blocks, which measured slower): fields reloaded once
+/// per phase or per CholQR block (SASS of an earlier form of the solve), not in inner loops.
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
