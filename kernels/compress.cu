@@ -697,8 +697,9 @@ __device__ __forceinline__ double rsqrt_positive(double x) {
 /// FP64 operations in the same order as a one-column-per-lane factorisation with shuffles, hence the
 /// same R, and the pivot chain shorter: the batch 2–3% faster on an H200 (docs/PERFORMANCE.md).
 /// Storing each row of R as soon as it is final (left-looking, no __syncwarp) put the stores on the
-/// chain and measured slower. A call, not inlined: its ~80 live doubles get their own registers; around
-/// it the fused kernel at D = 128 spills 68 bytes (44 with the shuffle form inlined), at D = 64 4 bytes.
+/// chain and measured slower. Inlined: as a call (its ~80 live doubles in registers of their own) it made
+/// the fused kernel spill 68 bytes around it and ran ~0.5% slower; inlined, no compression kernel but
+/// gram_kernel<128> spills (ptxas, CUDA 13).
 /// \param S      [ℓ][ℓ] FP64, row-major: reads the block's upper triangle; writes R_jk (j < k) there and
 ///               1/R_jj in the diagonal slots
 /// \param Rf     the same memory as floats: writes R_jk (j < k) in FP32 at Rf[2kℓ + j], inside row k's
@@ -707,8 +708,8 @@ __device__ __forceinline__ double rsqrt_positive(double x) {
 /// \param ell    ℓ, a multiple of 8; j0 a multiple of 8 below ℓ
 /// \param pivot_floor  pivots at or below it are replaced by it (or by 1.0 when it is not positive:
 ///               S holds NaN); see rsqrt_positive
-__device__ __noinline__ void factor_diagonal_block(double* S, float* Rf, float* invd, int ell, int j0,
-                                                   double pivot_floor) {
+__device__ __forceinline__ void factor_diagonal_block(double* S, float* Rf, float* invd, int ell, int j0,
+                                                      double pivot_floor) {
   const int lane = threadIdx.x & 31, k = lane & 7;  // lanes 8..31 factor too but do not store
   double a[8][8];
 #pragma unroll
@@ -1080,10 +1081,10 @@ __device__ __forceinline__ void swap_buffers(float*& hc, float*& hn, float*& wc,
 /// (harmless, and it keeps every pair slot busy), and only the straddling rotations count for the early
 /// stop. Between sweeps one pass without rotations moves every entry to its slot for the split.
 ///
-/// A call, not inlined: with its own register allocation it does not spill; around the calls the fused
-/// kernel at D = 128 spills 68 bytes, at D = 64 4, eigen_kernel<64> 4 and eigen_kernel<128> none (ptxas,
-/// CUDA 13). Inlined, its per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused kernel
-/// 80 (with an earlier form of the rest), and both ran 1–4% slower on an H200.
+/// A call, not inlined: with its own register allocation it does not spill, nor do the fused and eigen
+/// kernels around the calls (ptxas, CUDA 13). Inlined, its per-thread offsets made eigen_kernel<128>
+/// spill 36 bytes and the fused kernel 80 (with an earlier form of the rest), and both ran 1–4% slower
+/// on an H200.
 /// \param H      [ℓ][ℓ + 1] the symmetric input, row-major, in JacobiSlots<D>::kGramFloats floats that
 ///               the solve then uses for its two H buffers and scratch
 /// \param W      128·ℓ floats: the two W buffers
@@ -1962,9 +1963,9 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve around them spills 68 bytes at D = 128 (4 at D = 64; 44 and none
-/// with an earlier form of the Cholesky's diagonal blocks, which measured slower): fields reloaded once
-/// per phase or per CholQR block (SASS of an earlier form of the solve), not in inner loops.
+/// allocation, and the eigen-solve around them does not spill (ptxas, CUDA 13; with earlier forms of the
+/// Cholesky's diagonal blocks it spilled up to 68 bytes: fields reloaded once per phase or per CholQR
+/// block, not in inner loops).
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
