@@ -740,17 +740,14 @@ __device__ __forceinline__ void factor_diagonal_block(double* S, float* Rf, floa
 #pragma unroll
     for (int c = 6; c >= i; --c) col[i] = k == c ? a[i][c] : col[i];
   }
-  double inv = a[7][7];
-#pragma unroll
-  for (int c = 6; c >= 0; --c) inv = k == c ? a[c][c] : inv;
   // Every lane has read the block before lanes 0..7 overwrite it.
   __syncwarp();
   if (lane < 8) {
-    invd[j0 + k] = static_cast<float>(inv);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if (i <= k) S[(j0 + i) * ell + j0 + k] = col[i];
       if (i < k) Rf[2 * (j0 + k) * ell + j0 + i] = static_cast<float>(col[i]);
+      if (i == k) invd[j0 + k] = static_cast<float>(col[i]);
     }
   }
 }
@@ -1963,9 +1960,7 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve around them does not spill (ptxas, CUDA 13; with earlier forms of the
-/// Cholesky's diagonal blocks it spilled up to 68 bytes: fields reloaded once per phase or per CholQR
-/// block, not in inner loops).
+/// allocation, and the eigen-solve around them does not spill (ptxas, CUDA 13).
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);
