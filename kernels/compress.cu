@@ -698,8 +698,7 @@ __device__ __forceinline__ double rsqrt_positive(double x) {
 /// same R, and the pivot chain shorter: the batch 2–3% faster on an H200 (docs/PERFORMANCE.md).
 /// Storing each row of R as soon as it is final (left-looking, no __syncwarp) put the stores on the
 /// chain and measured slower. Inlined: as a call (its ~80 live doubles in registers of their own) it made
-/// the fused kernel spill 68 bytes around it and ran ~0.5% slower; inlined, no compression kernel but
-/// gram_kernel<128> spills (ptxas, CUDA 13).
+/// the fused kernel spill 68 bytes around it and ran ~0.5% slower (ptxas, CUDA 13).
 /// \param S      [ℓ][ℓ] FP64, row-major: reads the block's upper triangle; writes R_jk (j < k) there and
 ///               1/R_jj in the diagonal slots
 /// \param Rf     the same memory as floats: writes R_jk (j < k) in FP32 at Rf[2kℓ + j], inside row k's
@@ -1319,14 +1318,44 @@ __global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int ov
   for (int j = threadIdx.x; j < n; j += blockDim.x) order[atomicAdd(&start[bucket(j)], 1)] = j;
 }
 
+/// Bound on the estimated κ(G·Q) under which the next two products with G share one CholQR pass.
+/// S = ZᵀZ in FP64 loses κ(Z)² of its accuracy and the FP32 substitution leaves span errors
+/// ~κ(Z)·2^-24, and the estimate (cholqr_kappa) can be 10–100× low: in a float32 model of the kernel
+/// over the test spectra (ℓ = 24, 48, 96, eight start blocks each) the largest true κ of a G²·Q under
+/// this bound was 8e5 (FP64 S keeps ~1e4 of margin), and every optimality ratio was within 1e-8 of the
+/// one-product iteration's.
+constexpr float kDoubleStepKappa = 100.0f;
+
+/// max R_jj / min R_jj of the last CholQR pass (a lower bound on κ(Z)), from its 1/R_jj; NaN when one
+/// of them is not finite (a non-finite block, or a pivot at the floor), which compares false and keeps
+/// one product per pass. Every warp computes it from the same values in the same order, so the CTA
+/// agrees on it without a barrier.
+__device__ __forceinline__ float cholqr_kappa(const float* invd, int ell) {
+  const int lane = threadIdx.x & 31;
+  float lo = INFINITY, hi = 0.0f;
+  bool finite = true;
+  for (int j = lane; j < ell; j += 32) {
+    const float v = invd[j];
+    finite = finite && isfinite(v);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  return __all_sync(0xffffffffu, finite) ? hi / lo : NAN;
+}
+
 /// One job's eigen-solve: centres G, runs `iterations` subspace-iteration steps with ℓ columns, the
 /// Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the top-r
 /// Ritz vectors V = Q·W (sorted, sign-fixed) as the basis (and the mean, for a centred job).
 ///
 /// Two variants of the middle part, chosen per job:
-///  - ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to 32 at D = 64): each step
-///    orthonormalises (G + δI)·Q by CholQR (4 barriers), δ = 1e-6·trace(G), which keeps
-///    κ ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32 noise of the Gram anyway) and makes
+///  - ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to 32 at D = 64): each step (or
+///    two, see kDoubleStepKappa) orthonormalises (G + δI)·Q by CholQR, δ = 1e-6·trace(G), which keeps
+///    κ of one product ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32 noise of the Gram) and makes
 ///    rank-deficient and constant blocks need no special case; a final CholQR pass re-orthonormalises;
 ///    then the one-barrier Jacobi (jacobi_fast).
 ///  - otherwise: modified Gram–Schmidt with completion of degenerate columns (ℓ barriers per pass) and
@@ -1425,13 +1454,21 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   float* Wfin = Zn;
   if (fast) {
     if (trace > 0.0f) {
+      // Two products per orthonormalisation (G²·Q) where the last pass's κ estimate allows it:
+      // span(G²·Q) is what two single steps give, only κ grows (to about κ²). The last product is
+      // always single, so the final pass leaves Q as orthonormal as before and the check pass skips.
+      int pending = 1;  // products before the next CholQR pass
       for (int it = 0; it < opt.iterations; ++it) {
         gemm_gq<D>(Gs, Qc, Zn, ell, ref);
         __syncthreads();
-        cholqr<D>(Zn, reinterpret_cast<double*>(Qc), cs, ell);  // S in the panel Q just left
         float* tmp = Qc;
         Qc = Zn;
         Zn = tmp;
+        if (--pending == 0) {
+          cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // S in the panel the product read
+          const bool two = opt.iterations - 1 - it >= 3 && cholqr_kappa(cs, ell) <= kDoubleStepKappa;
+          pending = two ? 2 : 1;
+        }
       }
     } else {
       cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // zero block: orthonormalise Ω itself
@@ -1960,7 +1997,8 @@ struct FusedSmem {
 
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
-/// allocation, and the eigen-solve around them does not spill (ptxas, CUDA 13).
+/// allocation, and the eigen-solve around them spills 20 bytes at D = 128 and 8 at D = 64 (ptxas,
+/// CUDA 13; a non-inlined CholQR removes those spills but measured ~0.5% slower on an H200).
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);

@@ -12,8 +12,10 @@
 //    accumulation; a mean-centred job accumulates the Gram of X minus a provisional FP16 shift, the
 //    mean of its first 64 rows, so large channel means cost no accuracy); `iterations` steps of block
 //    subspace iteration on G with ℓ = r + p columns (3×TF32 tensor-core products, so FP32 accuracy),
-//    each orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G), plus a
-//    second CholQR pass at the end when the first left an entry of QᵀQ − I above 1e-5 (ℓ ≤ 64 at
+//    each orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G) (two
+//    products share one CholQR pass where the previous pass estimates κ((G + δI)·Q) ≤ 100, never the
+//    last product), plus a second CholQR pass at the end when the first left an entry of QᵀQ − I above
+//    1e-5 (ℓ ≤ 64 at
 //    D = 128, ℓ ≤ 48 at D = 64; wider subspaces use modified Gram–Schmidt with completion of degenerate
 //    columns); Rayleigh–Ritz on span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the
 //    first sweep over all pairs, later ones across the top-r boundary); then C = (X − mean)·B_hᵀ
