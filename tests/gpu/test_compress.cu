@@ -510,6 +510,40 @@ std::size_t workspace_bytes(int rows, int dim, int max_jobs, int max_rank) {
   return BatchedCompressor(p).get_workspace_size();
 }
 
+/// Two products with G share one CholQR pass only where the previous pass found the basis well
+/// conditioned (κ estimate ≤ 100). Channels 300× the rest make κ(G·Q) ~1e4 or more: there an
+/// unconditional squared step gives NaN bases (measured on an H200 with the bound removed), so these
+/// blocks must keep every bound, in the fused kernel (r ≤ 32) and beside blocks that do take the double
+/// step (flat and i^-0.5 spectra). At 1000× the FP32 Gram itself is the limit, with one product per pass
+/// as well (iid + two 1000× channels, r = 32: ratio 1.035; see docs/PERFORMANCE.md).
+TEST_F(CompressGpu, OutlierChannelsOf300xKeepTheBounds) {
+  Rng rng(20261130);
+  const int D = 128;
+  std::vector<Case> cs;
+  auto add = [&](std::string name, int r, const Eigen::MatrixXd& x) {
+    cs.push_back(Case{std::move(name), r, false, round_to<Half>(x)});
+  };
+  {
+    Eigen::MatrixXd x = gaussian(kRows, D, rng);
+    x.col(5) *= 300.0;
+    x.col(90) *= 300.0;
+    add("iid + two channels 300x", 32, x);
+  }
+  for (int r : {16, 32}) {
+    Eigen::MatrixXd x = with_spectrum(kRows, D, spectrum(D, exp20), rng);
+    for (int ch : {3, 77, 100}) x.col(ch) *= 300.0;
+    add("exp(-i/20) + three channels 300x", r, x);
+  }
+  add("iid", 32, gaussian(kRows, D, rng));
+  add("decay i^-0.5", 32, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  Batch<Half> batch(std::move(cs), kRows, D);
+  const Outputs o = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
+  const std::vector<double> ratios = check_outputs(batch, o, "subspace, outlier channels");
+  double worst = 0.0;
+  for (double r : ratios) worst = std::max(worst, r);
+  std::printf("[ info ] outlier channels 300x: worst optimality ratio %.6f\n", worst);
+}
+
 /// A job's outputs depend on its own block only. The eigen-solve takes the jobs in an order of its
 /// own (widest subspace first, ties in whatever order its atomics give), every job starts from the
 /// same vectors, and the fused kernel and the separate ones (gram → eigen → two-pass projection)
