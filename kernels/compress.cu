@@ -1077,10 +1077,9 @@ __device__ __forceinline__ void swap_buffers(float*& hc, float*& hn, float*& wc,
 /// (harmless, and it keeps every pair slot busy), and only the straddling rotations count for the early
 /// stop. Between sweeps one pass without rotations moves every entry to its slot for the split.
 ///
-/// A call, not inlined: with its own register allocation it does not spill, nor do the fused and eigen
-/// kernels around the calls (ptxas, CUDA 13). Inlined, its per-thread offsets made eigen_kernel<128>
-/// spill 36 bytes and the fused kernel 80 (with an earlier form of the rest), and both ran 1–4% slower
-/// on an H200.
+/// A call, not inlined: with its own register allocation it does not spill (ptxas, CUDA 13). Inlined,
+/// its per-thread offsets made eigen_kernel<128> spill 36 bytes and the fused kernel 80 (with an earlier
+/// form of the rest), and both ran 1–4% slower on an H200.
 /// \param H      [ℓ][ℓ + 1] the symmetric input, row-major, in JacobiSlots<D>::kGramFloats floats that
 ///               the solve then uses for its two H buffers and scratch
 /// \param W      128·ℓ floats: the two W buffers
@@ -1318,17 +1317,18 @@ __global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int ov
   for (int j = threadIdx.x; j < n; j += blockDim.x) order[atomicAdd(&start[bucket(j)], 1)] = j;
 }
 
-/// Bound on the estimated κ(G·Q) under which the next two products with G share one CholQR pass.
-/// S = ZᵀZ in FP64 loses κ(Z)² of its accuracy and the FP32 substitution leaves span errors
+/// Bound on the last CholQR pass's estimate of κ(Z) under which the next two products with G share
+/// one pass. S = ZᵀZ in FP64 loses κ(Z)² of its accuracy and the FP32 substitution leaves span errors
 /// ~κ(Z)·2^-24, and the estimate (cholqr_kappa) can be 10–100× low: in a float32 model of the kernel
-/// over the test spectra (ℓ = 24, 48, 96, eight start blocks each) the largest true κ of a G²·Q under
-/// this bound was 8e5 (FP64 S keeps ~1e4 of margin), and every optimality ratio was within 1e-8 of the
-/// one-product iteration's.
+/// over the test spectra (ℓ = 24 and 48, eight start blocks each) the largest true κ of a G²·Q under
+/// this bound was 7.7e5 (κ² = 6e11 in S, against ~1e16 where the FP64 Cholesky fails), and every
+/// optimality ratio was within 1e-8 of the one-product iteration's.
 constexpr float kDoubleStepKappa = 100.0f;
 
 /// max R_jj / min R_jj of the last CholQR pass (a lower bound on κ(Z)), from its 1/R_jj; NaN when one
-/// of them is not finite (a non-finite block, or a pivot at the floor), which compares false and keeps
-/// one product per pass. Every warp computes it from the same values in the same order, so the CTA
+/// of them is not finite (S₀₀ = ∞), which compares false and keeps one product per pass. A pivot at
+/// the floor gives a huge estimate; a block holding NaN factors with pivots of 1 (estimate 1), and its
+/// output is NaN either way. Every warp computes it from the same values in the same order, so the CTA
 /// agrees on it without a barrier.
 __device__ __forceinline__ float cholqr_kappa(const float* invd, int ell) {
   const int lane = threadIdx.x & 31;
@@ -1456,7 +1456,7 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
     if (trace > 0.0f) {
       // Two products per orthonormalisation (G²·Q) where the last pass's κ estimate allows it:
       // span(G²·Q) is what two single steps give, only κ grows (to about κ²). The last product is
-      // always single, so the final pass leaves Q as orthonormal as before and the check pass skips.
+      // always single, so the final pass leaves Q as orthonormal as before (the check pass can skip).
       int pending = 1;  // products before the next CholQR pass
       for (int it = 0; it < opt.iterations; ++it) {
         gemm_gq<D>(Gs, Qc, Zn, ell, ref);
@@ -1998,7 +1998,7 @@ struct FusedSmem {
 /// The fused kernel's Gram and projection phases, as calls. Inlined beside the eigen-solve (which needs
 /// all 128 registers) they made the whole kernel spill ~100 bytes; as calls each phase gets its own
 /// allocation, and the eigen-solve around them spills 20 bytes at D = 128 and 8 at D = 64 (ptxas,
-/// CUDA 13; a non-inlined CholQR removes those spills but measured ~0.5% slower on an H200).
+/// CUDA 13; a non-inlined CholQR removes those spills but measured ~1% slower on an H200).
 template <class T, int D>
 __device__ __noinline__ void fused_gram(const CompressJob& job, int rows, float* smem) {
   auto* bytes = reinterpret_cast<unsigned char*>(smem);

@@ -12,10 +12,9 @@
 //    accumulation; a mean-centred job accumulates the Gram of X minus a provisional FP16 shift, the
 //    mean of its first 64 rows, so large channel means cost no accuracy); `iterations` steps of block
 //    subspace iteration on G with ℓ = r + p columns (3×TF32 tensor-core products, so FP32 accuracy),
-//    each orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G) (two
-//    products share one CholQR pass where the previous pass estimates κ((G + δI)·Q) ≤ 100, never the
-//    last product), plus a second CholQR pass at the end when the first left an entry of QᵀQ − I above
-//    1e-5 (ℓ ≤ 64 at
+//    orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G), after every
+//    product, or after two where the previous pass estimates κ ≤ 100 (never the last product), plus a
+//    second CholQR pass at the end when the first left an entry of QᵀQ − I above 1e-5 (ℓ ≤ 64 at
 //    D = 128, ℓ ≤ 48 at D = 64; wider subspaces use modified Gram–Schmidt with completion of degenerate
 //    columns); Rayleigh–Ritz on span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the
 //    first sweep over all pairs, later ones across the top-r boundary); then C = (X − mean)·B_hᵀ
@@ -33,11 +32,12 @@
 // q = round-to-nearest-even(C / scale_j) (a zero column gets scale 0 and zeros), bit for bit on the
 // FP32 coefficients. The cuSOLVER path returns converged singular vectors. The fast path returns Ritz
 // vectors after at most `jacobi_sweeps` Jacobi sweeps: together they span the near-optimal rank-r
-// subspace (truncation error ≤ 1.01× the Eckart–Young optimum on every spectrum tested), and each of
-// them is a singular vector only where the singular values are well separated (to the accuracy of one
-// full sweep: later sweeps refine the subspace, not the vectors within it). The coefficients are
-// computed against the FP16 basis as stored, so dequantised reconstruction uses exactly the basis it
-// was projected on.
+// subspace (truncation error ≤ 1.01× the Eckart–Young optimum on every spectrum tested, outlier
+// channels up to 300× the rest; beyond that the FP32 Gram limits it, see docs/PERFORMANCE.md), and
+// each of them is a singular vector only where the singular values are well separated (to the
+// accuracy of one full sweep: later sweeps refine the subspace, not the vectors within it). The
+// coefficients are computed against the FP16 basis as stored, so dequantised reconstruction uses
+// exactly the basis it was projected on.
 //
 // Usage (CUTLASS-like): construct with the problem (validated, throws InvalidArgument naming the field),
 // query get_workspace_size(), allocate once, then run() any number of times on any stream of the device
