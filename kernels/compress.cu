@@ -756,14 +756,15 @@ __device__ __forceinline__ void factor_diagonal_block(double* S, float* Rf, floa
 /// (blocked by 8: ℓ/8 one-warp diagonal factorisations, the rest spread over the CTA), then
 /// Z ← Z·R⁻¹ by forward substitution (each thread one of the D rows, FP32). S loses
 /// κ(Z)² of its accuracy, which FP64 affords up to κ(Z) ≈ 1e7; the caller keeps κ(Z) ≤ ~1e6 by
-/// shifting G by 1e-6·trace(G). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
+/// shifting G by 1e-6·trace(G), and below ~1e6 in practice where two products share a pass
+/// (kDoubleStepKappa). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
 /// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision, or stops after S when
 /// every entry of QᵀQ − I is already below 1e-5 (see `orth`). 3ℓ/8 barriers per pass, against ℓ for
 /// Gram–Schmidt.
 /// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
 /// \param S     scratch, 2ℓ² floats (16-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
-/// \param invd  scratch, ℓ floats: 1 / R_jj
+/// \param invd  out, ℓ floats: 1 / R_jj (the caller's κ estimate, cholqr_kappa, reads them)
 /// \param orth  nullptr, or a shared word holding 0 (as float bits) on entry: then the pass returns with
 ///              Z unchanged, after S, when every |S − I| entry is below 1e-5 — the second pass of a basis
 ///              the first one already left orthonormal (κ(Z) ≲ 100) has nothing to correct
