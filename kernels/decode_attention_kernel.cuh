@@ -307,6 +307,15 @@ __device__ __forceinline__ int sequence_items(const KernelArgs& a, int b, bool c
   return n > 0 ? n : 1;
 }
 
+/// ⌊num / den⌋ for num >= 0 and den > 0. A 64-bit division is a called subroutine, tens of dependent
+/// instructions; the work split takes several at a CTA's start and end, on the critical path of short
+/// launches, and its operands fit 32 bits unless the item list is millions long.
+__device__ __forceinline__ long long div_floor(long long num, long long den) {
+  if (num <= 0xffffffffLL && den <= 0xffffffffLL)
+    return static_cast<long long>(static_cast<unsigned>(num) / static_cast<unsigned>(den));
+  return num / den;
+}
+
 /// The CTAs that hold the items [start, start + n) of one (sequence, head) pair, when `total` items are cut
 /// into G equal contiguous shares (CTA c takes [c·total/G, (c+1)·total/G)). Segment s of the pair is the
 /// s-th such CTA; it writes its partial (m, l, o) to workspace slot slot(s) = CTA + pair, distinct per
@@ -322,7 +331,7 @@ struct SegmentMap {
     every_cta_busy = total >= G;
     nseg = every_cta_busy ? cta_of(start + n - 1) - first + 1 : n;
   }
-  __device__ __forceinline__ long long cta_of(long long x) const { return ((x + 1) * G - 1) / total; }
+  __device__ __forceinline__ long long cta_of(long long x) const { return div_floor((x + 1) * G - 1, total); }
   __device__ __forceinline__ long long slot(long long s) const {
     // Sparse case (fewer items than CTAs): every value is below G, so 32-bit division suffices.
     const long long c = every_cta_busy ? first + s
@@ -491,8 +500,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   const long long total = static_cast<long long>(H) * prefix[B];
   const long long G =
       sharing_ctas(total, gridDim.x, B * H, reinterpret_cast<const int*>(misc)[kWarps + 1]);
-  const long long x0 = static_cast<long long>(blockIdx.x) * total / G;
-  const long long x1 = blockIdx.x < G ? static_cast<long long>(blockIdx.x + 1) * total / G : x0;
+  const long long x0 = div_floor(static_cast<long long>(blockIdx.x) * total, G);
+  const long long x1 = blockIdx.x < G ? div_floor(static_cast<long long>(blockIdx.x + 1) * total, G) : x0;
   if (x0 >= x1) return;
 
   // Cursor over the flattened item list: sequence b, head h, index `local` of n items of (b, h). The
@@ -515,9 +524,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     Cursor c;
     c.b = lo;
     load_seq(c);
-    const long long rel = x - static_cast<long long>(H) * prefix[lo];
-    c.h = static_cast<int>(rel / c.n);
-    c.local = static_cast<int>(rel % c.n);
+    const int rel = static_cast<int>(x - static_cast<long long>(H) * prefix[lo]);  // < H·n, a sequence's items
+    c.h = rel / c.n;
+    c.local = rel - c.h * c.n;
     return c;
   };
   auto advance = [&](Cursor& c) {
@@ -1322,8 +1331,23 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     }
   };
 
+  // Finalizes the pair that ends just before cursor c: the previous pair when c starts one, else c's own
+  // (the cursor after a CTA's last item).
+  auto finalize_before = [&](const Cursor& c) {
+    int b = c.b, h = c.h;
+    if (c.local == 0) {
+      if (h == 0) {
+        b -= 1;
+        h = H - 1;
+      } else {
+        h -= 1;
+      }
+    }
+    finalize(b, h, prefix[b + 1] - prefix[b]);
+  };
+
   // ---- Main loop. -----------------------------------------------------------------------------------
-  Cursor cc = locate(x0);
+  Cursor cc = lc;  // the loader has not moved yet
   {
     QRaw raw;
     load_q(cc.b, cc.h, raw);
@@ -1341,15 +1365,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
     if (lx < x1) issue();
     cp_async_commit();
     if (x != x0 && cc.local == 0) {  // a new (sequence, head) starts
-      Cursor prev = cc;
-      if (prev.h == 0) {
-        prev.b -= 1;
-        prev.h = H - 1;
-      } else {
-        prev.h -= 1;
-      }
-      prev.n = prefix[prev.b + 1] - prefix[prev.b];
-      finalize(prev.b, prev.h, prev.n);
+      finalize_before(cc);
       __syncthreads();
       QRaw raw;
       load_q(cc.b, cc.h, raw);
@@ -1376,10 +1392,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   }
   cp_async_wait(0);
   __syncthreads();
-  {
-    const Cursor last = locate(x1 - 1);
-    finalize(last.b, last.h, last.n);
-  }
+  finalize_before(cc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1399,6 +1412,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __grid_constant__ KernelArgs a, int grid, int cold) {
   __shared__ long long red[4][kMergeThreads / 32];
   __shared__ float part[6][kMergeThreads];
+  extern __shared__ int seg_slot[];  // [grid]
   const int tid = threadIdx.x;
   const int H = a.num_kv_heads;
   const int g = a.group;
@@ -1440,6 +1454,11 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __gri
   }
   const long long ctas = sharing_ctas(H * all, grid, a.batch * H, static_cast<int>(most));
   const SegmentMap map(H * all, ctas, H * before + h * mine, mine, pair);
+  // The partials' slots (nseg <= ctas <= grid), worked out while the attention grid still runs: computed
+  // between the loads, the sparse case's division spaced them ~70 instructions apart, and the loads of 16
+  // segments took ~2 µs after the wait (H200, B = 1).
+  for (long long s = tid; s < map.nseg; s += kMergeThreads) seg_slot[s] = static_cast<int>(map.slot(s));
+  __syncthreads();
   // Every CTA waits, even one with nothing to merge: this grid must not complete before the attention grid,
   // since work enqueued after it waits only for it.
   grid_dependency_wait();
@@ -1466,7 +1485,7 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __gri
         ml[u] = make_float2(-INFINITY, 0.0f);  // missing segments weigh nothing
         float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (s < map.nseg) {
-          const long long slot = map.slot(s);
+          const long long slot = seg_slot[s];
           ml[u] = __ldcg(a.partial_ml + slot * g + r);
           o = __ldcg(reinterpret_cast<const float4*>(a.partial_o + (slot * g + r) * D + d));
         }
@@ -1534,6 +1553,7 @@ void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(args.batch * args.num_kv_heads));
   config.blockDim = dim3(kMergeThreads);
+  config.dynamicSmemBytes = static_cast<std::size_t>(grid) * sizeof(int);
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
