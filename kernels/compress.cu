@@ -2237,8 +2237,8 @@ void BatchedCompressor::can_implement(const CompressProblem& p) {
           detail::concat("must be in [1, min(head_dim, rows) = ", max_rank, "]"));
   require(p.algorithm == CompressAlgorithm::kSubspaceIteration || p.algorithm == CompressAlgorithm::kCusolver, kWhat,
           "problem.algorithm", static_cast<int>(p.algorithm), "must be kSubspaceIteration or kCusolver");
-  require(p.options.oversample >= 0, kWhat, "problem.options.oversample", p.options.oversample,
-          "must be non-negative (0: automatic)");
+  require(p.options.oversample >= 0 && p.options.oversample <= p.head_dim, kWhat, "problem.options.oversample",
+          p.options.oversample, detail::concat("must be in [0, head_dim = ", p.head_dim, "] (0: automatic)"));
   require(p.options.iterations >= 1 && p.options.iterations <= 64, kWhat, "problem.options.iterations",
           p.options.iterations, "must be in [1, 64]");
   require(p.options.jacobi_sweeps >= 1 && p.options.jacobi_sweeps <= 64, kWhat, "problem.options.jacobi_sweeps",

@@ -1,7 +1,10 @@
 // Host API of DecodeAttention and DenseDecodeAttention (spectralkv/cuda/decode_attention.cuh): argument
 // checks, shared-memory and workspace plans, and dispatch onto the compiled kernel instantiations.
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include "decode_host.cuh"
@@ -26,7 +29,7 @@ decode_host::Shape spectral_shape(const DecodeAttentionParams& p) {
       decode_host::base_shape(p.dtype, p.batch, p.num_q_heads, p.layout.num_kv_heads, p.layout.head_dim);
   s.rank_k = p.layout.rank_k;
   s.rank_v = p.layout.rank_v;
-  s.region_bytes = decode_host::region_bytes(p.layout);
+  s.region_bytes = static_cast<int>(decode_host::region_bytes(p.layout));  // can_implement bounds it
   return s;
 }
 
@@ -57,6 +60,8 @@ Status check_workspace(const char* what, std::size_t need, const void* workspace
 Status DecodeAttention::can_implement(const DecodeAttentionParams& p) {
   constexpr const char* kWhat = "DecodeAttention";
   const ColdBlockLayout& l = p.layout;
+  if (p.dtype != DataType::kHalf && p.dtype != DataType::kBFloat16)
+    return fail(kWhat, "dtype", static_cast<int>(p.dtype), "must be kHalf or kBFloat16");
   if (p.batch < 0 || p.batch > kernel::kMaxBatch)
     return fail(kWhat, "batch", p.batch, detail::concat("must be in [0, ", kernel::kMaxBatch, "]"));
   if (l.num_kv_heads < 1) return fail(kWhat, "layout.num_kv_heads", l.num_kv_heads, "must be positive");
@@ -71,6 +76,10 @@ Status DecodeAttention::can_implement(const DecodeAttentionParams& p) {
   if (!rank_ok(l.rank_k)) return fail(kWhat, "layout.rank_k", l.rank_k, "must be 8, 16, 32 or 64");
   if (!rank_ok(l.rank_v)) return fail(kWhat, "layout.rank_v", l.rank_v, "must be 8, 16, 32 or 64");
   if (l.block_size < 1) return fail(kWhat, "layout.block_size", l.block_size, "must be positive");
+  // Offsets inside a head are 32-bit in the kernel (and a stage must hold a head's region in shared memory).
+  if (decode_host::region_bytes(l) > std::numeric_limits<int>::max())
+    return fail(kWhat, "layout.block_size", l.block_size,
+                detail::concat("a head's scales and coefficients take ", decode_host::region_bytes(l), " bytes"));
   if (!decode_host::same_layout(l, ColdBlockLayout::make(l.block_size, l.head_dim, l.num_kv_heads, l.rank_k,
                                                           l.rank_v, l.has_mean)))
     return fail(kWhat, "layout", "(offsets)", "must equal ColdBlockLayout::make() of its own shape fields");
@@ -168,6 +177,8 @@ std::int64_t DecodeAttention::bytes_moved(const DecodeAttentionParams& p, const 
 
 Status DenseDecodeAttention::can_implement(const DenseDecodeParams& p) {
   constexpr const char* kWhat = "DenseDecodeAttention";
+  if (p.dtype != DataType::kHalf && p.dtype != DataType::kBFloat16)
+    return fail(kWhat, "dtype", static_cast<int>(p.dtype), "must be kHalf or kBFloat16");
   if (p.batch < 0 || p.batch > kernel::kMaxBatch)
     return fail(kWhat, "batch", p.batch, detail::concat("must be in [0, ", kernel::kMaxBatch, "]"));
   if (p.num_kv_heads < 1) return fail(kWhat, "num_kv_heads", p.num_kv_heads, "must be positive");
@@ -180,6 +191,9 @@ Status DenseDecodeAttention::can_implement(const DenseDecodeParams& p) {
   if (p.head_dim != 64 && p.head_dim != 128) return fail(kWhat, "head_dim", p.head_dim, "must be 64 or 128");
   if (!std::isfinite(p.scale)) return fail(kWhat, "scale", p.scale, "must be finite");
   if (p.max_len < 0) return fail(kWhat, "max_len", p.max_len, "must be non-negative");
+  // The strides of the dense arrays, max_len · num_kv_heads · head_dim · 2 bytes per sequence, are 64-bit.
+  if (p.max_len > (std::int64_t{1} << 62) / (2LL * p.num_kv_heads * p.head_dim * std::max(p.batch, 1)))
+    return fail(kWhat, "max_len", p.max_len, "the dense K and V arrays would exceed 2^62 bytes");
   if (p.layout != KvLayout::kTokenMajor && p.layout != KvLayout::kHeadMajor)
     return fail(kWhat, "layout", static_cast<int>(p.layout), "must be kTokenMajor or kHeadMajor");
   if (p.batch > 0) {

@@ -198,9 +198,9 @@ inline void set_token_major(kernel::TierArgs& t, int num_kv_heads, int head_dim)
 }
 
 /// Bytes of scales and coefficients of one head of a cold block (the contiguous region the kernel copies).
-inline int region_bytes(const ColdBlockLayout& l) {
+inline long long region_bytes(const ColdBlockLayout& l) {
   const long long end = l.coeff_v + static_cast<long long>(l.block_size) * l.rank_v;
-  return static_cast<int>(align_up(end, 16) - l.scale_k);
+  return align_up(end, 16) - l.scale_k;
 }
 
 inline bool same_layout(const ColdBlockLayout& a, const ColdBlockLayout& b) {

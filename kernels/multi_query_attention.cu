@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "spectralkv/cuda/error.cuh"
 #include "spectralkv/cuda/multi_query_attention.cuh"
@@ -224,9 +225,12 @@ Status MultiQueryAttention::can_implement(const MultiQueryParams& p) {
   auto bad = [](const char* name, auto value, const char* why) {
     return Status::failure(detail::concat("MultiQueryAttention: argument ", name, " = ", value, " (", why, ")"));
   };
+  if (p.dtype != DataType::kHalf && p.dtype != DataType::kBFloat16)
+    return bad("dtype", static_cast<int>(p.dtype), "must be kHalf or kBFloat16");
   if (p.batch <= 0) return bad("batch", p.batch, "must be positive");
   if (p.total_rows <= 0) return bad("total_rows", p.total_rows, "must be positive");
-  if (lay.num_kv_heads <= 0) return bad("layout.num_kv_heads", lay.num_kv_heads, "must be positive");
+  if (lay.num_kv_heads <= 0 || lay.num_kv_heads > 65535)
+    return bad("layout.num_kv_heads", lay.num_kv_heads, "must be in [1, 65535] (one grid row per KV head)");
   if (p.num_q_heads <= 0 || p.num_q_heads % lay.num_kv_heads != 0)
     return bad("num_q_heads", p.num_q_heads, "must be a positive multiple of layout.num_kv_heads");
   if (p.num_q_heads / lay.num_kv_heads > kMaxGroup) return bad("num_q_heads", p.num_q_heads, "GQA group above 16");
@@ -235,9 +239,21 @@ Status MultiQueryAttention::can_implement(const MultiQueryParams& p) {
   if (lay.block_size <= 0) return bad("layout.block_size", lay.block_size, "must be positive");
   if (lay.rank_k <= 0 || lay.rank_k > kMaxRank) return bad("layout.rank_k", lay.rank_k, "must be in [1, 64]");
   if (lay.rank_v <= 0 || lay.rank_v > kMaxRank) return bad("layout.rank_v", lay.rank_v, "must be in [1, 64]");
+  const ColdBlockLayout made =
+      ColdBlockLayout::make(lay.block_size, lay.head_dim, lay.num_kv_heads, lay.rank_k, lay.rank_v, lay.has_mean);
+  if (lay.basis_k != made.basis_k || lay.basis_v != made.basis_v || lay.mean_k != made.mean_k ||
+      lay.mean_v != made.mean_v || lay.scale_k != made.scale_k || lay.scale_v != made.scale_v ||
+      lay.coeff_k != made.coeff_k || lay.coeff_v != made.coeff_v || lay.head_bytes != made.head_bytes ||
+      lay.block_bytes != made.block_bytes)
+    return bad("layout", "(offsets)", "must equal ColdBlockLayout::make() of its own shape fields");
   if (!std::isfinite(p.scale)) return bad("scale", p.scale, "must be finite");
   if (!p.q || !p.out || !p.q_offsets || !p.row_sequence) return bad("q/out/q_offsets/row_sequence", "nullptr", "required");
+  auto aligned = [](const void* ptr, std::uintptr_t a) { return reinterpret_cast<std::uintptr_t>(ptr) % a == 0; };
+  if (!aligned(p.q, 2)) return bad("q", p.q, "must be 2-byte aligned");
+  if (!aligned(p.out, 2)) return bad("out", p.out, "must be 2-byte aligned");
   if (p.block_table_offsets && (!p.block_table || !p.pool)) return bad("block_table/pool", "nullptr", "required with block_table_offsets");
+  if (p.block_table_offsets && !aligned(p.pool, 16))
+    return bad("pool", static_cast<const void*>(p.pool), "must be 16-byte aligned");
   return Status::success();
 }
 

@@ -84,9 +84,20 @@ TYPED_TEST(Cache, CompressesExactlyWhenTailReachesHotPlusBlock) {
   cache.add_sequence(0);
   const auto k = test::normal_tokens<T>(200, c.num_kv_heads, c.head_dim, 1);
   const std::size_t tok = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::int64_t prev_until = -1;
   for (std::int64_t t = 0; t < 200; ++t) {
     const std::int64_t until = cache.tokens_until_compression(0, 0);
-    const std::int64_t before = cache.state(0, 0).num_blocks;
+    const auto st = cache.state(0, 0);
+    const std::int64_t before = st.num_blocks;
+    // Counted down by one per token from the sinks' and the tail's free room; the block that forms at 0
+    // leaves a tail of hot_tokens, block_size − 1 tokens short of the next threshold.
+    EXPECT_EQ(until, (c.sink_tokens - st.sink_len) + (c.hot_tokens + c.block_size - 1 - st.tail_len)) << "token " << t;
+    if (prev_until > 0) {
+      EXPECT_EQ(until, prev_until - 1) << "token " << t;
+    } else if (prev_until == 0) {
+      EXPECT_EQ(until, c.block_size - 1) << "token " << t;
+    }
+    prev_until = until;
     cache.append(0, 0, TensorView<const T>{k.data() + t * tok, 1, c.num_kv_heads, c.head_dim},
                  TensorView<const T>{k.data() + t * tok, 1, c.num_kv_heads, c.head_dim});
     const auto s = cache.state(0, 0);
@@ -157,10 +168,17 @@ TYPED_TEST(Cache, RemovingASequenceFreesItsBlocks) {
   using T = TypeParam;
   const CacheConfig c = config(0);
   SpectralCache<T> cache(c);
-  const auto k = test::normal_tokens<T>(300, c.num_kv_heads, c.head_dim, 80);
+  // Distinct data per sequence (and for K and V), so that blocks written over another sequence's show.
+  auto tokens = [&](std::uint32_t seed) { return test::normal_tokens<T>(300, c.num_kv_heads, c.head_dim, seed); };
+  auto append_all = [&](SequenceId id) {
+    const auto k = tokens(80 + 2 * static_cast<std::uint32_t>(id));
+    const auto v = tokens(81 + 2 * static_cast<std::uint32_t>(id));
+    for (int l = 0; l < c.num_layers; ++l)
+      cache.append(l, id, test::view(k, 300, c.num_kv_heads, c.head_dim), test::view(v, 300, c.num_kv_heads, c.head_dim));
+  };
   for (SequenceId id : {1, 2}) {
     cache.add_sequence(id);
-    for (int l = 0; l < c.num_layers; ++l) cache.append(l, id, test::view(k, 300, c.num_kv_heads, c.head_dim), test::view(k, 300, c.num_kv_heads, c.head_dim));
+    append_all(id);
   }
   const std::int64_t per_seq = (300 - c.hot_tokens) / c.block_size;
   EXPECT_EQ(cache.blocks_in_use(0), 2 * per_seq);
@@ -176,7 +194,7 @@ TYPED_TEST(Cache, RemovingASequenceFreesItsBlocks) {
   // The freed blocks are reused before the pool grows, and sequence 2 keeps all its data.
   const std::int64_t pool_before = cache.pool_blocks(0);
   cache.add_sequence(3);
-  for (int l = 0; l < c.num_layers; ++l) cache.append(l, 3, test::view(k, 300, c.num_kv_heads, c.head_dim), test::view(k, 300, c.num_kv_heads, c.head_dim));
+  append_all(3);
   EXPECT_EQ(cache.pool_blocks(0), pool_before);
   std::vector<std::uint8_t> after;
   for (std::int32_t b : kept_blocks) {
@@ -218,8 +236,10 @@ TEST(CacheStats, CountsEveryTierAndTheRatio) {
   EXPECT_EQ(m.dense_equivalent_bytes, n * tok_bytes);
   // K16/V32 at D = 128, L = 512: 48 B of coefficients + 24 B of bases + scales per token and head,
   // about 73 B against 512 B dense (the design's 7.1×), before the dense sink and tail.
-  const double per_token_head = static_cast<double>(cache.layout(0).head_bytes) / 512.0;
-  EXPECT_NEAR(per_token_head, 72.4, 0.5);
+  // Per head: bases 2·(16 + 32)·128 = 12288 B, scales 4·(16 + 32) = 192 B, coefficients 512·(16 + 32) =
+  // 24576 B, each section on 16 bytes, the head on 128: 37120 B, 72.5 B per token.
+  EXPECT_EQ(cache.layout(0).head_bytes, 37120);
+  EXPECT_EQ(cache.layout(0).block_bytes, 8 * 37120);
   EXPECT_DOUBLE_EQ(m.compression_ratio(), static_cast<double>(n * tok_bytes) / static_cast<double>(m.total_bytes()));
   EXPECT_GT(m.compression_ratio(), 4.0);
 }
@@ -287,6 +307,47 @@ TEST(CacheErrors, ConfigNamesTheBadField) {
   c = config();
   c.layer_ranks[0].key = 0;
   expect_bad(c, "layer_ranks[0].key", "0");
+  // Upper bounds: sizes derived from the config must not wrap.
+  c = config();
+  c.hot_tokens = std::numeric_limits<int>::max();  // "never compress" is not expressible this way
+  expect_bad(c, "hot_tokens", std::to_string(c.hot_tokens));
+  c = config();
+  c.sink_tokens = std::numeric_limits<int>::max() - c.block_size;
+  expect_bad(c, "hot_tokens", std::to_string(c.hot_tokens));
+  c = config();
+  c.block_size = (1 << 24) + 1;
+  expect_bad(c, "block_size", std::to_string(c.block_size));
+  c = config();
+  c.head_dim = (1 << 16) + 1;
+  expect_bad(c, "head_dim", std::to_string(c.head_dim));
+  c = config();
+  c.num_kv_heads = c.num_q_heads = (1 << 16) + 1;
+  expect_bad(c, "num_kv_heads", std::to_string(c.num_kv_heads));
+  // Each field within its bound, but a block of 2^24 tokens at rank 64 takes 2^31 bytes of coefficients
+  // per section: more than the 32-bit offsets inside a block allow.
+  c = config();
+  c.layer_ranks.clear();
+  c.block_size = 1 << 24;
+  c.head_dim = 64;
+  c.default_ranks = {64, 64};
+  expect_bad(c, "block_size", std::to_string(c.block_size));
+}
+
+TEST(CacheErrors, RanksOfALayerOutsideTheModelAreRejected) {
+  CacheConfig c = config();
+  for (int layer : {-7, c.num_layers}) {
+    for (bool per_layer : {true, false}) {
+      CacheConfig cc = c;
+      if (!per_layer) cc.layer_ranks.clear();
+      try {
+        (void)cc.ranks(layer);
+        ADD_FAILURE() << "accepted layer " << layer;
+      } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("layer = " + std::to_string(layer)), std::string::npos) << e.what();
+      }
+    }
+  }
+  EXPECT_EQ(c.ranks(1).value, c.layer_ranks[1].value);
 }
 
 TEST(CacheErrors, BadCallsThrowAndLeaveTheCacheUnchanged) {
@@ -321,6 +382,14 @@ TEST(CacheErrors, BadCallsThrowAndLeaveTheCacheUnchanged) {
   expect_rejected<ShapeError>(cache, [&] { cache.append(0, {1, 2}, {4, 5}, kview, vview); }, {"argument k", "expected shape [9, 2, 32]"});
   expect_rejected<InvalidArgument>(cache, [&] { cache.append(0, {1, 2}, {12, -2}, kview, vview); }, {"counts[1] = -2"});
   expect_rejected<InvalidArgument>(cache, [&] { cache.append(0, {1, 2}, {10}, kview, vview); }, {"counts.size() = 1"});
+  // Counts whose sum wraps to a small number must not pass the shape check.
+  constexpr std::int64_t kHuge = std::int64_t{1} << 62;
+  expect_rejected<InvalidArgument>(cache, [&] { cache.append(0, {1, 2}, {kHuge, kHuge}, kview, vview); },
+                                   {"counts[1] = " + std::to_string(kHuge), "overflows"});
+  // A view whose byte count wraps is rejected before its (null) data is read.
+  expect_rejected<ShapeError>(cache, [&] {
+    cache.append(0, {1}, {kHuge}, TensorView<const Half>{nullptr, kHuge, kv, d}, TensorView<const Half>{nullptr, kHuge, kv, d});
+  }, {"argument k", "64-bit"});
   expect_rejected<ShapeError>(cache, [&] { cache.attend(0, 1, TensorView<const Half>{q.data(), 1, qh, d - 1}, test::view(out, 1, qh, d), 1.0f); },
                               {"argument q"});
   expect_rejected<ShapeError>(cache, [&] { cache.attend(0, 1, test::view(q, 1, qh, d), TensorView<float>{out.data(), 2, qh, d}, 1.0f); },

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <set>
 #include <utility>
@@ -145,6 +146,8 @@ class SpectralCache {
     std::int64_t total = 0;
     for (std::size_t i = 0; i < counts.size(); ++i) {
       detail::require(counts[i] >= 0, kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "must be non-negative");
+      detail::require(counts[i] <= std::numeric_limits<std::int64_t>::max() - total, kWhat,
+                      detail::concat("counts[", i, "]").c_str(), counts[i], "sum(counts) overflows int64");
       total += counts[i];
     }
     detail::require_shape(kWhat, "k", k, total, config_.num_kv_heads, config_.head_dim);

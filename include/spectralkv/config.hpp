@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "spectralkv/error.hpp"
+#include "spectralkv/layout.cuh"
 
 namespace spectralkv {
 
@@ -35,8 +37,11 @@ struct CacheConfig {
   LayerRanks default_ranks{};
 
   int group_size() const { return num_q_heads / num_kv_heads; }
+  /// \throws InvalidArgument unless layer is in [0, num_layers)
   LayerRanks ranks(int layer) const {
-    return layer_ranks.empty() ? default_ranks : layer_ranks.at(static_cast<std::size_t>(layer));
+    detail::require(layer >= 0 && layer < num_layers, "CacheConfig::ranks", "layer", layer,
+                    detail::concat("must be in [0, num_layers = ", num_layers, ")"));
+    return layer_ranks.empty() ? default_ranks : layer_ranks[static_cast<std::size_t>(layer)];
   }
   /// Tail length at which the oldest block_size tail tokens are compressed.
   int compress_threshold() const { return hot_tokens + block_size; }
@@ -45,15 +50,26 @@ struct CacheConfig {
   void validate() const {
     constexpr const char* kWhat = "CacheConfig";
     using detail::require;
+    // The upper bounds are far above any model's and keep every size derived from them within 64 bits.
+    constexpr int kMaxHeads = 1 << 16, kMaxHeadDim = 1 << 16, kMaxBlock = 1 << 24;
     require(num_layers > 0, kWhat, "num_layers", num_layers, "must be positive");
-    require(num_kv_heads > 0, kWhat, "num_kv_heads", num_kv_heads, "must be positive");
-    require(num_q_heads > 0, kWhat, "num_q_heads", num_q_heads, "must be positive");
+    require(num_kv_heads > 0 && num_kv_heads <= kMaxHeads, kWhat, "num_kv_heads", num_kv_heads,
+            detail::concat("must be in [1, ", kMaxHeads, "]"));
+    require(num_q_heads > 0 && num_q_heads <= kMaxHeads, kWhat, "num_q_heads", num_q_heads,
+            detail::concat("must be in [1, ", kMaxHeads, "]"));
     require(num_q_heads % num_kv_heads == 0, kWhat, "num_q_heads", num_q_heads,
             detail::concat("must be a multiple of num_kv_heads = ", num_kv_heads));
-    require(head_dim > 0, kWhat, "head_dim", head_dim, "must be positive");
-    require(block_size > 0, kWhat, "block_size", block_size, "must be positive");
+    require(head_dim > 0 && head_dim <= kMaxHeadDim, kWhat, "head_dim", head_dim,
+            detail::concat("must be in [1, ", kMaxHeadDim, "]"));
+    require(block_size > 0 && block_size <= kMaxBlock, kWhat, "block_size", block_size,
+            detail::concat("must be in [1, ", kMaxBlock, "]"));
     require(hot_tokens >= 0, kWhat, "hot_tokens", hot_tokens, "must be non-negative");
     require(sink_tokens >= 0, kWhat, "sink_tokens", sink_tokens, "must be non-negative");
+    // Token counts derived from these (the compression threshold, tokens until the next block) are ints.
+    constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+    require(std::int64_t{hot_tokens} + block_size + sink_tokens <= kIntMax, kWhat, "hot_tokens", hot_tokens,
+            detail::concat("hot_tokens + block_size + sink_tokens must not exceed ", kIntMax, " (block_size = ",
+                           block_size, ", sink_tokens = ", sink_tokens, ")"));
     require(layer_ranks.empty() || layer_ranks.size() == static_cast<std::size_t>(num_layers), kWhat,
             "layer_ranks.size()", layer_ranks.size(),
             detail::concat("must be 0 or num_layers = ", num_layers));
@@ -68,6 +84,15 @@ struct CacheConfig {
     };
     if (layer_ranks.empty()) check(default_ranks, -1);
     for (std::size_t l = 0; l < layer_ranks.size(); ++l) check(layer_ranks[l], static_cast<int>(l));
+    // Byte offsets inside a block are 32-bit in the kernels.
+    for (int l = 0; l < (layer_ranks.empty() ? 1 : num_layers); ++l) {
+      const LayerRanks r = layer_ranks.empty() ? default_ranks : layer_ranks[static_cast<std::size_t>(l)];
+      const std::int64_t bytes =
+          ColdBlockLayout::make(block_size, head_dim, num_kv_heads, r.key, r.value, mean_center).block_bytes;
+      require(bytes <= kIntMax, kWhat, "block_size", block_size,
+              detail::concat("a cold block of layer ", l, " (head_dim ", head_dim, ", num_kv_heads ", num_kv_heads,
+                             ", ranks ", r.key, "/", r.value, ") would take ", bytes, " bytes, more than ", kIntMax));
+    }
   }
 };
 

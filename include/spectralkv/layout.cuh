@@ -74,12 +74,12 @@ struct ColdBlockLayout {
       return start;
     };
     const std::int64_t d = head_dim;
-    l.basis_k = take(2 * rank_k * d);
-    l.basis_v = take(2 * rank_v * d);
+    l.basis_k = take(2 * d * rank_k);
+    l.basis_v = take(2 * d * rank_v);
     l.mean_k = take(has_mean ? 2 * d : 0);
     l.mean_v = take(has_mean ? 2 * d : 0);
-    l.scale_k = take(4 * rank_k);
-    l.scale_v = take(4 * rank_v);
+    l.scale_k = take(std::int64_t{4} * rank_k);
+    l.scale_v = take(std::int64_t{4} * rank_v);
     l.coeff_k = take(static_cast<std::int64_t>(block_size) * rank_k);
     l.coeff_v = take(static_cast<std::int64_t>(block_size) * rank_v);
     l.head_bytes = align_up(at, kHeadAlign);
@@ -90,8 +90,8 @@ struct ColdBlockLayout {
   /// Bytes the layout's data needs without alignment padding (for reporting).
   SPECTRALKV_HD constexpr std::int64_t payload_bytes_per_head() const {
     const std::int64_t d = head_dim;
-    return 2 * (rank_k + rank_v) * d + (has_mean ? 4 * d : 0) + 4 * (rank_k + rank_v) +
-           static_cast<std::int64_t>(block_size) * (rank_k + rank_v);
+    const std::int64_t r = std::int64_t{rank_k} + rank_v;
+    return 2 * r * d + (has_mean ? 4 * d : 0) + 4 * r + static_cast<std::int64_t>(block_size) * r;
   }
 };
 

@@ -3,6 +3,7 @@
 // argument of the host API has, [tokens][heads][head_dim], with the last index contiguous.
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -37,6 +38,10 @@ void require_shape(const char* what, const char* name, const TensorView<T>& view
     fail<ShapeError>(what, name, view.shape(),
                      concat("expected shape [", tokens, ", ", heads, ", ", head_dim, "]"));
   }
+  // Every extent is non-negative here (each equals an expected one); the byte count must not wrap.
+  constexpr std::int64_t kMaxElems = std::numeric_limits<std::int64_t>::max() / static_cast<std::int64_t>(sizeof(T));
+  if (view.heads > 0 && view.head_dim > 0 && view.tokens > kMaxElems / view.heads / view.head_dim)
+    fail<ShapeError>(what, name, view.shape(), "more bytes than a 64-bit size can count");
   if (view.size() > 0 && view.data == nullptr) fail<ShapeError>(what, name, "nullptr", "data pointer is null");
 }
 }  // namespace detail

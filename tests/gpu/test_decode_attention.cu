@@ -5,7 +5,8 @@
 // is compared with SpectralCache::attend (q_len = 1, double accumulation). Every type, head_dim and
 // (rank_k, rank_v) pair runs, each with its own random shape: ragged batch, lengths that are no multiple
 // of the block, a sequence with no cold block, one with only cold blocks (tail as short as the policy
-// allows), sinks and mean-centering on or off, group sizes 1..16, two layers with swapped ranks.
+// allows), group sizes 1..16, two layers with swapped ranks; sinks and mean-centering on or off, each of the
+// four settings on four rank pairs of every type and head_dim.
 // DenseDecodeAttention is compared with dense_attend_one, DecompressThenAttend with attend().
 //
 // Tolerance: |gpu - ref| <= 2e-3 * max|ref| over the head's output row + half an ulp of T at |ref|.
@@ -233,8 +234,12 @@ void spectral_case(const Combo& c, std::uint32_t seed) {
   const int max_rank = std::max(c.rank_k, c.rank_v);
   cfg.block_size = max_rank + pick({0, 8, 24});
   cfg.hot_tokens = pick({0, 3, 16});
-  cfg.sink_tokens = (seed & 1) ? pick({1, 4}) : 0;
-  cfg.mean_center = (seed >> 1) & 1;
+  // Sinks and mean-centring by the rank pair's indices (i, j in 0..3), so that every type and head_dim
+  // runs each of the four settings on four of its sixteen rank pairs, and the two types differ per pair.
+  const int i = __builtin_ctz(static_cast<unsigned>(c.rank_k / 8)), j = __builtin_ctz(static_cast<unsigned>(c.rank_v / 8));
+  const bool sinks = (((i ^ j) & 1) != 0) != c.bf16;
+  cfg.sink_tokens = sinks ? pick({1, 4}) : 0;
+  cfg.mean_center = (((i >> 1) ^ j) & 1) != 0;
   cfg.layer_ranks = {{c.rank_v, c.rank_k}, {c.rank_k, c.rank_v}};  // per-layer ranks, chosen per call
   SpectralCache<T> cache(cfg);
 
@@ -644,13 +649,29 @@ TEST(DecodeAttentionArguments, NamesTheBadArgument) {
   p.out = dummy;
   EXPECT_TRUE(skc::DecodeAttention::can_implement(p).ok);
 
-  auto expect_bad = [](skc::DecodeAttentionParams bad, const std::string& name) {
+  // run() gets a workspace large enough for the valid shape, so what it throws comes from its argument check.
+  const std::size_t need = skc::DecodeAttention::get_workspace_size(p);
+  DeviceBuffer ws(need);
+  auto expect_bad = [&ws](skc::DecodeAttentionParams bad, const std::string& name) {
+    const std::string needle = "argument " + name + " = ";
     const skc::Status st = skc::DecodeAttention::can_implement(bad);
     EXPECT_FALSE(st.ok) << name;
-    EXPECT_NE(st.message.find(name), std::string::npos) << st.message;
-    EXPECT_THROW(skc::DecodeAttention::run(bad, nullptr, 0, nullptr), InvalidArgument) << name;
+    EXPECT_NE(st.message.find(needle), std::string::npos) << st.message;
+    try {
+      skc::DecodeAttention::run(bad, ws.get(), ws.bytes(), nullptr);
+      ADD_FAILURE() << "run accepted " << name;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
   };
   auto bad = p;
+  bad.dtype = static_cast<skc::DataType>(9);
+  expect_bad(bad, "dtype");
+  bad = p;
+  // 2^25 tokens at rank 64: 2^31 bytes of value coefficients per head, beyond the kernel's 32-bit offsets.
+  bad.layout = ColdBlockLayout::make(1 << 25, 128, 2, 64, 64, false);
+  expect_bad(bad, "layout.block_size");
+  bad = p;
   bad.layout = ColdBlockLayout::make(64, 128, 2, 12, 32, false);
   expect_bad(bad, "layout.rank_k");
   bad = p;
@@ -679,8 +700,13 @@ TEST(DecodeAttentionArguments, NamesTheBadArgument) {
   bad.tail.lengths = offsets;
   expect_bad(bad, "tail.k");
   // A workspace smaller than get_workspace_size() is refused before anything is launched.
-  EXPECT_GT(skc::DecodeAttention::get_workspace_size(p), 0u);
-  EXPECT_THROW(skc::DecodeAttention::run(p, nullptr, 0, nullptr), InvalidArgument);
+  EXPECT_GT(need, 0u);
+  try {
+    skc::DecodeAttention::run(p, ws.get(), need - 1, nullptr);
+    ADD_FAILURE() << "run accepted a short workspace";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("argument workspace_bytes = "), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
@@ -703,13 +729,26 @@ TEST(DenseDecodeArguments, NamesTheBadArgument) {
   p.layout = skc::KvLayout::kHeadMajor;
   EXPECT_TRUE(skc::DenseDecodeAttention::can_implement(p).ok);
 
-  auto expect_bad = [](skc::DenseDecodeParams bad, const std::string& name) {
+  DeviceBuffer ws(skc::DenseDecodeAttention::get_workspace_size(p));
+  auto expect_bad = [&ws](skc::DenseDecodeParams bad, const std::string& name) {
+    const std::string needle = "argument " + name + " = ";
     const skc::Status st = skc::DenseDecodeAttention::can_implement(bad);
     EXPECT_FALSE(st.ok) << name;
-    EXPECT_NE(st.message.find("argument " + name), std::string::npos) << st.message;
-    EXPECT_THROW(skc::DenseDecodeAttention::run(bad, nullptr, 0, nullptr), InvalidArgument) << name;
+    EXPECT_NE(st.message.find(needle), std::string::npos) << st.message;
+    try {
+      skc::DenseDecodeAttention::run(bad, ws.get(), ws.bytes(), nullptr);
+      ADD_FAILURE() << "run accepted " << name;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
   };
   auto bad = p;
+  bad.dtype = static_cast<skc::DataType>(9);
+  expect_bad(bad, "dtype");
+  bad = p;
+  bad.max_len = std::int64_t{1} << 60;  // the strides of [max_len][2][128] per sequence would wrap
+  expect_bad(bad, "max_len");
+  bad = p;
   bad.layout = static_cast<skc::KvLayout>(7);
   expect_bad(bad, "layout");
   bad = p;

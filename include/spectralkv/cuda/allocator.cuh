@@ -12,7 +12,8 @@
 namespace spectralkv::cuda {
 
 struct Allocator {
-  /// Returns `bytes` of device memory (256-byte aligned) usable after `stream` reaches this point.
+  /// Returns `bytes` of device memory (256-byte aligned) usable after `stream` reaches this point, or throws;
+  /// the cache rejects a null or misaligned result with CudaError.
   std::function<void*(std::size_t bytes, cudaStream_t stream)> allocate;
   /// Returns memory from `allocate`; the stream orders the release after earlier work.
   std::function<void(void* ptr, cudaStream_t stream)> deallocate;

@@ -98,7 +98,7 @@ struct CompressJob {
 /// error within 1% of the Eckart–Young optimum on the hardest spectra measured (flat, power-law
 /// decay i^-0.25, iid columns with 100× outlier channels); see docs/PERFORMANCE.md.
 struct CompressOptions {
-  /// Extra subspace columns p (ℓ = min(D, roundup8(r + p))). 0: automatic, p = max(8, r/2).
+  /// Extra subspace columns p (ℓ = min(D, roundup8(r + p))), at most D. 0: automatic, p = max(8, r/2).
   int oversample = 0;
   /// Subspace-iteration steps (products with G), ≥ 1.
   int iterations = 4;

@@ -126,7 +126,6 @@ class DecodeAttention {
                                   const std::int64_t* sink_len, const std::int64_t* tail_len);
 };
 
-/// Arguments of DenseDecodeAttention: plain dense K/V, as an inference engine without compression holds it.
 /// Order of the dense K and V arrays of DenseDecodeAttention.
 enum class KvLayout {
   kTokenMajor,  ///< [batch][max_len][num_kv_heads][head_dim]: one row per token (the cache's dense tiers)
@@ -134,6 +133,7 @@ enum class KvLayout {
                 ///< K and V of torch.nn.functional.scaled_dot_product_attention
 };
 
+/// Arguments of DenseDecodeAttention: plain dense K/V, as an inference engine without compression holds it.
 struct DenseDecodeParams {
   DataType dtype = DataType::kHalf;
   int batch = 0;

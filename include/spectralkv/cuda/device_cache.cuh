@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -57,7 +58,7 @@ enum class CompressionMode {
 struct DeviceCacheOptions {
   int max_sequences = 8;                  ///< sequences held at once
   std::int64_t max_blocks_per_layer = 0;  ///< pool capacity per layer (> 0)
-  std::int64_t max_append_tokens = 4096;  ///< most tokens one append gives one sequence
+  std::int64_t max_append_tokens = 4096;  ///< most tokens one append gives, or one attend asks of, a sequence
   int max_compress_jobs = 1024;           ///< matrices per compression launch (sizes its workspace)
   CompressionMode compression = CompressionMode::kAsync;
   CompressAlgorithm algorithm = CompressAlgorithm::kSubspaceIteration;
@@ -91,8 +92,13 @@ class DeviceSpectralCache {
     ::spectralkv::detail::require(options_.max_blocks_per_layer > 0 && options_.max_blocks_per_layer < (1LL << 31),
                                   kWhat, "options.max_blocks_per_layer", options_.max_blocks_per_layer,
                                   "must be in [1, 2^31)");
-    ::spectralkv::detail::require(options_.max_append_tokens > 0, kWhat, "options.max_append_tokens",
-                                  options_.max_append_tokens, "must be positive");
+    // The rows of one call (at most max_sequences · max_append_tokens) are counted in 32 bits on the device.
+    constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+    ::spectralkv::detail::require(
+        options_.max_append_tokens > 0 && options_.max_append_tokens <= kIntMax / options_.max_sequences, kWhat,
+        "options.max_append_tokens", options_.max_append_tokens,
+        ::spectralkv::detail::concat("must be in [1, ", kIntMax / options_.max_sequences,
+                                     "]: max_sequences · max_append_tokens rows must fit 32 bits"));
     ::spectralkv::detail::require(options_.max_compress_jobs > 0, kWhat, "options.max_compress_jobs",
                                   options_.max_compress_jobs, "must be positive");
     ::spectralkv::detail::require(static_cast<bool>(options_.allocator.allocate) &&
@@ -112,6 +118,19 @@ class DeviceSpectralCache {
     }
     capacity_rows_ = config_.hot_tokens + config_.block_size + options_.max_append_tokens;
     row_elems_ = static_cast<std::int64_t>(config_.num_kv_heads) * config_.head_dim;
+    {
+      // Sizes of the dense buffers, checked before they are computed in 64 bits.
+      using Wide = unsigned __int128;
+      constexpr Wide kMaxBytes = Wide{1} << 62;
+      const Wide row_bytes = static_cast<Wide>(row_elems_) * sizeof(T);
+      const Wide seqs = static_cast<Wide>(options_.max_sequences);
+      ::spectralkv::detail::require(seqs * static_cast<Wide>(capacity_rows_) * row_bytes <= kMaxBytes, kWhat,
+                                    "options.max_append_tokens", options_.max_append_tokens,
+                                    "the staging rows of max_sequences sequences exceed 2^62 bytes");
+      ::spectralkv::detail::require(seqs * static_cast<Wide>(config_.sink_tokens) * row_bytes <= kMaxBytes, kWhat,
+                                    "config.sink_tokens", config_.sink_tokens,
+                                    "the sink rows of max_sequences sequences exceed 2^62 bytes");
+    }
 
     CompressProblem problem;
     problem.element = std::is_same_v<T, Half> ? ElementType::kHalf : ElementType::kBFloat16;
@@ -248,6 +267,11 @@ class DeviceSpectralCache {
     }
     ::spectralkv::detail::require_shape(kWhat, "k", k, total, config_.num_kv_heads, config_.head_dim);
     ::spectralkv::detail::require_shape(kWhat, "v", v, total, config_.num_kv_heads, config_.head_dim);
+    // The rows are copied in 16-byte pieces (a row is head_dim 64 or 128 elements: whole pieces).
+    ::spectralkv::detail::require(total == 0 || reinterpret_cast<std::uintptr_t>(k.data) % 16 == 0, kWhat, "k",
+                                  static_cast<const void*>(k.data), "device data must be 16-byte aligned");
+    ::spectralkv::detail::require(total == 0 || reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0, kWhat, "v",
+                                  static_cast<const void*>(v.data), "device data must be 16-byte aligned");
     if (new_blocks > static_cast<std::int64_t>(free_blocks_[lu].size())) {
       throw CapacityError(::spectralkv::detail::concat(kWhat, ": layer ", layer, " needs ", new_blocks,
                                                        " new cold blocks but only ", free_blocks_[lu].size(),
@@ -327,7 +351,9 @@ class DeviceSpectralCache {
   /// Attention of the newest q_lens[i] tokens of each sequence (append them first), causal by absolute
   /// position, one softmax over sinks, cold blocks and the dense rows (tail and pending blocks).
   /// q, out: device tensors [sum(q_lens)][num_q_heads][head_dim] of T. All q_lens == 1 runs the fused
-  /// split-KV decode kernel; otherwise the unfused MultiQueryAttention kernel.
+  /// split-KV decode kernel; otherwise the unfused MultiQueryAttention kernel. Each q_lens[i] is at most
+  /// options.max_append_tokens (a longer prefill is attended in chunks, as it is appended).
+  /// \throws InvalidArgument, ShapeError, SequenceError before anything is enqueued.
   void attend(int layer, const std::vector<SequenceId>& ids, const std::vector<std::int64_t>& q_lens,
               TensorView<const T> q, TensorView<T> out, float scale, cudaStream_t stream) {
     constexpr const char* kWhat = "DeviceSpectralCache::attend";
@@ -342,15 +368,24 @@ class DeviceSpectralCache {
       ::spectralkv::detail::require(len > 0, kWhat, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i],
                                     ::spectralkv::detail::concat("attention on an empty sequence (no tokens in layer ",
                                                                  layer, ")"));
-      ::spectralkv::detail::require(q_lens[i] >= 1 && q_lens[i] <= len, kWhat,
+      // At most max_append_tokens: what the per-call metadata and the 32-bit row counts are sized for.
+      const std::int64_t most = std::min(len, options_.max_append_tokens);
+      ::spectralkv::detail::require(q_lens[i] >= 1 && q_lens[i] <= most, kWhat,
                                     ::spectralkv::detail::concat("q_lens[", i, "]").c_str(), q_lens[i],
-                                    ::spectralkv::detail::concat("must be in [1, length = ", len, "]"));
+                                    ::spectralkv::detail::concat("must be in [1, min(length = ", len,
+                                                                 ", max_append_tokens = ", options_.max_append_tokens,
+                                                                 ")]"));
       total += q_lens[i];
       decode = decode && q_lens[i] == 1;
     }
     ::spectralkv::detail::require_shape(kWhat, "q", q, total, config_.num_q_heads, config_.head_dim);
     ::spectralkv::detail::require_shape(kWhat, "out", out, total, config_.num_q_heads, config_.head_dim);
     ::spectralkv::detail::require(std::isfinite(scale), kWhat, "scale", scale, "must be finite");
+    // The decode kernel reads q and writes out in pairs of elements.
+    ::spectralkv::detail::require(total == 0 || reinterpret_cast<std::uintptr_t>(q.data) % 4 == 0, kWhat, "q",
+                                  static_cast<const void*>(q.data), "device data must be 4-byte aligned");
+    ::spectralkv::detail::require(total == 0 || reinterpret_cast<std::uintptr_t>(out.data) % 4 == 0, kWhat, "out",
+                                  static_cast<const void*>(out.data), "device data must be 4-byte aligned");
     if (ids.empty()) return;
 
     retire_finished(slots, layer, stream);
@@ -714,6 +749,11 @@ class DeviceSpectralCache {
 
   void* device_alloc(std::size_t bytes) {
     void* p = options_.allocator.allocate(bytes, options_.stream);
+    if (p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 256 != 0) {
+      if (p != nullptr) options_.allocator.deallocate(p, options_.stream);
+      throw CudaError(::spectralkv::detail::concat("DeviceSpectralCache: options.allocator returned ", p, " for ",
+                                                   bytes, " bytes (a 256-byte aligned device pointer is required)"));
+    }
     allocations_.push_back(p);
     allocated_bytes_ += bytes;
     return p;
