@@ -79,9 +79,10 @@ TEST(TruncatedSvd, MeetsEckartYoungOptimum) {
     const FactoredBlock f = cpu::truncated_svd(x.data(), c.dim, kL, c.dim, c.rank, false);
     const double optimum = tail_energy(cpu::singular_values(x.data(), c.dim, kL, c.dim, false), c.rank);
     const double err = frobenius_error(x, reconstruct(FactoredBlockView(f)));
-    // Eckart–Young: no rank-r matrix does better; 1% slack covers the FP32 storage of the factors.
-    EXPECT_GE(err, optimum * (1 - 1e-6));
-    EXPECT_LE(err, 1.01 * optimum);
+    // Eckart–Young: no rank-r matrix does better. The factorisation is exact in double; storing the factors
+    // in FP32 moves the error by ~1e-7 of ‖X‖, below 1e-5 of the optimum for these spectra (measured: 5e-9).
+    EXPECT_GE(err, optimum * (1 - 1e-5));
+    EXPECT_LE(err, optimum * (1 + 1e-5));
   }
 }
 
@@ -97,7 +98,7 @@ TEST(TruncatedSvd, OutlierChannelsAndMeanCentering) {
     const FactoredBlock f = cpu::truncated_svd(x.data(), 128, kL, 128, 16, centre);
     const double optimum = tail_energy(cpu::singular_values(x.data(), 128, kL, 128, centre), 16);
     const double err = frobenius_error(x, reconstruct(FactoredBlockView(f)));
-    EXPECT_LE(err, 1.01 * optimum);
+    EXPECT_LE(err, optimum * (1 + 1e-5));  // as above (measured: 1 − 3e-10)
     EXPECT_EQ(f.mean.empty(), !centre);
   }
 }
@@ -192,8 +193,9 @@ TEST(StoredBlock, ZeroAndConstantBlocksStayFinite) {
       const auto rebuilt = reconstruct(StoredFactorView(lay, Part::kValue, slab.data()));
       for (std::size_t i = 0; i < rebuilt.size(); ++i) {
         ASSERT_TRUE(std::isfinite(rebuilt[i]));
-        // A constant block is rank one (or zero once centred): reproduced up to INT8/FP16 rounding.
-        ASSERT_NEAR(rebuilt[i], value, 1e-2 * (1 + value));
+        // A constant block is rank one (or zero once centred): one INT8 code per column, all equal, and a
+        // basis row of FP16 entries (2^-11 relative each), so within 1e-3 of the value (measured: 2.6e-4).
+        ASSERT_NEAR(rebuilt[i], value, 1e-3 * value + 1e-6);
       }
     }
   }

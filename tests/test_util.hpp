@@ -95,7 +95,8 @@ inline double max_rel_error(const std::vector<float>& ref, const std::vector<flo
   double scale = 1e-30, err = 0.0;
   if (ref.size() != got.size()) return INFINITY;
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;  // NaN would otherwise vanish in std::max
+    // NaN would otherwise vanish in std::max, on either side.
+    if (!std::isfinite(got[i]) || !std::isfinite(ref[i])) return INFINITY;
     scale = std::max(scale, static_cast<double>(std::fabs(ref[i])));
     err = std::max(err, static_cast<double>(std::fabs(ref[i] - got[i])));
   }
