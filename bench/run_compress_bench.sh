@@ -6,8 +6,6 @@
 #
 # Environment:
 #   BUILD_DIR   build directory (default build-compress)
-#   BUILD_MODE  cmake (default: the project's targets) or nvcc (compiles only the compression sources
-#               directly, for trees where another kernel does not build)
 #   ARCH        CUDA architecture (default 90)
 #   BENCH_ARGS  extra arguments for bench_compress (e.g. --benchmark_filter=N:512/)
 set -euo pipefail
@@ -15,29 +13,13 @@ cd "$(dirname "$0")/.."
 
 OUT_DIR=${1:-bench/results}
 BUILD_DIR=${BUILD_DIR:-build-compress}
-BUILD_MODE=${BUILD_MODE:-cmake}
 ARCH=${ARCH:-90}
 mkdir -p "$OUT_DIR" "$BUILD_DIR"
 
-if [[ "$BUILD_MODE" == cmake ]]; then
-  cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >"$OUT_DIR/compress-configure.log"
-  cmake --build "$BUILD_DIR" -j "$(nproc)" --target spectralkv_gpu_tests bench_compress >"$OUT_DIR/compress-build.log" 2>&1
-  TESTS="$BUILD_DIR/tests/spectralkv_gpu_tests"
-  BENCH="$BUILD_DIR/bench/bench_compress"
-else
-  FLAGS=(-O3 -std=c++17 -arch=sm_"$ARCH" --expt-relaxed-constexpr -lineinfo -Iinclude -I/usr/include/eigen3
-         -diag-suppress 20011,20012,20014)
-  nvcc "${FLAGS[@]}" -c kernels/compress.cu -o "$BUILD_DIR/compress.o" &
-  nvcc "${FLAGS[@]}" -c tests/gpu/test_compress.cu -o "$BUILD_DIR/test_compress.o" &
-  nvcc "${FLAGS[@]}" -c bench/bench_compress.cu -o "$BUILD_DIR/bench_compress.o" &
-  wait
-  nvcc -arch=sm_"$ARCH" "$BUILD_DIR/compress.o" "$BUILD_DIR/test_compress.o" -lgtest -lgtest_main -lpthread \
-    -lcublas -lcusolver -o "$BUILD_DIR/test_compress"
-  nvcc -arch=sm_"$ARCH" "$BUILD_DIR/compress.o" "$BUILD_DIR/bench_compress.o" -lbenchmark -lpthread \
-    -lcublas -lcusolver -o "$BUILD_DIR/bench_compress"
-  TESTS="$BUILD_DIR/test_compress"
-  BENCH="$BUILD_DIR/bench_compress"
-fi
+cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >"$OUT_DIR/compress-configure.log"
+cmake --build "$BUILD_DIR" -j "$(nproc)" --target spectralkv_gpu_tests bench_compress >"$OUT_DIR/compress-build.log" 2>&1
+TESTS="$BUILD_DIR/tests/spectralkv_gpu_tests"
+BENCH="$BUILD_DIR/bench/bench_compress"
 
 STAMP=$(date -u +%Y-%m-%d)
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$OUT_DIR/compress-gpu.txt" 2>&1 || true

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Writes data/devil.txt: The Devil's Dictionary (Ambrose Bierce, public domain) from Debian's
 # dict-devil package, gunzipped, with the dictd header (the 00-database-* entries) stripped.
-# Installs dict-devil with apt-get when it is missing. Idempotent.
+# Installs dict-devil with apt-get (through sudo when not root) when it is missing. Idempotent.
 # Usage: scripts/fetch_text.sh [DEST_DIR]   (default: <repo>/data)
 set -euo pipefail
 
@@ -11,9 +11,10 @@ readonly SOURCE="/usr/share/dictd/devil.dict.dz"
 readonly TARGET="$DEST/devil.txt"
 
 if [[ ! -f "$SOURCE" ]]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends dict-devil
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dict-devil
 fi
 [[ -f "$SOURCE" ]] || { echo "error: $SOURCE missing after installing dict-devil" >&2; exit 1; }
 

@@ -9,7 +9,7 @@
 #
 # Usage: scripts/quality_table.sh [OUT_DIR]          (default: out/quality)
 # Environment:
-#   BIN       spectralkv_llama binary   (default: build-llama/main/examples/llama/spectralkv_llama)
+#   BIN       spectralkv_llama binary   (default: build/cpu/examples/llama/spectralkv_llama, as scripts/demo.sh builds it)
 #   CONTEXTS  context lengths           (default: "2048 4096 8192")
 #   TOKENS    tokens per context: windows = max(1, TOKENS / context)   (default: 8192)
 #   WINDOWS   windows per context, overriding TOKENS
@@ -20,14 +20,14 @@ set -euo pipefail
 
 readonly ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly OUT="${1:-$ROOT/out/quality}"
-readonly BIN="${BIN:-$ROOT/build-llama/main/examples/llama/spectralkv_llama}"
+readonly BIN="${BIN:-$ROOT/build/cpu/examples/llama/spectralkv_llama}"
 readonly CONTEXTS="${CONTEXTS:-2048 4096 8192}"
 readonly TOKENS="${TOKENS:-8192}"
 readonly ARM_GROUPS="${ARM_GROUPS:-k=8,v=16,sinks=4 k=16,v=32,sinks=4 k=32,v=32,sinks=4 k=32,v=64,sinks=4 k=16,v=32,sinks=4,mc=1;\
 k=8,v=16,sinks=16 k=16,v=32,sinks=16 k=32,v=64,sinks=16 k=32,v=64,sinks=16,mc=1 k=16,v=32,sinks=16,out=8 \
 k=32,v=64,sinks=16,out=8;k=16,v=32,sinks=0;k=16,v=32,block=256,sinks=4}"
 
-[[ -x "$BIN" ]] || { echo "error: $BIN not built (cmake --build ... --target spectralkv_llama)" >&2; exit 1; }
+[[ -x "$BIN" ]] || { echo "error: $BIN not built (cmake --preset cpu && cmake --build --preset cpu --target spectralkv_llama)" >&2; exit 1; }
 "$ROOT/scripts/fetch_model.sh" >/dev/null
 "$ROOT/scripts/fetch_text.sh" >/dev/null
 mkdir -p "$OUT"
