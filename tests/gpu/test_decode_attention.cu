@@ -35,6 +35,7 @@
 #include "../test_util.hpp"
 #include "spectralkv/cuda/decode_attention.cuh"
 #include "spectralkv/cuda/error.cuh"
+#include "spectralkv/cuda/multi_query_attention.cuh"
 #include "spectralkv/spectralkv.hpp"
 
 namespace {
@@ -636,6 +637,140 @@ TEST(DecompressThenAttend, MatchesCpuAttend) {
 }
 
 // ---- Argument checks -----------------------------------------------------------------------------------
+
+// MultiQueryAttention (the unfused kernel for q_len > 1) against SpectralCache::attend with the same q_lens
+// (causal by absolute position) on the uploaded cache. Every step is FP32 (scores, exponentials by __expf,
+// accumulation over ≤ 1.5K tokens): budget 1e-5 of the row's scale, as for FP32 accumulation (measured on an
+// H200: at most 9.2e-7), plus half an ulp of T for the stored output.
+struct MqaShape {
+  int head_dim, rank_k, rank_v, kv_heads, group, sinks;
+  bool mean;
+};
+
+template <class T>
+void multi_query_case(const MqaShape& m, std::uint32_t seed) {
+  CacheConfig cfg;
+  cfg.num_layers = 1;
+  cfg.num_kv_heads = m.kv_heads;
+  cfg.num_q_heads = m.kv_heads * m.group;
+  cfg.head_dim = m.head_dim;
+  cfg.block_size = 64;
+  cfg.hot_tokens = 8;
+  cfg.sink_tokens = m.sinks;
+  cfg.mean_center = m.mean;
+  cfg.default_ranks = {m.rank_k, m.rank_v};
+  SpectralCache<T> cache(cfg);
+  // Lengths: sinks and tail only; one block; several blocks and a ragged tail. q_lens reach into the sinks
+  // (the first), across block boundaries and back into cold blocks (the last two).
+  const std::vector<std::int64_t> lengths = {5, m.sinks + 8 + 64 + 3, m.sinks + 8 + 5 * 64 + 37};
+  const std::vector<std::int64_t> q_lens = {5, 40, 150};
+  std::vector<SequenceId> ids;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    const SequenceId id = static_cast<SequenceId>(i + 1);
+    ids.push_back(id);
+    cache.add_sequence(id);
+    const auto k = test::low_rank_tokens<T>(lengths[i], cfg.num_kv_heads, cfg.head_dim, 6, seed + 2 * static_cast<std::uint32_t>(i));
+    const auto v = test::low_rank_tokens<T>(lengths[i], cfg.num_kv_heads, cfg.head_dim, 6, seed + 2 * static_cast<std::uint32_t>(i) + 1);
+    cache.append(0, id, test::view(k, lengths[i], cfg.num_kv_heads, cfg.head_dim), test::view(v, lengths[i], cfg.num_kv_heads, cfg.head_dim));
+  }
+  ASSERT_GT(cache.state(ids[2], 0).num_blocks, 3);
+  std::int64_t rows = 0;
+  std::vector<std::int32_t> q_offsets{0}, row_sequence;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    rows += q_lens[i];
+    q_offsets.push_back(static_cast<std::int32_t>(rows));
+    for (std::int64_t r = 0; r < q_lens[i]; ++r) row_sequence.push_back(static_cast<std::int32_t>(i));
+  }
+  const auto q = test::normal_tokens<T>(rows, cfg.num_q_heads, cfg.head_dim, seed + 99);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  const std::size_t out_elems = static_cast<std::size_t>(rows) * cfg.num_q_heads * cfg.head_dim;
+  std::vector<float> ref(out_elems);
+  cache.attend(0, ids, q_lens, test::view(q, rows, cfg.num_q_heads, cfg.head_dim), test::view(ref, rows, cfg.num_q_heads, cfg.head_dim), scale);
+
+  UploadedLayer u = upload_layer(cache, 0, ids);
+  auto dq = upload(q);
+  auto doff = upload(q_offsets);
+  auto drow = upload(row_sequence);
+  DeviceBuffer out(out_elems * sizeof(T));
+  skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+  skc::MultiQueryParams p;
+  p.dtype = dtype_of<T>();
+  p.batch = static_cast<int>(ids.size());
+  p.num_q_heads = cfg.num_q_heads;
+  p.total_rows = static_cast<int>(rows);
+  p.layout = u.params.layout;
+  p.scale = scale;
+  p.q = dq->get();
+  p.out = out.get();
+  p.q_offsets = doff->as<std::int32_t>();
+  p.row_sequence = drow->as<std::int32_t>();
+  p.pool = u.params.pool;
+  p.block_table = u.params.block_table;
+  p.block_table_offsets = u.params.block_table_offsets;
+  p.sink = u.params.sink;
+  p.tail = u.params.tail;
+  const skc::Status st = skc::MultiQueryAttention::can_implement(p);
+  ASSERT_TRUE(st.ok) << st.message;
+  skc::MultiQueryAttention::run(p, nullptr);
+  skc::check(cudaDeviceSynchronize(), "MultiQueryAttention");
+  const std::vector<T> got = download<T>(out, out_elems);
+  const std::string what = detail::concat("d=", m.head_dim, " ranks ", m.rank_k, "/", m.rank_v, " H=", m.kv_heads,
+                                          " g=", m.group, " sinks=", m.sinks, " mean=", m.mean);
+  EXPECT_EQ(0, compare(ref, got, rows * cfg.num_q_heads, cfg.head_dim, 1e-5, what));
+}
+
+TEST(MultiQueryAttention, MatchesCpuAttend) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  // The kernel's limits (head_dim 128, rank 64, group 16) and shapes the fused decode kernel does not take
+  // (head_dim 96, ranks 24 and 40).
+  const MqaShape shapes[] = {{128, 64, 64, 2, 16, 4, true}, {64, 8, 32, 3, 3, 0, false}, {96, 24, 40, 1, 8, 2, true},
+                             {128, 16, 32, 2, 4, 16, false}};
+  std::uint32_t seed = 500;
+  for (const MqaShape& m : shapes) {
+    multi_query_case<Half>(m, seed++);
+    multi_query_case<BFloat16>(m, seed++);
+  }
+}
+
+TEST(MultiQueryAttention, NamesTheBadArgument) {
+  skc::MultiQueryParams p;
+  p.batch = 1;
+  p.num_q_heads = 8;
+  p.total_rows = 1;
+  p.layout = ColdBlockLayout::make(64, 128, 2, 16, 32, false);
+  p.scale = 0.1f;
+  alignas(16) int dummy[4];
+  p.q = p.out = dummy;
+  p.q_offsets = p.row_sequence = dummy;
+  EXPECT_TRUE(skc::MultiQueryAttention::can_implement(p).ok) << skc::MultiQueryAttention::can_implement(p).message;
+  auto expect_bad = [](skc::MultiQueryParams bad, const std::string& name) {
+    const skc::Status st = skc::MultiQueryAttention::can_implement(bad);
+    EXPECT_FALSE(st.ok) << name;
+    EXPECT_NE(st.message.find("argument " + name + " = "), std::string::npos) << st.message;
+    EXPECT_THROW(skc::MultiQueryAttention::run(bad, nullptr), InvalidArgument) << name;
+  };
+  auto bad = p;
+  bad.dtype = static_cast<skc::DataType>(9);
+  expect_bad(bad, "dtype");
+  bad = p;
+  bad.layout.coeff_k += 16;
+  expect_bad(bad, "layout");
+  bad = p;
+  bad.layout = ColdBlockLayout::make(64, 128, 2, 16, 72, false);
+  expect_bad(bad, "layout.rank_v");
+  bad = p;
+  bad.q = reinterpret_cast<const char*>(dummy) + 1;
+  expect_bad(bad, "q");
+  bad = p;
+  bad.num_q_heads = 2 * 17;
+  expect_bad(bad, "num_q_heads");
+  bad = p;
+  std::int32_t offsets[2] = {0, 0};
+  bad.block_table_offsets = offsets;
+  bad.block_table = offsets;
+  bad.pool = reinterpret_cast<const std::uint8_t*>(dummy) + 4;
+  expect_bad(bad, "pool");
+}
 
 TEST(DecodeAttentionArguments, NamesTheBadArgument) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";

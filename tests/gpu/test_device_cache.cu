@@ -25,8 +25,10 @@
 #include <limits>
 #include <string>
 #include <map>
+#include <memory>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../test_util.hpp"
@@ -534,6 +536,88 @@ TEST(DeviceCacheMemory, NoLeakAndCapacityErrorsChangeNothing) {
   std::size_t free_after = 0;
   skc::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
   EXPECT_EQ(free_after, free_before);
+}
+
+// The allocator hook, the sequence queries, unknown ids, and compressions split over several launches
+// (max_compress_jobs = 3 against the default, for the same appends: the attention outputs must be the same
+// bits, since each job's compression does not depend on the batch it runs in).
+TEST(DeviceCacheApi, AllocatorQueriesAndSplitCompressionLaunches) {
+  SKIP_WITHOUT_GPU();
+  struct Counts {
+    int live = 0, calls = 0;
+    std::size_t bytes = 0;
+  };
+  auto counts = std::make_shared<Counts>();
+  skc::Allocator counting;
+  counting.allocate = [counts](std::size_t bytes, cudaStream_t) {
+    void* p = nullptr;
+    skc::check(cudaMalloc(&p, bytes), "cudaMalloc");
+    ++counts->live;
+    ++counts->calls;
+    counts->bytes += bytes;
+    return p;
+  };
+  counting.deallocate = [counts](void* p, cudaStream_t) {
+    cudaFree(p);
+    --counts->live;
+  };
+  const CacheConfig c = scenario_config(2, false);
+  const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads;
+  const std::vector<SequenceId> ids = {4, 9, 6};
+  const std::vector<std::int64_t> counts_per = {200, 131, 170};  // 2, 1 and 2 blocks in each layer
+  const std::int64_t total = 200 + 131 + 170;
+  const auto k = test::low_rank_tokens<Half>(total, kv, d, 8, 21, 1e-3f);
+  const auto v = test::low_rank_tokens<Half>(total, kv, d, 8, 22, 1e-3f);
+  const auto q = test::normal_tokens<Half>(3, qh, d, 23);
+  DeviceArray<Half> dk(k.size()), dv(v.size()), dq(q.size()), dout(q.size());
+  skc::check(cudaMemcpy(dk.ptr, k.data(), k.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  skc::check(cudaMemcpy(dv.ptr, v.data(), v.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  skc::check(cudaMemcpy(dq.ptr, q.data(), q.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  auto outputs = [&](int max_jobs, skc::Allocator alloc) {
+    skc::DeviceCacheOptions opt;
+    opt.max_sequences = 4;
+    opt.max_blocks_per_layer = 8;
+    opt.max_append_tokens = 256;
+    opt.max_compress_jobs = max_jobs;
+    opt.compression = skc::CompressionMode::kSynchronous;
+    opt.allocator = std::move(alloc);
+    skc::DeviceSpectralCache<Half> gpu(c, opt);
+    for (SequenceId id : ids) gpu.add_sequence(id);
+    EXPECT_TRUE(gpu.contains(9));
+    EXPECT_FALSE(gpu.contains(5));
+    std::vector<SequenceId> listed = gpu.sequences();
+    std::sort(listed.begin(), listed.end());
+    EXPECT_EQ(listed, (std::vector<SequenceId>{4, 6, 9}));
+    for (int layer = 0; layer < c.num_layers; ++layer)
+      gpu.append(layer, ids, counts_per, TensorView<const Half>{dk.ptr, total, kv, d}, TensorView<const Half>{dv.ptr, total, kv, d}, nullptr);
+    EXPECT_EQ(gpu.blocks_in_use(0), 5);
+    EXPECT_EQ(gpu.pending_blocks(0), 0);
+    expect_message<SequenceError>([&] { gpu.remove_sequence(5); }, "id = 5");
+    expect_message<SequenceError>([&] { (void)gpu.download(5, 0, nullptr); }, "id = 5");
+    expect_message<SequenceError>([&] { (void)gpu.length(5, 1); }, "id = 5");
+    expect_message<InvalidArgument>([&] {
+      gpu.append(0, {4}, {257}, TensorView<const Half>{dk.ptr, 257, kv, d}, TensorView<const Half>{dv.ptr, 257, kv, d}, nullptr);
+    }, "counts[0] = 257");
+    gpu.attend(0, {}, {}, TensorView<const Half>{dq.ptr, 0, qh, d}, TensorView<Half>{dout.ptr, 0, qh, d}, 0.125f, nullptr);
+    std::vector<std::uint16_t> bits;
+    for (int layer = 0; layer < c.num_layers; ++layer) {
+      skc::check(cudaMemset(dout.ptr, 0xFF, q.size() * sizeof(Half)), "cudaMemset");
+      gpu.attend(layer, ids, {1, 1, 1}, TensorView<const Half>{dq.ptr, 3, qh, d}, TensorView<Half>{dout.ptr, 3, qh, d}, 0.125f, nullptr);
+      std::vector<Half> h(q.size());
+      skc::check(cudaMemcpy(h.data(), dout.ptr, h.size() * sizeof(Half), cudaMemcpyDeviceToHost), "cudaMemcpy");
+      for (Half x : h) {
+        EXPECT_NE(x.bits & 0x7C00u, 0x7C00u) << "non-finite output";
+        bits.push_back(x.bits);
+      }
+    }
+    return std::make_pair(bits, gpu.device_bytes());
+  };
+  const auto split = outputs(3, counting);
+  EXPECT_EQ(counts->live, 0) << "allocations not returned to the hook";
+  EXPECT_GT(counts->calls, 0);
+  EXPECT_EQ(static_cast<std::int64_t>(counts->bytes), split.second);
+  const auto whole = outputs(1024, skc::Allocator::stream_ordered());
+  EXPECT_EQ(split.first, whole.first);
 }
 
 // Option checks run before the constructor touches the device, so they run without one too.
