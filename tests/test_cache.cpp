@@ -262,6 +262,27 @@ void expect_rejected(SpectralCache<T>& cache, const std::function<void()>& f, co
   EXPECT_EQ(test::snapshot(cache), before);
 }
 
+TEST(CacheCapacity, AnAppendThatFillsThePoolExactlyIsAccepted) {
+  const CacheConfig c = config(2);
+  SpectralCache<Half> cache(c, CacheOptions{3});
+  const int kv = c.num_kv_heads, d = c.head_dim;
+  cache.add_sequence(1);
+  cache.add_sequence(2);
+  EXPECT_TRUE(cache.contains(2));
+  EXPECT_FALSE(cache.contains(3));
+  EXPECT_EQ(cache.sequences(), (std::vector<SequenceId>{1, 2}));
+  // Sequence 1: 2 sinks + 2 blocks of 32 + a tail of 8..39 -> 2 blocks; sequence 2: 1 block. 3 of 3.
+  const auto k = test::normal_tokens<Half>(2 + 2 * 32 + 20, kv, d, 5);
+  cache.append(0, 1, test::view(k, 2 + 2 * 32 + 20, kv, d), test::view(k, 2 + 2 * 32 + 20, kv, d));
+  cache.append(0, 2, test::view(k, 2 + 32 + 8, kv, d), test::view(k, 2 + 32 + 8, kv, d));
+  EXPECT_EQ(cache.blocks_in_use(0), 3);
+  // Another block in sequence 2 would be a fourth.
+  EXPECT_THROW(cache.append(0, 2, test::view(k, 32, kv, d), test::view(k, 32, kv, d)), CapacityError);
+  cache.remove_sequence(1);
+  EXPECT_EQ(cache.sequences(), (std::vector<SequenceId>{2}));
+  EXPECT_THROW(SpectralCache<Half>(c, CacheOptions{-1}), InvalidArgument);
+}
+
 TEST(CacheErrors, ConfigNamesTheBadField) {
   auto expect_bad = [](CacheConfig c, const std::string& field, const std::string& value) {
     try {
@@ -331,6 +352,39 @@ TEST(CacheErrors, ConfigNamesTheBadField) {
   c.head_dim = 64;
   c.default_ranks = {64, 64};
   expect_bad(c, "block_size", std::to_string(c.block_size));
+}
+
+TEST(CacheLayout, SectionsAreAlignedOrderedAndDisjoint) {
+  for (int L : {1, 7, 64, 512}) {
+    for (int D : {8, 64, 96, 128}) {
+      for (int rk : {1, 3, 8, 16}) {
+        for (int rv : {1, 5, 32}) {
+          for (bool mean : {false, true}) {
+            if (rk > std::min(L, D) || rv > std::min(L, D)) continue;
+            const ColdBlockLayout l = ColdBlockLayout::make(L, D, 3, rk, rv, mean);
+            SCOPED_TRACE(detail::concat("L=", L, " D=", D, " ranks ", rk, "/", rv, " mean ", mean));
+            const std::int64_t start[] = {l.basis_k, l.basis_v, l.mean_k, l.mean_v, l.scale_k, l.scale_v, l.coeff_k, l.coeff_v};
+            const std::int64_t size[] = {2LL * rk * D, 2LL * rv * D, mean ? 2LL * D : 0, mean ? 2LL * D : 0,
+                                         4LL * rk, 4LL * rv, 1LL * L * rk, 1LL * L * rv};
+            EXPECT_EQ(start[0], 0);
+            std::int64_t payload = 0;
+            for (int i = 0; i < 8; ++i) {
+              EXPECT_EQ(start[i] % ColdBlockLayout::kSectionAlign, 0) << "section " << i;
+              if (i > 0) {
+                EXPECT_GE(start[i], start[i - 1] + size[i - 1]) << "section " << i << " overlaps";
+              }
+              payload += size[i];
+            }
+            EXPECT_LE(start[7] + size[7], l.head_bytes);
+            EXPECT_LT(l.head_bytes - (start[7] + size[7]), ColdBlockLayout::kHeadAlign);
+            EXPECT_EQ(l.head_bytes % ColdBlockLayout::kHeadAlign, 0);
+            EXPECT_EQ(l.block_bytes, 3 * l.head_bytes);
+            EXPECT_EQ(l.payload_bytes_per_head(), payload);
+          }
+        }
+      }
+    }
+  }
 }
 
 TEST(CacheErrors, RanksOfALayerOutsideTheModelAreRejected) {
@@ -415,6 +469,16 @@ TEST(CacheErrors, BadCallsThrowAndLeaveTheCacheUnchanged) {
   expect_rejected<CapacityError>(cache, [&] {
     cache.append(0, 2, test::view(big_k, 2 + 7 * 32 + 8, kv, d), test::view(big_k, 2 + 7 * 32 + 8, kv, d));
   }, {"max_blocks_per_layer = 6"});
+  // A query with NaN or Inf is rejected too (the softmax would spread it over the output).
+  {
+    auto bad = q;
+    bad[static_cast<std::size_t>(d) + 3] = Half(std::numeric_limits<float>::infinity());  // head 1, channel 3
+    const auto& bad_q = bad;
+    expect_rejected<NonFiniteError>(cache, [&] { cache.attend(0, 1, test::view(bad_q, 1, qh, d), test::view(out, 1, qh, d), 1.0f); },
+                                    {"argument q[0][1][3] = "});
+    expect_rejected<NonFiniteError>(cache, [&] { (void)cache.logits(0, 1, test::view(bad_q, 1, qh, d), 1.0f); },
+                                    {"argument q[0][1][3] = "});
+  }
   // And the cache still works after all of that.
   cache.attend(0, 1, test::view(q, 1, qh, d), test::view(out, 1, qh, d), 0.2f);
   for (std::size_t i = 0; i < static_cast<std::size_t>(qh) * d; ++i) ASSERT_TRUE(std::isfinite(out[i]));

@@ -46,5 +46,22 @@ TEST(BFloat16, RoundsToNearestEvenAndKeepsNaN) {
   }
 }
 
+TEST(Half, InfinitiesAndOverflowKeepTheirSign) {
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(Half(inf).bits, 0x7C00u);
+  EXPECT_EQ(Half(-inf).bits, 0xFC00u);
+  EXPECT_EQ(Half(-65520.0f).bits, 0xFC00u);  // the tie above the largest finite value rounds to -Inf
+  EXPECT_EQ(Half(1e10f).bits, 0x7C00u);
+  EXPECT_EQ(Half(-0.0f).bits, 0x8000u);
+}
+
+TEST(BFloat16, RoundingPastTheLargestFiniteValueGivesInfinity) {
+  const float largest = std::numeric_limits<float>::max();  // 0x7F7FFFFF: rounds up past 0x7F7F
+  EXPECT_EQ(BFloat16(largest).bits, 0x7F80u);
+  EXPECT_EQ(BFloat16(-largest).bits, 0xFF80u);
+  EXPECT_EQ(BFloat16(BFloat16::to_float(0x7F7Fu)).bits, 0x7F7Fu);  // the largest finite BF16 stays finite
+  EXPECT_EQ(BFloat16(-std::numeric_limits<float>::infinity()).bits, 0xFF80u);
+}
+
 }  // namespace
 }  // namespace spectralkv
