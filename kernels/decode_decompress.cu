@@ -5,6 +5,9 @@
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include "decode_host.cuh"
@@ -132,6 +135,14 @@ Status DecompressThenAttend::can_implement(const DecompressParams& p) {
   if (p.attention.dtype != DataType::kHalf)
     return fail(kWhat, "attention.dtype", static_cast<int>(p.attention.dtype), "only kHalf is supported");
   if (p.max_cold_blocks < 0) return fail(kWhat, "max_cold_blocks", p.max_cold_blocks, "must be non-negative");
+  // The rebuilt K (and V) hold batch · max_cold_blocks · block_size · num_kv_heads · head_dim halves; the
+  // GEMM batch counts are ints.
+  const ColdBlockLayout& l = p.attention.layout;
+  const long double recon = static_cast<long double>(p.attention.batch) * p.max_cold_blocks * l.block_size *
+                            l.num_kv_heads * l.head_dim * 2;
+  if (p.max_cold_blocks > std::numeric_limits<int>::max() / std::max(1, l.num_kv_heads) / std::max(1, p.attention.batch) ||
+      recon > static_cast<long double>(std::int64_t{1} << 60))
+    return fail(kWhat, "max_cold_blocks", p.max_cold_blocks, "the rebuilt K and V would exceed the workspace's 64-bit sizes");
   return Status::success();
 }
 

@@ -633,7 +633,72 @@ TEST(DecompressThenAttend, MatchesCpuAttend) {
     // The rebuilt K and V and the dequantised coefficients are stored in FP16 (2^-11 relative each), and
     // logits of size ~5 turn that into ~3e-3 relative changes of the weights: 1e-2 bounds it.
     EXPECT_EQ(0, compare(ref, got, 3 * 8, 128, 1e-2, detail::concat("decompress mean=", mean)));
+    if (!mean) {
+      // The rebuild is FP16 only, and its sizes must stay within the workspace's arithmetic.
+      skc::DecompressParams bad = p;
+      bad.attention.dtype = skc::DataType::kBFloat16;
+      const skc::Status st = skc::DecompressThenAttend::can_implement(bad);
+      EXPECT_FALSE(st.ok);
+      EXPECT_NE(st.message.find("argument attention.dtype = "), std::string::npos) << st.message;
+      bad = p;
+      bad.max_cold_blocks = std::int64_t{1} << 40;
+      EXPECT_NE(skc::DecompressThenAttend::can_implement(bad).message.find("argument max_cold_blocks = "), std::string::npos);
+      EXPECT_THROW((void)skc::DecompressThenAttend::get_workspace_size(bad), InvalidArgument);
+    }
   }
+}
+
+// Batch 0 is a valid call that launches nothing; a sequence with no sink tier passes null lengths (the tier
+// is absent, not empty) and must give the same output as zero lengths.
+TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  CacheConfig cfg = config_d128(8, 2, 48, 8, 0, 16, 32);
+  SpectralCache<Half> cache(cfg);
+  const std::vector<SequenceId> ids = fill_low_rank(cache, {5, 300, 170}, 2, 910);
+  const auto q = test::normal_tokens<Half>(3, 8, 128, 14);
+  UploadedLayer u = upload_layer(cache, 0, ids);
+  u.params.scale = 0.0884f;
+  const std::vector<Half> with_lengths = run_decode(u.params, q, q.size());
+  skc::DecodeAttentionParams absent = u.params;
+  absent.sink = skc::DenseTier{};
+  const std::vector<Half> without = run_decode(absent, q, q.size());
+  EXPECT_EQ(0, std::memcmp(with_lengths.data(), without.data(), with_lengths.size() * sizeof(Half)));
+  std::vector<float> ref(q.size());
+  cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
+  EXPECT_EQ(0, compare(ref, without, 3 * 8, 128, 2e-3, "absent sink tier"));
+
+  // The split heuristic's hint changes nothing in the result.
+  skc::DecodeAttentionParams hinted = u.params;
+  hinted.max_seq_len = 1 << 20;
+  const std::vector<Half> with_hint = run_decode(hinted, q, q.size());
+  EXPECT_EQ(0, std::memcmp(with_lengths.data(), with_hint.data(), with_lengths.size() * sizeof(Half)));
+
+  // A sequence with no token in any tier: its rows are zeros, the others are unchanged in substance.
+  cache.add_sequence(3);
+  const std::vector<SequenceId> ids4 = {ids[0], ids[1], 3, ids[2]};
+  UploadedLayer u4 = upload_layer(cache, 0, ids4);
+  u4.params.scale = 0.0884f;
+  const auto q4 = test::normal_tokens<Half>(4, 8, 128, 14);
+  const std::vector<Half> got4 = run_decode(u4.params, q4, q4.size());
+  for (std::size_t i = 2 * 8 * 128; i < 3 * 8 * 128; ++i) ASSERT_EQ(got4[i].bits, 0u) << "element " << i;
+  std::vector<float> ref4(q4.size(), 0.0f);
+  const std::vector<SequenceId> nonempty = {ids[0], ids[1], ids[2]};
+  std::vector<Half> q3_rows;
+  for (int row : {0, 1, 3}) q3_rows.insert(q3_rows.end(), q4.begin() + row * 8 * 128, q4.begin() + (row + 1) * 8 * 128);
+  const std::vector<Half>& q3 = q3_rows;
+  std::vector<float> ref3(q3.size());
+  cache.attend(0, nonempty, {1, 1, 1}, test::view(q3, 3, 8, 128), test::view(ref3, 3, 8, 128), 0.0884f);
+  std::copy(ref3.begin(), ref3.begin() + 2 * 8 * 128, ref4.begin());
+  std::copy(ref3.begin() + 2 * 8 * 128, ref3.end(), ref4.begin() + 3 * 8 * 128);
+  EXPECT_EQ(0, compare(ref4, got4, 4 * 8, 128, 2e-3, "with an empty sequence"));
+
+  skc::DecodeAttentionParams none = u.params;
+  none.batch = 0;
+  ASSERT_TRUE(skc::DecodeAttention::can_implement(none).ok) << skc::DecodeAttention::can_implement(none).message;
+  const std::size_t ws = skc::DecodeAttention::get_workspace_size(none);
+  EXPECT_EQ(ws, 0u);
+  skc::DecodeAttention::run(none, nullptr, 0, nullptr);
+  skc::check(cudaDeviceSynchronize(), "DecodeAttention (batch 0)");
 }
 
 // ---- Argument checks -----------------------------------------------------------------------------------
