@@ -80,8 +80,7 @@ Status DecodeAttention::can_implement(const DecodeAttentionParams& p) {
   if (decode_host::region_bytes(l) > std::numeric_limits<int>::max())
     return fail(kWhat, "layout.block_size", l.block_size,
                 detail::concat("a head's scales and coefficients take ", decode_host::region_bytes(l), " bytes"));
-  if (!decode_host::same_layout(l, ColdBlockLayout::make(l.block_size, l.head_dim, l.num_kv_heads, l.rank_k,
-                                                          l.rank_v, l.has_mean)))
+  if (l != ColdBlockLayout::make(l.block_size, l.head_dim, l.num_kv_heads, l.rank_k, l.rank_v, l.has_mean))
     return fail(kWhat, "layout", "(offsets)", "must equal ColdBlockLayout::make() of its own shape fields");
   if (!std::isfinite(p.scale)) return fail(kWhat, "scale", p.scale, "must be finite");
   if (p.batch > 0) {

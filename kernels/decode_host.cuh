@@ -203,14 +203,6 @@ inline long long region_bytes(const ColdBlockLayout& l) {
   return align_up(end, 16) - l.scale_k;
 }
 
-inline bool same_layout(const ColdBlockLayout& a, const ColdBlockLayout& b) {
-  return a.block_size == b.block_size && a.head_dim == b.head_dim && a.num_kv_heads == b.num_kv_heads &&
-         a.rank_k == b.rank_k && a.rank_v == b.rank_v && a.has_mean == b.has_mean && a.basis_k == b.basis_k &&
-         a.basis_v == b.basis_v && a.mean_k == b.mean_k && a.mean_v == b.mean_v && a.scale_k == b.scale_k &&
-         a.scale_v == b.scale_v && a.coeff_k == b.coeff_k && a.coeff_v == b.coeff_v &&
-         a.head_bytes == b.head_bytes && a.block_bytes == b.block_bytes;
-}
-
 template <class V>
 Status fail(const char* what, const char* name, const V& value, const std::string& why) {
   return Status::failure(detail::concat(what, ": argument ", name, " = ", value, " (", why, ")"));

@@ -239,12 +239,7 @@ Status MultiQueryAttention::can_implement(const MultiQueryParams& p) {
   if (lay.block_size <= 0) return bad("layout.block_size", lay.block_size, "must be positive");
   if (lay.rank_k <= 0 || lay.rank_k > kMaxRank) return bad("layout.rank_k", lay.rank_k, "must be in [1, 64]");
   if (lay.rank_v <= 0 || lay.rank_v > kMaxRank) return bad("layout.rank_v", lay.rank_v, "must be in [1, 64]");
-  const ColdBlockLayout made =
-      ColdBlockLayout::make(lay.block_size, lay.head_dim, lay.num_kv_heads, lay.rank_k, lay.rank_v, lay.has_mean);
-  if (lay.basis_k != made.basis_k || lay.basis_v != made.basis_v || lay.mean_k != made.mean_k ||
-      lay.mean_v != made.mean_v || lay.scale_k != made.scale_k || lay.scale_v != made.scale_v ||
-      lay.coeff_k != made.coeff_k || lay.coeff_v != made.coeff_v || lay.head_bytes != made.head_bytes ||
-      lay.block_bytes != made.block_bytes)
+  if (lay != ColdBlockLayout::make(lay.block_size, lay.head_dim, lay.num_kv_heads, lay.rank_k, lay.rank_v, lay.has_mean))
     return bad("layout", "(offsets)", "must equal ColdBlockLayout::make() of its own shape fields");
   if (!std::isfinite(p.scale)) return bad("scale", p.scale, "must be finite");
   if (!p.q || !p.out || !p.q_offsets || !p.row_sequence) return bad("q/out/q_offsets/row_sequence", "nullptr", "required");

@@ -87,6 +87,17 @@ struct ColdBlockLayout {
     return l;
   }
 
+  /// Whether the shape and every offset are equal; a layout handed to a kernel must equal make() of its
+  /// own shape fields.
+  SPECTRALKV_HD constexpr bool operator==(const ColdBlockLayout& o) const {
+    return block_size == o.block_size && head_dim == o.head_dim && num_kv_heads == o.num_kv_heads &&
+           rank_k == o.rank_k && rank_v == o.rank_v && has_mean == o.has_mean && basis_k == o.basis_k &&
+           basis_v == o.basis_v && mean_k == o.mean_k && mean_v == o.mean_v && scale_k == o.scale_k &&
+           scale_v == o.scale_v && coeff_k == o.coeff_k && coeff_v == o.coeff_v && head_bytes == o.head_bytes &&
+           block_bytes == o.block_bytes;
+  }
+  SPECTRALKV_HD constexpr bool operator!=(const ColdBlockLayout& o) const { return !(*this == o); }
+
   /// Bytes the layout's data needs without alignment padding (for reporting).
   SPECTRALKV_HD constexpr std::int64_t payload_bytes_per_head() const {
     const std::int64_t d = head_dim;

@@ -119,16 +119,13 @@ class DeviceSpectralCache {
     capacity_rows_ = config_.hot_tokens + config_.block_size + options_.max_append_tokens;
     row_elems_ = static_cast<std::int64_t>(config_.num_kv_heads) * config_.head_dim;
     {
-      // Sizes of the dense buffers, checked before they are computed in 64 bits.
-      using Wide = unsigned __int128;
-      constexpr Wide kMaxBytes = Wide{1} << 62;
-      const Wide row_bytes = static_cast<Wide>(row_elems_) * sizeof(T);
-      const Wide seqs = static_cast<Wide>(options_.max_sequences);
-      ::spectralkv::detail::require(seqs * static_cast<Wide>(capacity_rows_) * row_bytes <= kMaxBytes, kWhat,
-                                    "options.max_append_tokens", options_.max_append_tokens,
+      // Sizes of the dense buffers (max_sequences rows of each kind), checked before they are computed in 64 bits.
+      const std::int64_t max_rows = (std::int64_t{1} << 62) / (row_elems_ * static_cast<std::int64_t>(sizeof(T))) /
+                                    options_.max_sequences;
+      ::spectralkv::detail::require(capacity_rows_ <= max_rows, kWhat, "options.max_append_tokens",
+                                    options_.max_append_tokens,
                                     "the staging rows of max_sequences sequences exceed 2^62 bytes");
-      ::spectralkv::detail::require(seqs * static_cast<Wide>(config_.sink_tokens) * row_bytes <= kMaxBytes, kWhat,
-                                    "config.sink_tokens", config_.sink_tokens,
+      ::spectralkv::detail::require(config_.sink_tokens <= max_rows, kWhat, "config.sink_tokens", config_.sink_tokens,
                                     "the sink rows of max_sequences sequences exceed 2^62 bytes");
     }
 
