@@ -4,9 +4,9 @@
 //
 // At every step:
 //  - exact: the CPU attention (attention.hpp, double accumulation) over the GPU cache's own state,
-//    downloaded (sink rows, dense rows, retired blocks' bytes). |gpu − ref| ≤ 2e-3·max|ref row| + half
-//    an ulp of T: the kernels accumulate in FP32 and round the output to T. This checks the kernels on
-//    identical stored values.
+//    downloaded (sink rows, dense rows, retired blocks' bytes). |gpu − ref| ≤ 2e-3·max|ref row| (decode
+//    steps; 1e-5 for multi-query steps, whose kernel is FP32 throughout) + half an ulp of T: the kernels
+//    accumulate in FP32 and round the output to T. This checks the kernels on identical stored values.
 //  - the CPU SpectralCache fed the same tokens: the same lengths and block counts, sink and dense rows
 //    bit-identical to each other and to the tokens appended, every cold block's reconstruction about as
 //    close to its tokens as the CPU's; and the outputs as accurate as the CPU cache's against uncompressed
@@ -330,13 +330,17 @@ void run_scenario(const CacheConfig& c, skc::CompressionMode mode, skc::Compress
         }
       });
 
+      // The decode kernel's budget (2e-3, see test_decode_attention.cu) when every q_len is 1; the unfused
+      // multi-query kernel is FP32 throughout (1e-5, as in MultiQueryAttention.MatchesCpuAttend).
+      const bool multi_query = std::any_of(q_lens.begin(), q_lens.end(), [](std::int64_t n) { return n > 1; });
+      const float budget = multi_query ? 1e-5f : 2e-3f;
       for (std::size_t r = 0; r < rows; ++r) {
         float exact_scale = 0;
         for (int e = 0; e < d; ++e) exact_scale = std::max(exact_scale, std::fabs(exact[r * d + e]));
         for (int e = 0; e < d; ++e) {
           const float g = to_float(got[r * d + e]);
           ASSERT_TRUE(std::isfinite(g)) << "step " << step << " layer " << layer << " row " << r;
-          ASSERT_LE(std::fabs(g - exact[r * d + e]), 2e-3f * exact_scale + half_ulp(exact[r * d + e], bf16))
+          ASSERT_LE(std::fabs(g - exact[r * d + e]), budget * exact_scale + half_ulp(exact[r * d + e], bf16))
               << "device state, step " << step << " layer " << layer << " row " << r << " element " << e;
         }
       }
