@@ -236,7 +236,6 @@ Case& get_case(int batch, std::int64_t length) {
   sp.tail.k = c->tail_ptrs->as<const void*>();
   sp.tail.v = c->tail_ptrs->as<const void*>() + batch;
   sp.tail.lengths = c->tail_lens->as<std::int32_t>();
-  sp.max_seq_len = length;
   c->ws_spectral = std::make_unique<DeviceBuffer>(skc::DecodeAttention::get_workspace_size(sp));
   skc::DecodeAttention::initialize_workspace(sp, c->ws_spectral->ptr, g_stream);
 

@@ -76,12 +76,13 @@ Status DecodeAttention::can_implement(const DecodeAttentionParams& p) {
   if (!rank_ok(l.rank_k)) return fail(kWhat, "layout.rank_k", l.rank_k, "must be 8, 16, 32 or 64");
   if (!rank_ok(l.rank_v)) return fail(kWhat, "layout.rank_v", l.rank_v, "must be 8, 16, 32 or 64");
   if (l.block_size < 1) return fail(kWhat, "layout.block_size", l.block_size, "must be positive");
-  // Offsets inside a head are 32-bit in the kernel (and a stage must hold a head's region in shared memory).
+  if (l != ColdBlockLayout::make(l.block_size, l.head_dim, l.num_kv_heads, l.rank_k, l.rank_v, l.has_mean))
+    return fail(kWhat, "layout", "(offsets)", "must equal ColdBlockLayout::make() of its own shape fields");
+  // Offsets inside a head are 32-bit in the kernel (computed from make()'s offsets, checked just above, so
+  // this does not overflow).
   if (decode_host::region_bytes(l) > std::numeric_limits<int>::max())
     return fail(kWhat, "layout.block_size", l.block_size,
                 detail::concat("a head's scales and coefficients take ", decode_host::region_bytes(l), " bytes"));
-  if (l != ColdBlockLayout::make(l.block_size, l.head_dim, l.num_kv_heads, l.rank_k, l.rank_v, l.has_mean))
-    return fail(kWhat, "layout", "(offsets)", "must equal ColdBlockLayout::make() of its own shape fields");
   if (!std::isfinite(p.scale)) return fail(kWhat, "scale", p.scale, "must be finite");
   if (p.batch > 0) {
     if (p.q == nullptr) return fail(kWhat, "q", "nullptr", "required");

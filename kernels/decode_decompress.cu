@@ -142,7 +142,8 @@ Status DecompressThenAttend::can_implement(const DecompressParams& p) {
                             l.num_kv_heads * l.head_dim * 2;
   if (p.max_cold_blocks > std::numeric_limits<int>::max() / std::max(1, l.num_kv_heads) / std::max(1, p.attention.batch) ||
       recon > static_cast<long double>(std::int64_t{1} << 60))
-    return fail(kWhat, "max_cold_blocks", p.max_cold_blocks, "the rebuilt K and V would exceed the workspace's 64-bit sizes");
+    return fail(kWhat, "max_cold_blocks", p.max_cold_blocks,
+                "batch · max_cold_blocks · num_kv_heads GEMMs must fit an int, and the rebuilt K and V 2^60 bytes");
   return Status::success();
 }
 

@@ -331,10 +331,10 @@ TEST(CacheErrors, ConfigNamesTheBadField) {
   // Upper bounds: sizes derived from the config must not wrap.
   c = config();
   c.hot_tokens = std::numeric_limits<int>::max();  // "never compress" is not expressible this way
-  expect_bad(c, "hot_tokens", std::to_string(c.hot_tokens));
+  expect_bad(c, "hot_tokens + block_size + sink_tokens", std::to_string(std::int64_t{c.hot_tokens} + c.block_size + c.sink_tokens));
   c = config();
   c.sink_tokens = std::numeric_limits<int>::max() - c.block_size;
-  expect_bad(c, "hot_tokens", std::to_string(c.hot_tokens));
+  expect_bad(c, "hot_tokens + block_size + sink_tokens", std::to_string(std::int64_t{c.hot_tokens} + c.block_size + c.sink_tokens));
   c = config();
   c.block_size = (1 << 24) + 1;
   expect_bad(c, "block_size", std::to_string(c.block_size));
@@ -351,7 +351,7 @@ TEST(CacheErrors, ConfigNamesTheBadField) {
   c.block_size = 1 << 24;
   c.head_dim = 64;
   c.default_ranks = {64, 64};
-  expect_bad(c, "block_size", std::to_string(c.block_size));
+  expect_bad(c, "cold block bytes", std::to_string(ColdBlockLayout::make(1 << 24, 64, 2, 64, 64, false).block_bytes));
 }
 
 TEST(CacheLayout, SectionsAreAlignedOrderedAndDisjoint) {
@@ -402,6 +402,9 @@ TEST(CacheErrors, RanksOfALayerOutsideTheModelAreRejected) {
     }
   }
   EXPECT_EQ(c.ranks(1).value, c.layer_ranks[1].value);
+  // An invalid config (fewer per-layer ranks than layers) is not read past its end.
+  c.layer_ranks.resize(1);
+  EXPECT_THROW((void)c.ranks(2), InvalidArgument);
 }
 
 TEST(CacheErrors, BadCallsThrowAndLeaveTheCacheUnchanged) {

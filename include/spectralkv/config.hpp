@@ -41,7 +41,10 @@ struct CacheConfig {
   LayerRanks ranks(int layer) const {
     detail::require(layer >= 0 && layer < num_layers, "CacheConfig::ranks", "layer", layer,
                     detail::concat("must be in [0, num_layers = ", num_layers, ")"));
-    return layer_ranks.empty() ? default_ranks : layer_ranks[static_cast<std::size_t>(layer)];
+    if (layer_ranks.empty()) return default_ranks;
+    detail::require(static_cast<std::size_t>(layer) < layer_ranks.size(), "CacheConfig::ranks", "layer", layer,
+                    detail::concat("layer_ranks has ", layer_ranks.size(), " entries (the config is not valid)"));
+    return layer_ranks[static_cast<std::size_t>(layer)];
   }
   /// Tail length at which the oldest block_size tail tokens are compressed.
   int compress_threshold() const { return hot_tokens + block_size; }
@@ -67,9 +70,10 @@ struct CacheConfig {
     require(sink_tokens >= 0, kWhat, "sink_tokens", sink_tokens, "must be non-negative");
     // Token counts derived from these (the compression threshold, tokens until the next block) are ints.
     constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
-    require(std::int64_t{hot_tokens} + block_size + sink_tokens <= kIntMax, kWhat, "hot_tokens", hot_tokens,
-            detail::concat("hot_tokens + block_size + sink_tokens must not exceed ", kIntMax, " (block_size = ",
-                           block_size, ", sink_tokens = ", sink_tokens, ")"));
+    const std::int64_t dense_most = std::int64_t{hot_tokens} + block_size + sink_tokens;
+    require(dense_most <= kIntMax, kWhat, "hot_tokens + block_size + sink_tokens", dense_most,
+            detail::concat("must not exceed ", kIntMax, " (hot_tokens = ", hot_tokens, ", block_size = ", block_size,
+                           ", sink_tokens = ", sink_tokens, ")"));
     require(layer_ranks.empty() || layer_ranks.size() == static_cast<std::size_t>(num_layers), kWhat,
             "layer_ranks.size()", layer_ranks.size(),
             detail::concat("must be 0 or num_layers = ", num_layers));
@@ -89,9 +93,9 @@ struct CacheConfig {
       const LayerRanks r = layer_ranks.empty() ? default_ranks : layer_ranks[static_cast<std::size_t>(l)];
       const std::int64_t bytes =
           ColdBlockLayout::make(block_size, head_dim, num_kv_heads, r.key, r.value, mean_center).block_bytes;
-      require(bytes <= kIntMax, kWhat, "block_size", block_size,
-              detail::concat("a cold block of layer ", l, " (head_dim ", head_dim, ", num_kv_heads ", num_kv_heads,
-                             ", ranks ", r.key, "/", r.value, ") would take ", bytes, " bytes, more than ", kIntMax));
+      require(bytes <= kIntMax, kWhat, "cold block bytes", bytes,
+              detail::concat("must not exceed ", kIntMax, ": layer ", l, " with block_size ", block_size, ", head_dim ",
+                             head_dim, ", num_kv_heads ", num_kv_heads, ", ranks ", r.key, "/", r.value));
     }
   }
 };

@@ -649,7 +649,7 @@ TEST(DecompressThenAttend, MatchesCpuAttend) {
 }
 
 // Batch 0 is a valid call that launches nothing; a sequence with no sink tier passes null lengths (the tier
-// is absent, not empty) and must give the same output as zero lengths.
+// is absent, not empty) and must give the same output as zero lengths; an empty sequence gets zeros.
 TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   CacheConfig cfg = config_d128(8, 2, 48, 8, 0, 16, 32);
@@ -666,12 +666,6 @@ TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
   std::vector<float> ref(q.size());
   cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
   EXPECT_EQ(0, compare(ref, without, 3 * 8, 128, 2e-3, "absent sink tier"));
-
-  // The split heuristic's hint changes nothing in the result.
-  skc::DecodeAttentionParams hinted = u.params;
-  hinted.max_seq_len = 1 << 20;
-  const std::vector<Half> with_hint = run_decode(hinted, q, q.size());
-  EXPECT_EQ(0, std::memcmp(with_lengths.data(), with_hint.data(), with_lengths.size() * sizeof(Half)));
 
   // A sequence with no token in any tier: its rows are zeros, the others are unchanged in substance.
   cache.add_sequence(3);

@@ -104,10 +104,6 @@ struct DecodeAttentionParams {
   DenseTier sink;  ///< the oldest tokens of each sequence, kept dense (may be empty)
   DenseTier tail;  ///< the newest tokens of each sequence, kept dense
   // A sequence with no token in any tier gets a zero output.
-
-  /// Size hint for the split heuristic only (results never depend on it): an upper bound on the number of
-  /// tokens of any sequence, 0 if unknown.
-  std::int64_t max_seq_len = 0;
 };
 
 /// Fused decode attention over the compressed cache (see the file comment).

@@ -395,7 +395,6 @@ class DeviceSpectralCache {
     ints.reserve(static_cast<std::size_t>(4 * batch + 2 + total) + 64);
     std::vector<std::int32_t> table;
     std::vector<std::int32_t> block_offsets{0}, q_offsets{0}, row_seq;
-    std::int64_t max_len = 0;
     for (std::int64_t b = 0; b < batch; ++b) {
       const SlotLayer& sl = slots_[static_cast<std::size_t>(slots[static_cast<std::size_t>(b)])].layers[lu];
       const int slot = slots[static_cast<std::size_t>(b)];
@@ -407,7 +406,6 @@ class DeviceSpectralCache {
       block_offsets.push_back(static_cast<std::int32_t>(table.size()));
       q_offsets.push_back(static_cast<std::int32_t>(q_offsets.back() + q_lens[static_cast<std::size_t>(b)]));
       for (std::int64_t j = 0; j < q_lens[static_cast<std::size_t>(b)]; ++j) row_seq.push_back(static_cast<std::int32_t>(b));
-      max_len = std::max(max_len, length(ids[static_cast<std::size_t>(b)], layer));
     }
     for (std::int64_t b = 0; b < batch; ++b)
       ints.push_back(static_cast<std::int32_t>(slots_[static_cast<std::size_t>(slots[static_cast<std::size_t>(b)])].layers[lu].sink_len));
@@ -440,7 +438,6 @@ class DeviceSpectralCache {
       p.block_table_offsets = dev_ints + at_blocks;
       p.sink = sink;
       p.tail = tail;
-      p.max_seq_len = max_len;
       const std::size_t need = DecodeAttention::get_workspace_size(p);
       if (need > decode_workspace_bytes_) {
         throw CudaError(::spectralkv::detail::concat(kWhat, ": decode workspace of ", decode_workspace_bytes_,
