@@ -697,6 +697,22 @@ TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
 
 // ---- Argument checks -----------------------------------------------------------------------------------
 
+/// Expects `bad` to fail can_implement and run with a message naming `argument <name> = `. run gets whatever
+/// else it needs (a large enough workspace), so what throws is its own argument check.
+template <class Op, class P, class Run>
+void expect_named(const P& bad, const std::string& name, Run run) {
+  const std::string needle = "argument " + name + " = ";
+  const skc::Status st = Op::can_implement(bad);
+  EXPECT_FALSE(st.ok) << name;
+  EXPECT_NE(st.message.find(needle), std::string::npos) << st.message;
+  try {
+    run(bad);
+    ADD_FAILURE() << "run accepted " << name;
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 // MultiQueryAttention (the unfused kernel for q_len > 1) against SpectralCache::attend with the same q_lens
 // (causal by absolute position) on the uploaded cache. Every step is FP32 (scores, exponentials by __expf,
 // accumulation over ≤ 1.5K tokens): budget 1e-5 of the row's scale, as for FP32 accumulation (measured on an
@@ -802,11 +818,9 @@ TEST(MultiQueryAttention, NamesTheBadArgument) {
   p.q = p.out = dummy;
   p.q_offsets = p.row_sequence = dummy;
   EXPECT_TRUE(skc::MultiQueryAttention::can_implement(p).ok) << skc::MultiQueryAttention::can_implement(p).message;
-  auto expect_bad = [](skc::MultiQueryParams bad, const std::string& name) {
-    const skc::Status st = skc::MultiQueryAttention::can_implement(bad);
-    EXPECT_FALSE(st.ok) << name;
-    EXPECT_NE(st.message.find("argument " + name + " = "), std::string::npos) << st.message;
-    EXPECT_THROW(skc::MultiQueryAttention::run(bad, nullptr), InvalidArgument) << name;
+  auto expect_bad = [](const skc::MultiQueryParams& bad, const std::string& name) {
+    expect_named<skc::MultiQueryAttention>(bad, name,
+                                           [](const skc::MultiQueryParams& q) { skc::MultiQueryAttention::run(q, nullptr); });
   };
   auto bad = p;
   bad.dtype = static_cast<skc::DataType>(9);
@@ -846,17 +860,10 @@ TEST(DecodeAttentionArguments, NamesTheBadArgument) {
   // run() gets a workspace large enough for the valid shape, so what it throws comes from its argument check.
   const std::size_t need = skc::DecodeAttention::get_workspace_size(p);
   DeviceBuffer ws(need);
-  auto expect_bad = [&ws](skc::DecodeAttentionParams bad, const std::string& name) {
-    const std::string needle = "argument " + name + " = ";
-    const skc::Status st = skc::DecodeAttention::can_implement(bad);
-    EXPECT_FALSE(st.ok) << name;
-    EXPECT_NE(st.message.find(needle), std::string::npos) << st.message;
-    try {
-      skc::DecodeAttention::run(bad, ws.get(), ws.bytes(), nullptr);
-      ADD_FAILURE() << "run accepted " << name;
-    } catch (const InvalidArgument& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
+  auto expect_bad = [&ws](const skc::DecodeAttentionParams& bad, const std::string& name) {
+    expect_named<skc::DecodeAttention>(bad, name, [&ws](const skc::DecodeAttentionParams& q) {
+      skc::DecodeAttention::run(q, ws.get(), ws.bytes(), nullptr);
+    });
   };
   auto bad = p;
   bad.dtype = static_cast<skc::DataType>(9);
@@ -924,17 +931,10 @@ TEST(DenseDecodeArguments, NamesTheBadArgument) {
   EXPECT_TRUE(skc::DenseDecodeAttention::can_implement(p).ok);
 
   DeviceBuffer ws(skc::DenseDecodeAttention::get_workspace_size(p));
-  auto expect_bad = [&ws](skc::DenseDecodeParams bad, const std::string& name) {
-    const std::string needle = "argument " + name + " = ";
-    const skc::Status st = skc::DenseDecodeAttention::can_implement(bad);
-    EXPECT_FALSE(st.ok) << name;
-    EXPECT_NE(st.message.find(needle), std::string::npos) << st.message;
-    try {
-      skc::DenseDecodeAttention::run(bad, ws.get(), ws.bytes(), nullptr);
-      ADD_FAILURE() << "run accepted " << name;
-    } catch (const InvalidArgument& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
+  auto expect_bad = [&ws](const skc::DenseDecodeParams& bad, const std::string& name) {
+    expect_named<skc::DenseDecodeAttention>(bad, name, [&ws](const skc::DenseDecodeParams& q) {
+      skc::DenseDecodeAttention::run(q, ws.get(), ws.bytes(), nullptr);
+    });
   };
   auto bad = p;
   bad.dtype = static_cast<skc::DataType>(9);
