@@ -1,9 +1,11 @@
 // Kernels of the device-resident cache that no library provides: the scatter of a ragged batch of new
-// token rows to their sink and staging rows. One launch per append replaces a memcpy per sequence and
-// tier (launch overhead would dominate a decode step otherwise).
+// token rows to their sink and staging rows (one launch per append replaces a memcpy per sequence and
+// tier: launch overhead would dominate a decode step otherwise), and the copy of a call's metadata from
+// the mapped pinned ring to device memory (cheaper between two kernels than a copy-engine transfer).
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "spectralkv/cuda/device_cache.cuh"
@@ -26,6 +28,12 @@ __global__ void scatter_rows_kernel(const uint4* src_k, const uint4* src_v, void
   }
 }
 
+__global__ void copy_metadata_kernel(uint4* dst, const uint4* src, std::size_t vecs) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < vecs;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dst[i] = src[i];
+}
+
 }  // namespace
 
 void scatter_rows(const void* src_k, const void* src_v, void* const* dst_k, void* const* dst_v, int rows, int row_bytes,
@@ -41,6 +49,16 @@ void scatter_rows(const void* src_k, const void* src_v, void* const* dst_k, void
   scatter_rows_kernel<<<rows, vecs < 256 ? ((vecs + 31) / 32) * 32 : 256, 0, stream>>>(
       static_cast<const uint4*>(src_k), static_cast<const uint4*>(src_v), dst_k, dst_v, vecs);
   check_launch("scatter_rows_kernel");
+}
+
+void copy_metadata(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return;
+  // A decode call's few kilobytes take one CTA; a prefill's megabytes keep enough reads in flight to fill the bus.
+  constexpr unsigned kThreads = 512, kMaxBlocks = 1024;
+  const std::size_t vecs = (bytes + 15) / 16;
+  const auto blocks = static_cast<unsigned>(std::min<std::size_t>((vecs + kThreads - 1) / kThreads, kMaxBlocks));
+  copy_metadata_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<uint4*>(dst), static_cast<const uint4*>(src), vecs);
+  check_launch("copy_metadata_kernel");
 }
 
 }  // namespace spectralkv::cuda::detail

@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -70,6 +71,9 @@ namespace detail {
 /// Copies row i of src_k / src_v (row_bytes each) to dst_k[i] / dst_v[i], for rows rows. Device arrays.
 void scatter_rows(const void* src_k, const void* src_v, void* const* dst_k, void* const* dst_v, int rows,
                   int row_bytes, cudaStream_t stream);
+/// Copies `bytes` (rounded up to 16; both buffers 16-byte aligned and that long) from `src` (device or
+/// mapped host memory) to `dst` (device memory).
+void copy_metadata(void* dst, const void* src, std::size_t bytes, cudaStream_t stream);
 }  // namespace detail
 
 template <class T>
@@ -310,9 +314,13 @@ class DeviceSpectralCache {
         dst[static_cast<std::size_t>(total + row)] = vd;
       }
     }
-    void** dev_dst = upload<void*>(dst, stream);
+    // Each CTA of the scatter reads its row's two destinations once: for a decode step's few rows straight
+    // from the mapped ring (one small read across the bus per row), for a prefill's many from a bulk copy.
+    void** const dev_dst =
+        std::get<0>(total <= kMappedAppendRows ? stage_metadata(dst) : upload_metadata(stream, dst));
     detail::scatter_rows(k.data, v.data, dev_dst, dev_dst + total, static_cast<int>(total),
                          static_cast<int>(row_elems_ * static_cast<std::int64_t>(sizeof(T))), stream);
+    release_metadata(stream);
     // Schedule the blocks that filled.
     for (std::size_t i = 0; i < ids.size(); ++i) {
       SlotLayer& sl = slots_[static_cast<std::size_t>(slots[i])].layers[lu];
@@ -419,8 +427,7 @@ class DeviceSpectralCache {
     ints.insert(ints.end(), row_seq.begin(), row_seq.end());
     const std::size_t at_table = ints.size();
     ints.insert(ints.end(), table.begin(), table.end());
-    const void** dev_ptrs = upload<const void*>(ptrs, stream);
-    const std::int32_t* dev_ints = upload<std::int32_t>(ints, stream);
+    const auto [dev_ptrs, dev_ints] = upload_metadata(stream, ptrs, ints);
 
     DenseTier sink{dev_ptrs, dev_ptrs + batch, dev_ints};
     DenseTier tail{dev_ptrs + 2 * batch, dev_ptrs + 3 * batch, dev_ints + batch};
@@ -717,26 +724,52 @@ class DeviceSpectralCache {
 
   // --- per-call metadata --------------------------------------------------------------------------------
 
-  /// Copies `data` to the next region of the device metadata ring (through pinned memory) on `stream`
-  /// and returns its device address. A region is rewritten only kMetaRegions uploads later and after
-  /// its previous copy has completed; the calls of one cache are ordered on the device, so no kernel can
-  /// still be reading it.
-  template <class U>
-  U* upload(const std::vector<U>& data, cudaStream_t stream) {
-    const std::size_t bytes = data.size() * sizeof(U);
+  /// Writes the vectors, one after another at 8-byte aligned offsets, into the next region of the pinned
+  /// metadata ring and returns their addresses as the device sees that region: mapped host memory, read
+  /// by the kernel across the bus. The caller enqueues the kernels that read the region, then
+  /// `release_metadata(stream)`. A region is rewritten only kMetaRegions calls later and after the event
+  /// recorded at its release, so no kernel can still be reading it.
+  template <class... U>
+  std::tuple<U*...> stage_metadata(const std::vector<U>&... data) {
+    std::size_t offsets[sizeof...(U)];
+    std::size_t bytes = 0, i = 0;
+    ((offsets[i++] = bytes, bytes += (data.size() * sizeof(U) + 7) / 8 * 8), ...);
     if (bytes > meta_region_bytes_) {
       throw CudaError(::spectralkv::detail::concat("DeviceSpectralCache: ", bytes, " bytes of call metadata exceed the ",
                                                    meta_region_bytes_, "-byte region"));
     }
-    const std::size_t r = meta_next_;
+    meta_current_ = meta_next_;
     meta_next_ = (meta_next_ + 1) % kMetaRegions;
-    std::uint8_t* host = meta_host_ + r * meta_region_bytes_;
-    std::uint8_t* dev = meta_dev_ + r * meta_region_bytes_;
-    check(cudaEventSynchronize(meta_copied_[r]), "cudaEventSynchronize");
-    if (bytes > 0) std::memcpy(host, data.data(), bytes);
-    check(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(metadata)");
-    check(cudaEventRecord(meta_copied_[r], stream), "cudaEventRecord");
-    return reinterpret_cast<U*>(dev);
+    meta_current_bytes_ = bytes;
+    std::uint8_t* host = meta_host_ + meta_current_ * meta_region_bytes_;
+    std::uint8_t* mapped = meta_mapped_ + meta_current_ * meta_region_bytes_;
+    check(cudaEventSynchronize(meta_released_[meta_current_]), "cudaEventSynchronize");
+    i = 0;
+    ((data.empty() ? void() : void(std::memcpy(host + offsets[i], data.data(), data.size() * sizeof(U))), ++i), ...);
+    i = 0;
+    return std::tuple<U*...>{reinterpret_cast<U*>(mapped + offsets[i++])...};
+  }
+
+  /// stage_metadata, then one kernel copies the region to device memory and the region is released: for
+  /// metadata that every CTA of the attention kernels reads. A kernel rather than cudaMemcpyAsync, because
+  /// a copy-engine transfer between two kernels of the stream made an attention call ~6 µs slower.
+  template <class... U>
+  std::tuple<U*...> upload_metadata(cudaStream_t stream, const std::vector<U>&... data) {
+    const std::tuple<U*...> mapped = stage_metadata(data...);
+    const std::uint8_t* const from = meta_mapped_ + meta_current_ * meta_region_bytes_;
+    std::uint8_t* const to = meta_dev_ + meta_current_ * meta_region_bytes_;
+    detail::copy_metadata(to, from, meta_current_bytes_, stream);
+    release_metadata(stream);
+    return std::apply(
+        [&](auto*... p) {
+          return std::tuple<U*...>{reinterpret_cast<U*>(to + (reinterpret_cast<const std::uint8_t*>(p) - from))...};
+        },
+        mapped);
+  }
+
+  /// The kernels that read the staged region are enqueued on `stream`: it may be rewritten after them.
+  void release_metadata(cudaStream_t stream) {
+    check(cudaEventRecord(meta_released_[meta_current_], stream), "cudaEventRecord");
   }
 
   // --- allocation -----------------------------------------------------------------------------------------
@@ -793,11 +826,13 @@ class DeviceSpectralCache {
     // Metadata of one call: row destinations of an append, or the tables of an attend.
     const std::size_t append_bytes = 2 * sizeof(void*) * static_cast<std::size_t>(seqs * options_.max_append_tokens);
     const std::size_t attend_bytes = sizeof(std::int32_t) * static_cast<std::size_t>(
-        4 * seqs + 4 + seqs * options_.max_append_tokens + options_.max_blocks_per_layer) + 4 * sizeof(void*) * static_cast<std::size_t>(seqs);
+        4 * seqs + 4 + seqs * options_.max_append_tokens + options_.max_blocks_per_layer) + 4 * sizeof(void*) * static_cast<std::size_t>(seqs) + 8;
     meta_region_bytes_ = (std::max(append_bytes, attend_bytes) + 255) / 256 * 256;
     meta_dev_ = static_cast<std::uint8_t*>(device_alloc(kMetaRegions * meta_region_bytes_));
-    check(cudaMallocHost(&meta_host_, kMetaRegions * meta_region_bytes_), "cudaMallocHost");
-    for (cudaEvent_t& e : meta_copied_) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    check(cudaHostAlloc(reinterpret_cast<void**>(&meta_host_), kMetaRegions * meta_region_bytes_, cudaHostAllocMapped),
+          "cudaHostAlloc");
+    check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&meta_mapped_), meta_host_, 0), "cudaHostGetDevicePointer");
+    for (cudaEvent_t& e : meta_released_) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     for (cudaEvent_t* e : {&rows_ready_, &jobs_copied_}) {
       check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     }
@@ -814,7 +849,7 @@ class DeviceSpectralCache {
     if (meta_host_) cudaFreeHost(meta_host_);
     job_staging_ = nullptr;
     meta_host_ = nullptr;
-    for (cudaEvent_t& e : meta_copied_) {
+    for (cudaEvent_t& e : meta_released_) {
       if (e) cudaEventDestroy(e);
       e = nullptr;
     }
@@ -858,11 +893,15 @@ class DeviceSpectralCache {
   CompressJob* device_jobs_ = nullptr;
   CompressJob* job_staging_ = nullptr;
   std::uint8_t* meta_dev_ = nullptr;
-  std::uint8_t* meta_host_ = nullptr;
+  std::uint8_t* meta_host_ = nullptr;    // pinned ring, written by the host
+  std::uint8_t* meta_mapped_ = nullptr;  // the same ring as the device addresses it
   static constexpr std::size_t kMetaRegions = 8;
+  static constexpr std::int64_t kMappedAppendRows = 64;
   std::size_t meta_region_bytes_ = 0;
   std::size_t meta_next_ = 0;
-  cudaEvent_t meta_copied_[kMetaRegions] = {};
+  std::size_t meta_current_ = 0;        // region of the last stage_metadata
+  std::size_t meta_current_bytes_ = 0;  // bytes staged there
+  cudaEvent_t meta_released_[kMetaRegions] = {};
   cudaEvent_t rows_ready_ = nullptr;
   cudaEvent_t jobs_copied_ = nullptr;
 };
