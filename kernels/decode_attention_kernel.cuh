@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "decode_kernel_args.cuh"
 #include "spectralkv/cuda/error.cuh"
@@ -453,14 +454,18 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   const int S = a.stages;
   const bool hi_rows = g > 8;  // rows 8..15 of the MMA tiles hold query heads (else they are padding)
 
-  // The merge kernel (enqueued after this one as a programmatic dependent) may be scheduled from now on; its
-  // CTAs wait for this grid to finish before they read the partials, and fit only where CTAs of this grid
-  // have exited.
-  launch_dependents();
   if (tid == 0) {
     for (int st = 0; st < S; ++st) mbar_init(bar0 + 8 * st, 1);
     fence_mbar_init();  // visible to the copy engine before any bulk copy completes on them
   }
+  // This grid is launched as a programmatic dependent of whatever precedes it on the stream, so its CTAs may
+  // be resident before that work has finished: nothing in global memory is touched before this wait, which
+  // returns once the preceding grid has completed and its writes are visible (at once, when there is none).
+  grid_dependency_wait();
+  // The merge kernel (enqueued after this one as a programmatic dependent) may be scheduled from now on; it
+  // reads the lengths before its own wait, which the wait above has made safe, and the partials after it.
+  // Its CTAs fit only where CTAs of this grid have exited.
+  launch_dependents();
 
   // ---- Items per sequence, and their prefix sums (sequence-major order). --------------------------
   for (int b = tid; b < B; b += kThreads) {
@@ -1530,6 +1535,17 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __gri
   }
 }
 
+/// cudaLaunchKernelEx, its error cleared (launch errors are not sticky, so a later check would report it
+/// again) and thrown as CudaError.
+template <class... Params, class... Args>
+void launch_checked(const cudaLaunchConfig_t& config, const char* what, void (*fn)(Params...), Args&&... args) {
+  const cudaError_t st = cudaLaunchKernelEx(&config, fn, std::forward<Args>(args)...);
+  if (st != cudaSuccess) {
+    cudaGetLastError();
+    check(st, what);
+  }
+}
+
 /// Definition of the launcher declared in decode_kernel_args.cuh; the instantiation files instantiate it.
 template <class T, int D, int RK, int RV>
 void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_t stream) {
@@ -1550,25 +1566,26 @@ void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_
     }
     raised[device] = smem_bytes;
   }
-  fn<<<grid, DecodeTraits<T, D, RK, RV>::kThreads, smem_bytes, stream>>>(args);
-  check_launch("decode_attention_kernel");
-  if (args.merge_in_kernel) return;
-
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(args.batch * args.num_kv_heads));
-  config.blockDim = dim3(kMergeThreads);
-  config.dynamicSmemBytes = static_cast<std::size_t>(grid) * sizeof(int);
-  config.stream = stream;
+  // Both grids are programmatic dependents of what precedes them on the stream (each waits on the device
+  // before it reads anything), so a grid's launch overlaps the end of the one before it.
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.stream = stream;
   config.attrs = attribute;
   config.numAttrs = 1;
-  const cudaError_t st = cudaLaunchKernelEx(&config, decode_merge_kernel<T, D>, args, grid, RK > 0 ? 1 : 0);
-  if (st != cudaSuccess) {
-    cudaGetLastError();  // not sticky: clear it so that a later launch check does not report it again
-    check(st, "cudaLaunchKernelEx(decode_merge_kernel)");
-  }
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(DecodeTraits<T, D, RK, RV>::kThreads);
+  config.dynamicSmemBytes = static_cast<std::size_t>(smem_bytes);
+  launch_checked(config, "cudaLaunchKernelEx(decode_attention_kernel)", fn, args);
+  if (args.merge_in_kernel) return;
+
+  config.gridDim = dim3(static_cast<unsigned>(args.batch * args.num_kv_heads));
+  config.blockDim = dim3(kMergeThreads);
+  config.dynamicSmemBytes = static_cast<std::size_t>(grid) * sizeof(int);
+  launch_checked(config, "cudaLaunchKernelEx(decode_merge_kernel)", decode_merge_kernel<T, D>, args, grid,
+                 RK > 0 ? 1 : 0);
 }
 
 }  // namespace spectralkv::cuda::kernel

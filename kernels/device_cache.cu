@@ -29,6 +29,10 @@ __global__ void scatter_rows_kernel(const uint4* src_k, const uint4* src_v, void
 }
 
 __global__ void copy_metadata_kernel(uint4* dst, const uint4* src, std::size_t vecs) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The attention kernel that follows may be scheduled now: it waits for this grid before it reads anything.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < vecs;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
     dst[i] = src[i];

@@ -695,6 +695,57 @@ TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
   skc::check(cudaDeviceSynchronize(), "DecodeAttention (batch 0)");
 }
 
+/// The kernel before the attention call, as an engine's may be: it lets its programmatic dependents launch at
+/// once, then writes the attention's inputs after ~`ns` nanoseconds.
+__global__ void late_writer(std::uint32_t* q, const std::uint32_t* q_src, int q_words, std::int32_t* lens,
+                            const std::int32_t* lens_src, int lens_count, unsigned ns) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  for (unsigned t = 0; t < ns; t += 1000) __nanosleep(1000);
+  for (int i = threadIdx.x; i < q_words; i += blockDim.x) q[i] = q_src[i];
+  for (int i = threadIdx.x; i < lens_count; i += blockDim.x) lens[i] = lens_src[i];
+}
+
+/// The attention grids are launched as programmatic dependents of the work before them on the stream: they
+/// must read nothing (queries, lengths; the merge kernel reads the lengths too) before that work is done.
+/// The query and the lengths hold other values until a kernel that triggers its dependents at once writes
+/// them 200 µs later; read early, the zero lengths would drop the sinks and tails and the query would differ.
+TEST(SpectralDecode, WaitsForTheKernelThatWritesItsInputs) {
+  if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
+  CacheConfig cfg = config_d128(8, 2, 48, 8, 4, 16, 32);
+  SpectralCache<Half> cache(cfg);
+  const std::vector<SequenceId> ids = fill_low_rank(cache, {5, 300, 2000}, 2, 920);  // few pairs: the merge kernel runs
+  const auto q = test::normal_tokens<Half>(3, 8, 128, 15);
+  std::vector<float> ref(q.size());
+  cache.attend(0, ids, {1, 1, 1}, test::view(q, 3, 8, 128), test::view(ref, 3, 8, 128), 0.0884f);
+
+  UploadedLayer u = upload_layer(cache, 0, ids);
+  u.params.scale = 0.0884f;
+  const std::vector<std::int32_t> lens = download<std::int32_t>(*u.lens, 6);
+  ASSERT_GT(lens[5], 0);
+  const auto q_src = upload(q);
+  const auto lens_src = upload(lens);
+  const auto dq = upload(test::normal_tokens<Half>(3, 8, 128, 16));  // another query until the writer runs
+  skc::check(cudaMemset(u.lens->get(), 0, u.lens->bytes()), "cudaMemset(lengths)");
+  DeviceBuffer out(q.size() * sizeof(Half));
+  skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+  u.params.q = dq->get();
+  u.params.out = out.get();
+  DeviceBuffer ws(skc::DecodeAttention::get_workspace_size(u.params));
+  cudaStream_t stream;
+  skc::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  skc::DecodeAttention::initialize_workspace(u.params, ws.get(), stream);
+  late_writer<<<1, 256, 0, stream>>>(dq->as<std::uint32_t>(), q_src->as<std::uint32_t>(),
+                                     static_cast<int>(q.size() / 2), u.lens->as<std::int32_t>(),
+                                     lens_src->as<std::int32_t>(), 6, 200000);
+  skc::check(cudaGetLastError(), "late_writer");
+  skc::DecodeAttention::run(u.params, ws.get(), ws.bytes(), stream);
+  skc::check(cudaStreamSynchronize(stream), "DecodeAttention after late_writer");
+  skc::check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  EXPECT_EQ(0, compare(ref, download<Half>(out, q.size()), 3 * 8, 128, 2e-3, "inputs written by the kernel before"));
+}
+
 // ---- Argument checks -----------------------------------------------------------------------------------
 
 /// Expects `bad` to fail can_implement and run with a message naming `argument <name> = `. run gets whatever

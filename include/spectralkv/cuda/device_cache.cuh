@@ -478,6 +478,7 @@ class DeviceSpectralCache {
       p.tail = tail;
       MultiQueryAttention::run(p, stream);
     }
+    release_metadata(stream);
   }
 
   void attend(int layer, SequenceId id, TensorView<const T> q, TensorView<T> out, float scale, cudaStream_t stream) {
@@ -750,16 +751,17 @@ class DeviceSpectralCache {
     return std::tuple<U*...>{reinterpret_cast<U*>(mapped + offsets[i++])...};
   }
 
-  /// stage_metadata, then one kernel copies the region to device memory and the region is released: for
-  /// metadata that every CTA of the attention kernels reads. A kernel rather than cudaMemcpyAsync, because
-  /// a copy-engine transfer between two kernels of the stream made an attention call ~6 µs slower.
+  /// stage_metadata, then one kernel copies the region to device memory (release it after the kernels that
+  /// read the copy, as after those that read the region: nothing in between, so that the attention kernel,
+  /// a programmatic dependent, launches while the copy runs). For metadata that every CTA of the attention
+  /// kernels reads. A kernel rather than cudaMemcpyAsync, because a copy-engine transfer between two
+  /// kernels of the stream made an attention call ~6 µs slower.
   template <class... U>
   std::tuple<U*...> upload_metadata(cudaStream_t stream, const std::vector<U>&... data) {
     const std::tuple<U*...> mapped = stage_metadata(data...);
     const std::uint8_t* const from = meta_mapped_ + meta_current_ * meta_region_bytes_;
     std::uint8_t* const to = meta_dev_ + meta_current_ * meta_region_bytes_;
     detail::copy_metadata(to, from, meta_current_bytes_, stream);
-    release_metadata(stream);
     return std::apply(
         [&](auto*... p) {
           return std::tuple<U*...>{reinterpret_cast<U*>(to + (reinterpret_cast<const std::uint8_t*>(p) - from))...};
