@@ -698,11 +698,17 @@ TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
 /// The kernel before the attention call, as an engine's may be: it lets its programmatic dependents launch at
 /// once, then writes the attention's inputs after ~`ns` nanoseconds.
 __global__ void late_writer(std::uint32_t* q, const std::uint32_t* q_src, int q_words, std::int32_t* lens,
-                            const std::int32_t* lens_src, int lens_count, unsigned ns) {
+                            const std::int32_t* lens_src, int lens_count, unsigned long long ns) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
-  for (unsigned t = 0; t < ns; t += 1000) __nanosleep(1000);
+  // %globaltimer, not __nanosleep alone: a sleep may return at once.
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
   for (int i = threadIdx.x; i < q_words; i += blockDim.x) q[i] = q_src[i];
   for (int i = threadIdx.x; i < lens_count; i += blockDim.x) lens[i] = lens_src[i];
 }
@@ -710,7 +716,7 @@ __global__ void late_writer(std::uint32_t* q, const std::uint32_t* q_src, int q_
 /// The attention grids are launched as programmatic dependents of the work before them on the stream: they
 /// must read nothing (queries, lengths; the merge kernel reads the lengths too) before that work is done.
 /// The query and the lengths hold other values until a kernel that triggers its dependents at once writes
-/// them 200 µs later; read early, the zero lengths would drop the sinks and tails and the query would differ.
+/// them 2 ms later; read early, the zero lengths would drop the sinks and tails and the query would differ.
 TEST(SpectralDecode, WaitsForTheKernelThatWritesItsInputs) {
   if (!skc::device_available()) GTEST_SKIP() << "no CUDA device present";
   CacheConfig cfg = config_d128(8, 2, 48, 8, 4, 16, 32);
@@ -722,6 +728,8 @@ TEST(SpectralDecode, WaitsForTheKernelThatWritesItsInputs) {
 
   UploadedLayer u = upload_layer(cache, 0, ids);
   u.params.scale = 0.0884f;
+  // Once in order first: the kernels' module is then loaded, so the call below launches within the 2 ms.
+  EXPECT_EQ(0, compare(ref, run_decode(u.params, q, q.size()), 3 * 8, 128, 2e-3, "inputs written before the call"));
   const std::vector<std::int32_t> lens = download<std::int32_t>(*u.lens, 6);
   ASSERT_GT(lens[5], 0);
   const auto q_src = upload(q);
@@ -738,7 +746,7 @@ TEST(SpectralDecode, WaitsForTheKernelThatWritesItsInputs) {
   skc::DecodeAttention::initialize_workspace(u.params, ws.get(), stream);
   late_writer<<<1, 256, 0, stream>>>(dq->as<std::uint32_t>(), q_src->as<std::uint32_t>(),
                                      static_cast<int>(q.size() / 2), u.lens->as<std::int32_t>(),
-                                     lens_src->as<std::int32_t>(), 6, 200000);
+                                     lens_src->as<std::int32_t>(), 6, 2000000);
   skc::check(cudaGetLastError(), "late_writer");
   skc::DecodeAttention::run(u.params, ws.get(), ws.bytes(), stream);
   skc::check(cudaStreamSynchronize(stream), "DecodeAttention after late_writer");
