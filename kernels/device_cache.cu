@@ -14,9 +14,22 @@
 namespace spectralkv::cuda::detail {
 namespace {
 
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 /// One CTA per row; 16-byte copies (row_bytes is a multiple of 16: head_dim is a multiple of 8).
 __global__ void scatter_rows_kernel(const uint4* src_k, const uint4* src_v, void* const* dst_k, void* const* dst_v,
                                     int vecs_per_row) {
+  // The next call's metadata copy may be scheduled now: it completes only after this grid.
+  launch_dependents();
   const int row = blockIdx.x;
   const uint4* sk = src_k + static_cast<std::int64_t>(row) * vecs_per_row;
   const uint4* sv = src_v + static_cast<std::int64_t>(row) * vecs_per_row;
@@ -28,14 +41,16 @@ __global__ void scatter_rows_kernel(const uint4* src_k, const uint4* src_v, void
   }
 }
 
+/// Launched as a programmatic dependent of the kernel before it, which it need not wait for: it reads the
+/// host's ring, and its destination is read by no kernel until this call's (the ring is reused only after the
+/// event recorded behind the region's last readers). It waits before it completes, so that the kernels after
+/// it, which wait for it, follow the kernel before it too. The attention kernel after it may be scheduled at once.
 __global__ void copy_metadata_kernel(uint4* dst, const uint4* src, std::size_t vecs) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The attention kernel that follows may be scheduled now: it waits for this grid before it reads anything.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  launch_dependents();
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < vecs;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
     dst[i] = src[i];
+  grid_dependency_wait();
 }
 
 }  // namespace
@@ -61,8 +76,21 @@ void copy_metadata(void* dst, const void* src, std::size_t bytes, cudaStream_t s
   constexpr unsigned kThreads = 512, kMaxBlocks = 1024;
   const std::size_t vecs = (bytes + 15) / 16;
   const auto blocks = static_cast<unsigned>(std::min<std::size_t>((vecs + kThreads - 1) / kThreads, kMaxBlocks));
-  copy_metadata_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<uint4*>(dst), static_cast<const uint4*>(src), vecs);
-  check_launch("copy_metadata_kernel");
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const cudaError_t st = cudaLaunchKernelEx(&config, copy_metadata_kernel, static_cast<uint4*>(dst),
+                                            static_cast<const uint4*>(src), vecs);
+  if (st != cudaSuccess) {
+    cudaGetLastError();  // launch errors are not sticky: a later check would report it again
+    check(st, "cudaLaunchKernelEx(copy_metadata_kernel)");
+  }
 }
 
 }  // namespace spectralkv::cuda::detail
