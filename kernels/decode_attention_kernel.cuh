@@ -462,8 +462,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, D, RK, RV>::kThreads, DecodeTr
   // be resident before that work has finished: nothing in global memory is touched before this wait, which
   // returns once the preceding grid has completed and its writes are visible (at once, when there is none).
   grid_dependency_wait();
-  // The merge kernel (enqueued after this one as a programmatic dependent) may be scheduled from now on; it
-  // reads the lengths before its own wait, which the wait above has made safe, and the partials after it.
+  // The merge kernel (enqueued after this one as a programmatic dependent) may be scheduled from now on. It
+  // reads the lengths before its own wait (the partials after it): it relies on its launch coming after every
+  // CTA here has passed the wait above, when the work that wrote them has completed and its writes, flushed
+  // at its completion, are visible to the whole device (PTX promises the wait's visibility to this grid only).
   // Its CTAs fit only where CTAs of this grid have exited.
   launch_dependents();
 

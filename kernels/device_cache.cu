@@ -28,7 +28,8 @@ __device__ __forceinline__ void grid_dependency_wait() {
 /// One CTA per row; 16-byte copies (row_bytes is a multiple of 16: head_dim is a multiple of 8).
 __global__ void scatter_rows_kernel(const uint4* src_k, const uint4* src_v, void* const* dst_k, void* const* dst_v,
                                     int vecs_per_row) {
-  // The next call's metadata copy may be scheduled now: it completes only after this grid.
+  // A programmatic dependent enqueued next (the next call's metadata copy) may be scheduled now; that copy
+  // completes only after this grid.
   launch_dependents();
   const int row = blockIdx.x;
   const uint4* sk = src_k + static_cast<std::int64_t>(row) * vecs_per_row;

@@ -735,14 +735,14 @@ TEST(SpectralDecode, WaitsForTheKernelThatWritesItsInputs) {
   const auto q_src = upload(q);
   const auto lens_src = upload(lens);
   const auto dq = upload(test::normal_tokens<Half>(3, 8, 128, 16));  // another query until the writer runs
-  skc::check(cudaMemset(u.lens->get(), 0, u.lens->bytes()), "cudaMemset(lengths)");
+  cudaStream_t stream;
+  skc::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  skc::check(cudaMemsetAsync(u.lens->get(), 0, u.lens->bytes(), stream), "cudaMemset(lengths)");
   DeviceBuffer out(q.size() * sizeof(Half));
-  skc::check(cudaMemset(out.get(), 0xFF, out.bytes()), "cudaMemset(poison)");
+  skc::check(cudaMemsetAsync(out.get(), 0xFF, out.bytes(), stream), "cudaMemset(poison)");
   u.params.q = dq->get();
   u.params.out = out.get();
   DeviceBuffer ws(skc::DecodeAttention::get_workspace_size(u.params));
-  cudaStream_t stream;
-  skc::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   skc::DecodeAttention::initialize_workspace(u.params, ws.get(), stream);
   late_writer<<<1, 256, 0, stream>>>(dq->as<std::uint32_t>(), q_src->as<std::uint32_t>(),
                                      static_cast<int>(q.size() / 2), u.lens->as<std::int32_t>(),

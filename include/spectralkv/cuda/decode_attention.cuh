@@ -23,10 +23,11 @@
 //                                                 the argument) when can_implement fails and CudaError when a
 //                                                 launch fails.
 //
-// run() launches its grids as programmatic dependents (PDL) of the work before them on the stream: each waits
-// on the device for that work to finish before it reads anything, so the launch overlaps the end of the
-// kernel before it, and a kernel before it that calls `griddepcontrol.launch_dependents` early
-// lets the attention grid be resident by the time it finishes.
+// run() launches its grids as programmatic dependents (PDL) of the work before them on the stream: nothing is
+// read before that work has finished (the attention grid waits on the device first, and the merge grid is
+// launched only after that wait), so the launch overlaps the end of the kernel before it, and a kernel
+// before it that calls `griddepcontrol.launch_dependents` early lets the attention grid be resident by the
+// time it finishes.
 //
 // Scores are `scale · q·k` (pass 1/sqrt(head_dim) for the usual attention): the query is NOT pre-scaled.
 // All arithmetic is FP32 except the tensor-core products, whose operands are exact (INT8 coefficients,

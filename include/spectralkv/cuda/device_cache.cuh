@@ -318,9 +318,10 @@ class DeviceSpectralCache {
     // from the mapped ring (one small read across the bus per row), for a prefill's many from a bulk copy.
     void** const dev_dst =
         std::get<0>(total <= kMappedAppendRows ? stage_metadata(dst) : upload_metadata(stream, dst));
+    MetadataRelease release(*this, stream);
     detail::scatter_rows(k.data, v.data, dev_dst, dev_dst + total, static_cast<int>(total),
                          static_cast<int>(row_elems_ * static_cast<std::int64_t>(sizeof(T))), stream);
-    release_metadata(stream);
+    release.now();
     // Schedule the blocks that filled.
     for (std::size_t i = 0; i < ids.size(); ++i) {
       SlotLayer& sl = slots_[static_cast<std::size_t>(slots[i])].layers[lu];
@@ -428,6 +429,7 @@ class DeviceSpectralCache {
     const std::size_t at_table = ints.size();
     ints.insert(ints.end(), table.begin(), table.end());
     const auto [dev_ptrs, dev_ints] = upload_metadata(stream, ptrs, ints);
+    MetadataRelease release(*this, stream);
 
     DenseTier sink{dev_ptrs, dev_ptrs + batch, dev_ints};
     DenseTier tail{dev_ptrs + 2 * batch, dev_ptrs + 3 * batch, dev_ints + batch};
@@ -478,7 +480,7 @@ class DeviceSpectralCache {
       p.tail = tail;
       MultiQueryAttention::run(p, stream);
     }
-    release_metadata(stream);
+    release.now();
   }
 
   void attend(int layer, SequenceId id, TensorView<const T> q, TensorView<T> out, float scale, cudaStream_t stream) {
@@ -727,9 +729,9 @@ class DeviceSpectralCache {
 
   /// Writes the vectors, one after another at 8-byte aligned offsets, into the next region of the pinned
   /// metadata ring and returns their addresses as the device sees that region: mapped host memory, read
-  /// by the kernel across the bus. The caller enqueues the kernels that read the region, then
-  /// `release_metadata(stream)`. A region is rewritten only kMetaRegions calls later and after the event
-  /// recorded at its release, so no kernel can still be reading it.
+  /// by the kernel across the bus. The caller enqueues the kernels that read the region, under a
+  /// MetadataRelease. A region is rewritten only kMetaRegions calls later and after the event recorded at
+  /// its release, so no kernel can still be reading it.
   template <class... U>
   std::tuple<U*...> stage_metadata(const std::vector<U>&... data) {
     std::size_t offsets[sizeof...(U)];
@@ -751,9 +753,9 @@ class DeviceSpectralCache {
     return std::tuple<U*...>{reinterpret_cast<U*>(mapped + offsets[i++])...};
   }
 
-  /// stage_metadata, then one kernel copies the region to device memory (release it after the kernels that
-  /// read the copy, as after those that read the region: nothing in between, so that the attention kernel,
-  /// a programmatic dependent, launches while the copy runs). For metadata that every CTA of the attention
+  /// stage_metadata, then one kernel copies the region to device memory (released, as the region is, behind
+  /// the kernels that read the copy: nothing in between, so that the attention kernel, a programmatic
+  /// dependent, can launch while the copy runs). For metadata that every CTA of the attention
   /// kernels reads. A kernel rather than cudaMemcpyAsync, because a copy-engine transfer between two
   /// kernels of the stream made an attention call ~6 µs slower.
   template <class... U>
@@ -769,10 +771,27 @@ class DeviceSpectralCache {
         mapped);
   }
 
-  /// The kernels that read the staged region are enqueued on `stream`: it may be rewritten after them.
-  void release_metadata(cudaStream_t stream) {
-    check(cudaEventRecord(meta_released_[meta_current_], stream), "cudaEventRecord");
-  }
+  /// Records the release of the staged region behind the kernels that read it: `now()` once they are enqueued,
+  /// or the destructor when the call throws first (kernels that read the region may already be enqueued).
+  class MetadataRelease {
+   public:
+    MetadataRelease(DeviceSpectralCache& cache, cudaStream_t stream) : cache_(cache), stream_(stream) {}
+    MetadataRelease(const MetadataRelease&) = delete;
+    MetadataRelease& operator=(const MetadataRelease&) = delete;
+    void now() {
+      done_ = true;
+      check(cudaEventRecord(event(), stream_), "cudaEventRecord(metadata released)");
+    }
+    ~MetadataRelease() {
+      if (!done_) cudaEventRecord(event(), stream_);  // already unwinding: an error here has no one to go to
+    }
+
+   private:
+    cudaEvent_t event() const { return cache_.meta_released_[cache_.meta_current_]; }
+    DeviceSpectralCache& cache_;
+    cudaStream_t stream_;
+    bool done_ = false;
+  };
 
   // --- allocation -----------------------------------------------------------------------------------------
 
@@ -851,6 +870,7 @@ class DeviceSpectralCache {
     if (meta_host_) cudaFreeHost(meta_host_);
     job_staging_ = nullptr;
     meta_host_ = nullptr;
+    meta_mapped_ = nullptr;
     for (cudaEvent_t& e : meta_released_) {
       if (e) cudaEventDestroy(e);
       e = nullptr;
