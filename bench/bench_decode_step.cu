@@ -156,19 +156,18 @@ void BM_DecodeStep(benchmark::State& state) {
   std::int64_t dense_len = tokens;
   double spectral_us = 0, attend_us = 0, dense_us = 0;
   for (auto _ : state) {
+    const auto attend = [&](int r) {
+      cache.attend(0, ids, ones, TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
+                   TensorView<Half>{reinterpret_cast<Half*>(out), batch, kQHeads, kDim}, 0.088f, stream);
+    };
     spectral_us = time_steps(stream, [&] {
       const int r = phase++ % 8;
       const TensorView<const Half> kv{reinterpret_cast<const Half*>(step_kv) + r * batch * row, batch, kKvHeads, kDim};
       cache.append(0, ids, ones, kv, kv, stream);
-      cache.attend(0, ids, ones, TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
-                   TensorView<Half>{reinterpret_cast<Half*>(out), batch, kQHeads, kDim}, 0.088f, stream);
+      attend(r);
     });
     // The attention call alone (no append), to separate its cost from the append's and the compression's.
-    attend_us = time_steps(stream, [&] {
-      const int r = phase++ % 8;
-      cache.attend(0, ids, ones, TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
-                   TensorView<Half>{reinterpret_cast<Half*>(out), batch, kQHeads, kDim}, 0.088f, stream);
-    });
+    attend_us = time_steps(stream, [&] { attend(phase++ % 8); });
     dense_us = time_steps(stream, [&] {
       const int r = phase++ % 8;
       const std::size_t pitch = static_cast<std::size_t>(max_len) * row * sizeof(__half);

@@ -48,9 +48,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 
 #include "decode_kernel_args.cuh"
+#include "programmatic_launch.cuh"
 #include "spectralkv/cuda/error.cuh"
 
 namespace spectralkv::cuda::kernel {
@@ -357,17 +357,6 @@ __device__ __forceinline__ unsigned sharing_ctas(long long total, unsigned grid,
   // ⌈max_items / s⌉ - [s = 1] <= ⌈total / grid⌉, without a 64-bit division.
   const long long k = (max_items + s - 1) / s - (s == 1 ? 1 : 0);
   return k <= 0 || total > (k - 1) * grid ? pairs * s : grid;
-}
-
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1537,17 +1526,6 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const __gri
   }
 }
 
-/// cudaLaunchKernelEx, its error cleared (launch errors are not sticky, so a later check would report it
-/// again) and thrown as CudaError.
-template <class... Params, class... Args>
-void launch_checked(const cudaLaunchConfig_t& config, const char* what, void (*fn)(Params...), Args&&... args) {
-  const cudaError_t st = cudaLaunchKernelEx(&config, fn, std::forward<Args>(args)...);
-  if (st != cudaSuccess) {
-    cudaGetLastError();
-    check(st, what);
-  }
-}
-
 /// Definition of the launcher declared in decode_kernel_args.cuh; the instantiation files instantiate it.
 template <class T, int D, int RK, int RV>
 void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_t stream) {
@@ -1568,26 +1546,14 @@ void launch_decode(const KernelArgs& args, int grid, int smem_bytes, cudaStream_
     }
     raised[device] = smem_bytes;
   }
-  // Both grids are programmatic dependents of what precedes them on the stream (each waits on the device
-  // before it reads anything), so a grid's launch overlaps the end of the one before it.
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.stream = stream;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(DecodeTraits<T, D, RK, RV>::kThreads);
-  config.dynamicSmemBytes = static_cast<std::size_t>(smem_bytes);
-  launch_checked(config, "cudaLaunchKernelEx(decode_attention_kernel)", fn, args);
+  // Both grids are programmatic dependents of what precedes them on the stream (nothing is read before that
+  // work has finished), so a grid's launch overlaps the end of the one before it.
+  launch_programmatic("cudaLaunchKernelEx(decode_attention_kernel)", fn, dim3(static_cast<unsigned>(grid)),
+                      dim3(DecodeTraits<T, D, RK, RV>::kThreads), static_cast<std::size_t>(smem_bytes), stream, args);
   if (args.merge_in_kernel) return;
-
-  config.gridDim = dim3(static_cast<unsigned>(args.batch * args.num_kv_heads));
-  config.blockDim = dim3(kMergeThreads);
-  config.dynamicSmemBytes = static_cast<std::size_t>(grid) * sizeof(int);
-  launch_checked(config, "cudaLaunchKernelEx(decode_merge_kernel)", decode_merge_kernel<T, D>, args, grid,
-                 RK > 0 ? 1 : 0);
+  launch_programmatic("cudaLaunchKernelEx(decode_merge_kernel)", decode_merge_kernel<T, D>,
+                      dim3(static_cast<unsigned>(args.batch * args.num_kv_heads)), dim3(kMergeThreads),
+                      static_cast<std::size_t>(grid) * sizeof(int), stream, args, grid, RK > 0 ? 1 : 0);
 }
 
 }  // namespace spectralkv::cuda::kernel

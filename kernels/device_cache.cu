@@ -10,20 +10,13 @@
 
 #include "spectralkv/cuda/device_cache.cuh"
 #include "spectralkv/cuda/error.cuh"
+#include "programmatic_launch.cuh"
 
 namespace spectralkv::cuda::detail {
 namespace {
 
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+using kernel::grid_dependency_wait;
+using kernel::launch_dependents;
 
 /// One CTA per row; 16-byte copies (row_bytes is a multiple of 16: head_dim is a multiple of 8).
 __global__ void scatter_rows_kernel(const uint4* src_k, const uint4* src_v, void* const* dst_k, void* const* dst_v,
@@ -77,21 +70,8 @@ void copy_metadata(void* dst, const void* src, std::size_t bytes, cudaStream_t s
   constexpr unsigned kThreads = 512, kMaxBlocks = 1024;
   const std::size_t vecs = (bytes + 15) / 16;
   const auto blocks = static_cast<unsigned>(std::min<std::size_t>((vecs + kThreads - 1) / kThreads, kMaxBlocks));
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  const cudaError_t st = cudaLaunchKernelEx(&config, copy_metadata_kernel, static_cast<uint4*>(dst),
-                                            static_cast<const uint4*>(src), vecs);
-  if (st != cudaSuccess) {
-    cudaGetLastError();  // launch errors are not sticky: a later check would report it again
-    check(st, "cudaLaunchKernelEx(copy_metadata_kernel)");
-  }
+  kernel::launch_programmatic("cudaLaunchKernelEx(copy_metadata_kernel)", copy_metadata_kernel, dim3(blocks),
+                              dim3(kThreads), 0, stream, static_cast<uint4*>(dst), static_cast<const uint4*>(src), vecs);
 }
 
 }  // namespace spectralkv::cuda::detail
