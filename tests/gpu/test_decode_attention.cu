@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../test_util.hpp"
+#include "late_writer.cuh"
 #include "spectralkv/cuda/decode_attention.cuh"
 #include "spectralkv/cuda/error.cuh"
 #include "spectralkv/cuda/multi_query_attention.cuh"
@@ -695,24 +696,6 @@ TEST(SpectralDecode, EmptyBatchAndAbsentTier) {
   skc::check(cudaDeviceSynchronize(), "DecodeAttention (batch 0)");
 }
 
-/// The kernel before the attention call, as an engine's may be: it lets its programmatic dependents launch at
-/// once, then writes the attention's inputs after ~`ns` nanoseconds.
-__global__ void late_writer(std::uint32_t* q, const std::uint32_t* q_src, int q_words, std::int32_t* lens,
-                            const std::int32_t* lens_src, int lens_count, unsigned long long ns) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-  // %globaltimer, not __nanosleep alone: a sleep may return at once.
-  unsigned long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do {
-    __nanosleep(1000);
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  } while (t - t0 < ns);
-  for (int i = threadIdx.x; i < q_words; i += blockDim.x) q[i] = q_src[i];
-  for (int i = threadIdx.x; i < lens_count; i += blockDim.x) lens[i] = lens_src[i];
-}
-
 /// The attention grids are launched as programmatic dependents of the work before them on the stream: they
 /// must read nothing (queries, lengths; the merge kernel reads the lengths too) before that work is done.
 /// The query and the lengths hold other values until a kernel that triggers its dependents at once writes
@@ -744,9 +727,9 @@ TEST(SpectralDecode, WaitsForTheKernelThatWritesItsInputs) {
   u.params.out = out.get();
   DeviceBuffer ws(skc::DecodeAttention::get_workspace_size(u.params));
   skc::DecodeAttention::initialize_workspace(u.params, ws.get(), stream);
-  late_writer<<<1, 256, 0, stream>>>(dq->as<std::uint32_t>(), q_src->as<std::uint32_t>(),
-                                     static_cast<int>(q.size() / 2), u.lens->as<std::int32_t>(),
-                                     lens_src->as<std::int32_t>(), 6, 2000000);
+  test::late_writer<<<1, 256, 0, stream>>>(
+      test::LateCopy{dq->as<std::uint32_t>(), q_src->as<std::uint32_t>(), static_cast<int>(q.size() / 2)},
+      test::LateCopy{u.lens->as<std::uint32_t>(), lens_src->as<std::uint32_t>(), 6}, 2000000);
   skc::check(cudaGetLastError(), "late_writer");
   skc::DecodeAttention::run(u.params, ws.get(), ws.bytes(), stream);
   skc::check(cudaStreamSynchronize(stream), "DecodeAttention after late_writer");

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../test_util.hpp"
+#include "late_writer.cuh"
 #include "spectralkv/attention.hpp"
 #include "spectralkv/cache.hpp"
 #include "spectralkv/compress.hpp"
@@ -85,6 +86,16 @@ CacheConfig scenario_config(int sinks, bool centre) {
 int scenario_steps(int full) {
   const char* env = std::getenv("SPECTRALKV_SCENARIO_STEPS");
   return env ? std::max(1, std::min(full, std::atoi(env))) : full;
+}
+
+/// Options of a small cache that compresses each block as it fills.
+skc::DeviceCacheOptions synchronous_options(int max_sequences, int max_blocks_per_layer, std::int64_t max_append_tokens) {
+  skc::DeviceCacheOptions opt;
+  opt.max_sequences = max_sequences;
+  opt.max_blocks_per_layer = max_blocks_per_layer;
+  opt.max_append_tokens = max_append_tokens;
+  opt.compression = skc::CompressionMode::kSynchronous;
+  return opt;
 }
 
 float half_ulp(float x, bool bf16) { return std::ldexp(std::fabs(x), bf16 ? -8 : -11); }
@@ -470,12 +481,7 @@ TEST(DeviceCacheMemory, NoLeakAndCapacityErrorsChangeNothing) {
   // modules take device memory on first launch, which is not a leak), the second is measured.
   auto life = [&] {
     const CacheConfig c = scenario_config(2, false);
-    skc::DeviceCacheOptions opt;
-    opt.max_sequences = 2;
-    opt.max_blocks_per_layer = 3;
-    opt.max_append_tokens = 256;
-    opt.compression = skc::CompressionMode::kSynchronous;
-    skc::DeviceSpectralCache<Half> gpu(c, opt);
+    skc::DeviceSpectralCache<Half> gpu(c, synchronous_options(2, 3, 256));
     EXPECT_GT(gpu.device_bytes(), 0);
     const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads;
     const auto k = test::low_rank_tokens<Half>(256, kv, d, 8, 3, 1e-3f);
@@ -578,12 +584,8 @@ TEST(DeviceCacheApi, AllocatorQueriesAndSplitCompressionLaunches) {
   skc::check(cudaMemcpy(dv.ptr, v.data(), v.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
   skc::check(cudaMemcpy(dq.ptr, q.data(), q.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
   auto outputs = [&](int max_jobs, skc::Allocator alloc) {
-    skc::DeviceCacheOptions opt;
-    opt.max_sequences = 4;
-    opt.max_blocks_per_layer = 8;
-    opt.max_append_tokens = 256;
+    skc::DeviceCacheOptions opt = synchronous_options(4, 8, 256);
     opt.max_compress_jobs = max_jobs;
-    opt.compression = skc::CompressionMode::kSynchronous;
     opt.allocator = std::move(alloc);
     skc::DeviceSpectralCache<Half> gpu(c, opt);
     for (SequenceId id : ids) gpu.add_sequence(id);
@@ -624,6 +626,66 @@ TEST(DeviceCacheApi, AllocatorQueriesAndSplitCompressionLaunches) {
   EXPECT_EQ(split.first, whole.first);
 }
 
+// An attend launches its kernels as programmatic dependents: the copy of its tables from the pinned ring starts
+// at once, the attention kernels after it wait for it. Nothing may read the query before the work enqueued
+// before the attend has completed. Here a kernel that lets its dependents launch at once writes the query 2 ms
+// late (until then the buffer holds another query); the outputs must be the bits of the same attend made in
+// order, for a decode call (q_lens 1, the fused kernel) and a multi-query call. The copy kernel waits for its
+// predecessor before it completes, since PTX promises a wait only for the prerequisite grids; on the H200 the
+// attention kernel's wait was seen to cover the kernel before the copy as well (this test passes without the
+// copy's wait, and fails without the attention kernel's).
+TEST(DeviceCacheOrdering, AttendWaitsForTheKernelThatWritesItsQuery) {
+  SKIP_WITHOUT_GPU();
+  const CacheConfig c = scenario_config(2, false);
+  const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads;
+  skc::DeviceSpectralCache<Half> gpu(c, synchronous_options(2, 8, 256));
+  const std::vector<SequenceId> ids = {3, 8};
+  const std::vector<std::int64_t> counts_per = {230, 150};  // 3 and 2 cold blocks, ragged tails
+  const std::int64_t total = 230 + 150;
+  const auto k = test::low_rank_tokens<Half>(total, kv, d, 8, 31, 1e-3f);
+  const auto v = test::low_rank_tokens<Half>(total, kv, d, 8, 32, 1e-3f);
+  DeviceArray<Half> dk(k.size()), dv(v.size());
+  skc::check(cudaMemcpy(dk.ptr, k.data(), k.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  skc::check(cudaMemcpy(dv.ptr, v.data(), v.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  for (SequenceId id : ids) gpu.add_sequence(id);
+  gpu.append(0, ids, counts_per, TensorView<const Half>{dk.ptr, total, kv, d}, TensorView<const Half>{dv.ptr, total, kv, d}, nullptr);
+  ASSERT_GT(gpu.blocks_in_use(0), 0);
+
+  for (const std::vector<std::int64_t>& q_lens : {std::vector<std::int64_t>{1, 1}, std::vector<std::int64_t>{5, 3}}) {
+    const std::int64_t rows = q_lens[0] + q_lens[1];
+    SCOPED_TRACE(::testing::Message() << "q_lens " << q_lens[0] << ", " << q_lens[1]);
+    const std::size_t n = static_cast<std::size_t>(rows) * qh * d;
+    const auto q = test::normal_tokens<Half>(rows, qh, d, 33);
+    const auto other = test::normal_tokens<Half>(rows, qh, d, 34);
+    DeviceArray<Half> dq(n), q_src(n), dout(n);
+    skc::check(cudaMemcpy(q_src.ptr, q.data(), n * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+    skc::check(cudaMemcpy(dq.ptr, q.data(), n * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+    // In order (this also loads the kernels' modules, so the call below launches within the writer's 2 ms).
+    skc::check(cudaMemset(dout.ptr, 0xFF, n * sizeof(Half)), "cudaMemset");
+    gpu.attend(0, ids, q_lens, TensorView<const Half>{dq.ptr, rows, qh, d}, TensorView<Half>{dout.ptr, rows, qh, d}, 0.125f, nullptr);
+    std::vector<Half> in_order(n), late(n);
+    skc::check(cudaMemcpy(in_order.data(), dout.ptr, n * sizeof(Half), cudaMemcpyDeviceToHost), "cudaMemcpy");
+    for (Half x : in_order) ASSERT_NE(x.bits & 0x7C00u, 0x7C00u) << "non-finite output";
+
+    cudaStream_t stream;
+    skc::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    skc::check(cudaMemcpyAsync(dq.ptr, other.data(), n * sizeof(Half), cudaMemcpyHostToDevice, stream), "cudaMemcpy");
+    skc::check(cudaMemsetAsync(dout.ptr, 0xFF, n * sizeof(Half), stream), "cudaMemset");
+    test::late_writer<<<1, 256, 0, stream>>>(
+        test::LateCopy{reinterpret_cast<std::uint32_t*>(dq.ptr), reinterpret_cast<const std::uint32_t*>(q_src.ptr),
+                       static_cast<int>(n / 2)},
+        test::LateCopy{}, 2000000);
+    skc::check(cudaGetLastError(), "late_writer");
+    gpu.attend(0, ids, q_lens, TensorView<const Half>{dq.ptr, rows, qh, d}, TensorView<Half>{dout.ptr, rows, qh, d}, 0.125f, stream);
+    skc::check(cudaStreamSynchronize(stream), "attend after late_writer");
+    skc::check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    skc::check(cudaMemcpy(late.data(), dout.ptr, n * sizeof(Half), cudaMemcpyDeviceToHost), "cudaMemcpy");
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < n; ++i) differ += in_order[i].bits != late[i].bits;
+    EXPECT_EQ(differ, 0u) << "of " << n << " outputs differ from the attend made in order";
+  }
+}
+
 // Option checks run before the constructor touches the device, so they run without one too.
 TEST(DeviceCacheErrors, OptionsWhoseSizesWrapAreRejected) {
   const CacheConfig c = scenario_config(2, false);
@@ -640,12 +702,7 @@ TEST(DeviceCacheErrors, OptionsWhoseSizesWrapAreRejected) {
 TEST(DeviceCacheErrors, AttendOfMoreRowsThanAnAppendIsRejected) {
   SKIP_WITHOUT_GPU();
   const CacheConfig c = scenario_config(2, false);
-  skc::DeviceCacheOptions opt;
-  opt.max_sequences = 1;
-  opt.max_blocks_per_layer = 2;
-  opt.max_append_tokens = 16;
-  opt.compression = skc::CompressionMode::kSynchronous;
-  skc::DeviceSpectralCache<Half> gpu(c, opt);
+  skc::DeviceSpectralCache<Half> gpu(c, synchronous_options(1, 2, 16));
   const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads;
   const auto k = test::normal_tokens<Half>(16, kv, d, 7);
   DeviceArray<Half> dk(k.size()), dq(20 * static_cast<std::size_t>(qh) * d), out(20 * static_cast<std::size_t>(qh) * d);
