@@ -9,13 +9,16 @@
 // cost is amortised as in steady decoding. Host-side work (validation, metadata) is inside the timing.
 // Counters: us_per_step, tokens_per_s (batch / step time), kv_bytes_per_token (cache bytes held per
 // token per layer, all tiers counted), attend_us_per_step (the same loop with the attention call alone),
-// and dense_us_per_step and speedup.
+// and dense_us_per_step and speedup. host_us_per_step and dense_host_us_per_step: what the host spends to
+// enqueue one step when no call waits for the GPU (steps enqueued behind a kernel that holds the stream): an
+// engine with many layers pays it per layer, and a step whose host time exceeds its GPU time is host-bound.
 
 #include <benchmark/benchmark.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -33,6 +36,9 @@ using skc::check;
 
 constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kBlock = 512, kHot = 64;
 constexpr int kSteps = 512;
+// Host-time rounds: each enqueues kHostSteps steps behind a kernel holding the stream. Three steps use six
+// regions of the device cache's metadata ring (eight), so no call waits for the GPU to release one.
+constexpr int kHostSteps = 3, kHostRounds = 16;
 constexpr std::int64_t kChunk = 4096;
 
 /// Deterministic values in [-1, 1) from a hash of the index (no zeros, no structure the kernels could exploit).
@@ -49,6 +55,16 @@ __global__ void fill_random(__half* p, std::size_t n, std::uint32_t seed) {
 
 __global__ void add_one(std::int32_t* lens, int n) {
   if (threadIdx.x < n) ++lens[threadIdx.x];
+}
+
+/// Holds the stream for `ns` nanoseconds of %globaltimer.
+__global__ void hold_stream(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
 }
 
 template <class U>
@@ -87,10 +103,27 @@ double time_steps(cudaStream_t stream, const std::function<void()>& step) {
   return ms * 1e3 / kSteps;
 }
 
+/// Median over kHostRounds of the host's time per step to enqueue kHostSteps steps behind a 2 ms hold.
+double host_us_per_step(cudaStream_t stream, const std::function<void()>& step) {
+  std::vector<double> per_step;
+  for (int r = 0; r < kHostRounds; ++r) {
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    hold_stream<<<1, 1, 0, stream>>>(2000000);
+    check(cudaGetLastError(), "hold_stream");
+    const auto start = std::chrono::steady_clock::now();
+    for (int s = 0; s < kHostSteps; ++s) step();
+    const std::chrono::duration<double, std::micro> host = std::chrono::steady_clock::now() - start;
+    per_step.push_back(host.count() / kHostSteps);
+  }
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  std::sort(per_step.begin(), per_step.end());
+  return per_step[per_step.size() / 2];
+}
+
 void BM_DecodeStep(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
   const std::int64_t tokens = state.range(1);
-  const std::int64_t max_len = tokens + 8 * kSteps;  // 3 iterations of kSteps appends fit
+  const std::int64_t max_len = tokens + 8 * kSteps;  // every append of the 3 iterations (timed loops and host rounds) fits
   const std::size_t row = static_cast<std::size_t>(kKvHeads) * kDim, qrow = static_cast<std::size_t>(kQHeads) * kDim;
   cudaStream_t stream;
   check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -154,32 +187,36 @@ void BM_DecodeStep(benchmark::State& state) {
 
   int phase = 0;
   std::int64_t dense_len = tokens;
-  double spectral_us = 0, attend_us = 0, dense_us = 0;
+  double spectral_us = 0, attend_us = 0, dense_us = 0, host_us = 0, dense_host_us = 0;
+  const auto attend = [&](int r) {
+    cache.attend(0, ids, ones, TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
+                 TensorView<Half>{reinterpret_cast<Half*>(out), batch, kQHeads, kDim}, 0.088f, stream);
+  };
+  const auto spectral_step = [&] {
+    const int r = phase++ % 8;
+    const TensorView<const Half> kv{reinterpret_cast<const Half*>(step_kv) + r * batch * row, batch, kKvHeads, kDim};
+    cache.append(0, ids, ones, kv, kv, stream);
+    attend(r);
+  };
+  const auto dense_step = [&] {
+    const int r = phase++ % 8;
+    const std::size_t pitch = static_cast<std::size_t>(max_len) * row * sizeof(__half);
+    for (__half* base : {dense_k, dense_v}) {
+      check(cudaMemcpy2DAsync(base + dense_len * row, pitch, step_kv + r * batch * row, row * sizeof(__half),
+                              row * sizeof(__half), batch, cudaMemcpyDeviceToDevice, stream), "cudaMemcpy2DAsync");
+    }
+    add_one<<<1, 1024, 0, stream>>>(lens, batch);
+    ++dense_len;
+    dp.q = q + r * batch * qrow;
+    skc::DenseDecodeAttention::run(dp, ws, ws_bytes + 256, stream);
+  };
   for (auto _ : state) {
-    const auto attend = [&](int r) {
-      cache.attend(0, ids, ones, TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
-                   TensorView<Half>{reinterpret_cast<Half*>(out), batch, kQHeads, kDim}, 0.088f, stream);
-    };
-    spectral_us = time_steps(stream, [&] {
-      const int r = phase++ % 8;
-      const TensorView<const Half> kv{reinterpret_cast<const Half*>(step_kv) + r * batch * row, batch, kKvHeads, kDim};
-      cache.append(0, ids, ones, kv, kv, stream);
-      attend(r);
-    });
+    spectral_us = time_steps(stream, spectral_step);
     // The attention call alone (no append), to separate its cost from the append's and the compression's.
     attend_us = time_steps(stream, [&] { attend(phase++ % 8); });
-    dense_us = time_steps(stream, [&] {
-      const int r = phase++ % 8;
-      const std::size_t pitch = static_cast<std::size_t>(max_len) * row * sizeof(__half);
-      for (__half* base : {dense_k, dense_v}) {
-        check(cudaMemcpy2DAsync(base + dense_len * row, pitch, step_kv + r * batch * row, row * sizeof(__half),
-                                row * sizeof(__half), batch, cudaMemcpyDeviceToDevice, stream), "cudaMemcpy2DAsync");
-      }
-      add_one<<<1, 1024, 0, stream>>>(lens, batch);
-      ++dense_len;
-      dp.q = q + r * batch * qrow;
-      skc::DenseDecodeAttention::run(dp, ws, ws_bytes + 256, stream);
-    });
+    dense_us = time_steps(stream, dense_step);
+    host_us = host_us_per_step(stream, spectral_step);
+    dense_host_us = host_us_per_step(stream, dense_step);
     state.SetIterationTime(spectral_us * 1e-6);
   }
   const MemoryStats m = cache.memory_stats();
@@ -187,6 +224,8 @@ void BM_DecodeStep(benchmark::State& state) {
   state.counters["us_per_step"] = spectral_us;
   state.counters["attend_us_per_step"] = attend_us;
   state.counters["dense_us_per_step"] = dense_us;
+  state.counters["host_us_per_step"] = host_us;
+  state.counters["dense_host_us_per_step"] = dense_host_us;
   state.counters["speedup"] = dense_us / spectral_us;
   state.counters["tokens_per_s"] = batch / (spectral_us * 1e-6);
   state.counters["dense_tokens_per_s"] = batch / (dense_us * 1e-6);

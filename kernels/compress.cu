@@ -2248,29 +2248,34 @@ void BatchedCompressor::can_implement(const CompressProblem& p) {
 void BatchedCompressor::validate_jobs(const CompressProblem& p, const CompressJob* jobs, int num_jobs) {
   constexpr const char* kWhat = "BatchedCompressor::run";
   using detail::require;
-  require(num_jobs >= 0 && num_jobs <= p.max_jobs, kWhat, "num_jobs", num_jobs,
-          detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
+  if (num_jobs < 0 || num_jobs > p.max_jobs)
+    detail::fail(kWhat, "num_jobs", num_jobs, detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
   require(num_jobs == 0 || jobs != nullptr, kWhat, "jobs", "nullptr", "must point to num_jobs descriptors");
   const int max_rank = std::min({p.max_rank, p.head_dim, p.rows});
   auto aligned = [](const void* ptr, std::uintptr_t a) { return reinterpret_cast<std::uintptr_t>(ptr) % a == 0; };
   for (int i = 0; i < num_jobs; ++i) {
     const CompressJob& j = jobs[i];
-    const std::string at = detail::concat("jobs[", i, "]");
-    auto field = [&](const char* name) { return at + "." + name; };
-    require(j.x != nullptr && aligned(j.x, 16), kWhat, field("x").c_str(), j.x, "must be non-null and 16-byte aligned");
-    require(j.x_row_stride >= p.head_dim && j.x_row_stride % 8 == 0, kWhat, field("x_row_stride").c_str(),
-            j.x_row_stride, detail::concat("must be a multiple of 8 and >= head_dim = ", p.head_dim));
-    require(j.rank >= 1 && j.rank <= max_rank, kWhat, field("rank").c_str(), j.rank,
-            detail::concat("must be in [1, min(max_rank, head_dim, rows) = ", max_rank, "]"));
-    require(j.basis_out != nullptr && aligned(j.basis_out, 4), kWhat, field("basis_out").c_str(),
-            static_cast<const void*>(j.basis_out), "must be non-null and 4-byte aligned");
-    require(j.scale_out != nullptr && aligned(j.scale_out, 4), kWhat, field("scale_out").c_str(),
-            static_cast<const void*>(j.scale_out), "must be non-null and 4-byte aligned");
-    require(j.coeff_out != nullptr, kWhat, field("coeff_out").c_str(), "nullptr", "must be non-null");
-    require(!j.mean_center || (j.mean_out != nullptr && aligned(j.mean_out, 2)), kWhat, field("mean_out").c_str(),
-            static_cast<const void*>(j.mean_out), "must be non-null and 2-byte aligned when mean_center is set");
-    require(aligned(j.basis_f32_out, 4) && aligned(j.coeff_f32_out, 4) && aligned(j.eigenvalues_out, 4), kWhat,
-            field("*_f32_out").c_str(), "misaligned", "optional FP32 outputs must be 4-byte aligned");
+    // A batch has thousands of jobs: a check's message ("jobs[i].field") is built only when it fails.
+    auto fail_field = [&](const char* name, const auto& value, const auto& why) {
+      detail::fail(kWhat, detail::concat("jobs[", i, "].", name).c_str(), value, why);
+    };
+    if (j.x == nullptr || !aligned(j.x, 16)) fail_field("x", j.x, "must be non-null and 16-byte aligned");
+    if (j.x_row_stride < p.head_dim || j.x_row_stride % 8 != 0) {
+      fail_field("x_row_stride", j.x_row_stride, detail::concat("must be a multiple of 8 and >= head_dim = ", p.head_dim));
+    }
+    if (j.rank < 1 || j.rank > max_rank)
+      fail_field("rank", j.rank, detail::concat("must be in [1, min(max_rank, head_dim, rows) = ", max_rank, "]"));
+    if (j.basis_out == nullptr || !aligned(j.basis_out, 4))
+      fail_field("basis_out", static_cast<const void*>(j.basis_out), "must be non-null and 4-byte aligned");
+    if (j.scale_out == nullptr || !aligned(j.scale_out, 4))
+      fail_field("scale_out", static_cast<const void*>(j.scale_out), "must be non-null and 4-byte aligned");
+    if (j.coeff_out == nullptr) fail_field("coeff_out", "nullptr", "must be non-null");
+    if (j.mean_center && (j.mean_out == nullptr || !aligned(j.mean_out, 2))) {
+      fail_field("mean_out", static_cast<const void*>(j.mean_out),
+                 "must be non-null and 2-byte aligned when mean_center is set");
+    }
+    if (!aligned(j.basis_f32_out, 4) || !aligned(j.coeff_f32_out, 4) || !aligned(j.eigenvalues_out, 4))
+      fail_field("*_f32_out", "misaligned", "optional FP32 outputs must be 4-byte aligned");
   }
 }
 
@@ -2374,9 +2379,10 @@ std::size_t BatchedCompressor::get_workspace_size() const { return impl_->total;
 void BatchedCompressor::run_host_jobs(const CompressJob* host_jobs, int num_jobs, void* workspace,
                                       std::size_t workspace_bytes, cudaStream_t stream) {
   validate_jobs(impl_->problem, host_jobs, num_jobs);
-  detail::require(workspace != nullptr && workspace_bytes >= impl_->total, "BatchedCompressor::run",
-                  "workspace_bytes", workspace_bytes,
-                  detail::concat("must be >= get_workspace_size() = ", impl_->total, " with a non-null workspace"));
+  if (workspace == nullptr || workspace_bytes < impl_->total) {
+    detail::fail("BatchedCompressor::run", "workspace_bytes", workspace_bytes,
+                 detail::concat("must be >= get_workspace_size() = ", impl_->total, " with a non-null workspace"));
+  }
   if (num_jobs == 0) return;
   auto* jobs_dev = reinterpret_cast<CompressJob*>(static_cast<unsigned char*>(workspace) + impl_->off_jobs);
   check(cudaMemcpyAsync(jobs_dev, host_jobs, sizeof(CompressJob) * num_jobs, cudaMemcpyHostToDevice, stream),
@@ -2389,10 +2395,13 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
   Impl& m = *impl_;
   const CompressProblem& p = m.problem;
   constexpr const char* kWhat = "BatchedCompressor::run";
-  detail::require(num_jobs >= 0 && num_jobs <= p.max_jobs, kWhat, "num_jobs", num_jobs,
-                  detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
-  detail::require(workspace != nullptr && workspace_bytes >= m.total, kWhat, "workspace_bytes", workspace_bytes,
-                  detail::concat("must be >= get_workspace_size() = ", m.total, " with a non-null workspace"));
+  // Per call: the messages are built only when a check fails.
+  if (num_jobs < 0 || num_jobs > p.max_jobs)
+    detail::fail(kWhat, "num_jobs", num_jobs, detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
+  if (workspace == nullptr || workspace_bytes < m.total) {
+    detail::fail(kWhat, "workspace_bytes", workspace_bytes,
+                 detail::concat("must be >= get_workspace_size() = ", m.total, " with a non-null workspace"));
+  }
   detail::require(reinterpret_cast<std::uintptr_t>(workspace) % kAlign == 0, kWhat, "workspace", workspace,
                   "must be 256-byte aligned");
   if (num_jobs == 0) return;

@@ -141,13 +141,13 @@ class SpectralCache {
     constexpr const char* kWhat = "SpectralCache::append";
     check_layer(kWhat, layer);
     check_ids(kWhat, ids);
-    detail::require(counts.size() == ids.size(), kWhat, "counts.size()", counts.size(),
-                    detail::concat("must equal ids.size() = ", ids.size()));
+    if (counts.size() != ids.size())
+      detail::fail(kWhat, "counts.size()", counts.size(), detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0;
     for (std::size_t i = 0; i < counts.size(); ++i) {
-      detail::require(counts[i] >= 0, kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "must be non-negative");
-      detail::require(counts[i] <= std::numeric_limits<std::int64_t>::max() - total, kWhat,
-                      detail::concat("counts[", i, "]").c_str(), counts[i], "sum(counts) overflows int64");
+      if (counts[i] < 0) detail::fail(kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "must be non-negative");
+      if (counts[i] > std::numeric_limits<std::int64_t>::max() - total)
+        detail::fail(kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "sum(counts) overflows int64");
       total += counts[i];
     }
     detail::require_shape(kWhat, "k", k, total, config_.num_kv_heads, config_.head_dim);
@@ -350,9 +350,10 @@ class SpectralCache {
     return tokens_of(s.sink_k) + static_cast<std::int64_t>(s.blocks.size()) * config_.block_size + tokens_of(s.tail_k);
   }
 
+  // The checks of every call build their messages only when they fail.
   void check_layer(const char* what, int layer) const {
-    detail::require(layer >= 0 && layer < config_.num_layers, what, "layer", layer,
-                    detail::concat("must be in [0, num_layers = ", config_.num_layers, ")"));
+    if (layer < 0 || layer >= config_.num_layers)
+      detail::fail(what, "layer", layer, detail::concat("must be in [0, num_layers = ", config_.num_layers, ")"));
   }
   typename std::map<SequenceId, std::vector<SeqLayer>>::iterator find(const char* what, SequenceId id) {
     auto it = seqs_.find(id);
@@ -367,9 +368,9 @@ class SpectralCache {
   void check_ids(const char* what, const std::vector<SequenceId>& ids) const {
     std::set<SequenceId> seen;
     for (std::size_t i = 0; i < ids.size(); ++i) {
-      const std::string name = detail::concat("ids[", i, "]");
-      detail::require<SequenceError>(contains(ids[i]), what, name.c_str(), ids[i], "unknown sequence");
-      detail::require<SequenceError>(seen.insert(ids[i]).second, what, name.c_str(), ids[i], "sequence listed twice");
+      if (!contains(ids[i])) detail::fail<SequenceError>(what, detail::concat("ids[", i, "]").c_str(), ids[i], "unknown sequence");
+      if (!seen.insert(ids[i]).second)
+        detail::fail<SequenceError>(what, detail::concat("ids[", i, "]").c_str(), ids[i], "sequence listed twice");
     }
   }
   template <class U>
@@ -426,15 +427,17 @@ class SpectralCache {
                        const std::vector<std::int64_t>& q_lens, const TensorView<const Q>& q, float scale) const {
     check_layer(what, layer);
     check_ids(what, ids);
-    detail::require(q_lens.size() == ids.size(), what, "q_lens.size()", q_lens.size(),
-                    detail::concat("must equal ids.size() = ", ids.size()));
+    if (q_lens.size() != ids.size())
+      detail::fail(what, "q_lens.size()", q_lens.size(), detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0;
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const std::int64_t len = length_of(at(ids[i], layer));
-      detail::require(len > 0, what, detail::concat("ids[", i, "]").c_str(), ids[i],
-                      detail::concat("attention on an empty sequence (no tokens in layer ", layer, ")"));
-      detail::require(q_lens[i] >= 1 && q_lens[i] <= len, what, detail::concat("q_lens[", i, "]").c_str(), q_lens[i],
-                      detail::concat("must be in [1, length = ", len, "]"));
+      if (len == 0) {
+        detail::fail(what, detail::concat("ids[", i, "]").c_str(), ids[i],
+                     detail::concat("attention on an empty sequence (no tokens in layer ", layer, ")"));
+      }
+      if (q_lens[i] < 1 || q_lens[i] > len)
+        detail::fail(what, detail::concat("q_lens[", i, "]").c_str(), q_lens[i], detail::concat("must be in [1, length = ", len, "]"));
       total += q_lens[i];
     }
     detail::require_shape(what, "q", q, total, config_.num_q_heads, config_.head_dim);

@@ -39,11 +39,14 @@ struct CacheConfig {
   int group_size() const { return num_q_heads / num_kv_heads; }
   /// \throws InvalidArgument unless layer is in [0, num_layers)
   LayerRanks ranks(int layer) const {
-    detail::require(layer >= 0 && layer < num_layers, "CacheConfig::ranks", "layer", layer,
-                    detail::concat("must be in [0, num_layers = ", num_layers, ")"));
+    // Called per layer and call: the messages are built only when a check fails.
+    if (layer < 0 || layer >= num_layers)
+      detail::fail("CacheConfig::ranks", "layer", layer, detail::concat("must be in [0, num_layers = ", num_layers, ")"));
     if (layer_ranks.empty()) return default_ranks;
-    detail::require(static_cast<std::size_t>(layer) < layer_ranks.size(), "CacheConfig::ranks", "layer", layer,
-                    detail::concat("layer_ranks has ", layer_ranks.size(), " entries (the config is not valid)"));
+    if (static_cast<std::size_t>(layer) >= layer_ranks.size()) {
+      detail::fail("CacheConfig::ranks", "layer", layer,
+                   detail::concat("layer_ranks has ", layer_ranks.size(), " entries (the config is not valid)"));
+    }
     return layer_ranks[static_cast<std::size_t>(layer)];
   }
   /// Tail length at which the oldest block_size tail tokens are compressed.

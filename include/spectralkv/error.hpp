@@ -60,14 +60,17 @@ std::string concat(const Parts&... parts) {
   return os.str();
 }
 
-/// Throws `E` with the message "`what`: argument `name` = `value` (`why`)".
-template <class E = InvalidArgument, class V>
-[[noreturn]] void fail(const char* what, const char* name, const V& value, const std::string& why) {
+/// Throws `E` with the message "`what`: argument `name` = `value` (`why`)". `why`: anything streamable (a
+/// literal is not copied into a string unless the check fails).
+template <class E = InvalidArgument, class V, class W>
+[[noreturn]] void fail(const char* what, const char* name, const V& value, const W& why) {
   throw E(concat(what, ": argument ", name, " = ", value, " (", why, ")"));
 }
 
-template <class E = InvalidArgument, class V>
-void require(bool ok, const char* what, const char* name, const V& value, const std::string& why) {
+/// Checks on a hot path build no message unless they fail: pass literals, or test with `if` and build
+/// the message in the failing branch.
+template <class E = InvalidArgument, class V, class W>
+void require(bool ok, const char* what, const char* name, const V& value, const W& why) {
   if (!ok) fail<E>(what, name, value, why);
 }
 

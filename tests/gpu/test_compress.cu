@@ -990,26 +990,48 @@ TEST_F(CompressGpu, RejectsBadProblemsAndJobs) {
   j.scale_out = scale.get();
   j.coeff_out = coeff.get();
   EXPECT_NO_THROW(BatchedCompressor::validate_jobs(p, &j, 1));
+  // The second of two jobs is bad: the message names its field and value.
+  auto expect_bad_job = [&](const CompressJob& bad_job, const std::string& needle) {
+    const CompressJob pair[2] = {j, bad_job};
+    try {
+      BatchedCompressor::validate_jobs(p, pair, 2);
+      ADD_FAILURE() << "accepted: " << needle;
+    } catch (const spectralkv::InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
   CompressJob b = j;
   b.rank = 33;
-  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  expect_bad_job(b, "argument jobs[1].rank = 33 (must be in [1, min(max_rank, head_dim, rows) = 32])");
   b = j;
   b.x_row_stride = 130;
-  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  expect_bad_job(b, "argument jobs[1].x_row_stride = 130 (must be a multiple of 8");
   b = j;
   b.x = x.get() + 1;  // 2-byte aligned only
-  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  expect_bad_job(b, "argument jobs[1].x = ");
   b = j;
   b.mean_center = true;  // no mean_out
-  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
+  expect_bad_job(b, "argument jobs[1].mean_out = ");
   b = j;
   b.coeff_out = nullptr;
-  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &b, 1), spectralkv::InvalidArgument);
-  EXPECT_THROW(BatchedCompressor::validate_jobs(p, &j, 5), spectralkv::InvalidArgument);
+  expect_bad_job(b, "argument jobs[1].coeff_out = nullptr (must be non-null)");
+  try {
+    BatchedCompressor::validate_jobs(p, &j, 5);
+    ADD_FAILURE() << "accepted 5 jobs of at most 4";
+  } catch (const spectralkv::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("argument num_jobs = 5 (must be in [0, max_jobs = 4])"), std::string::npos)
+        << e.what();
+  }
 
   BatchedCompressor comp(p);
   DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
-  EXPECT_THROW(comp.run_host_jobs(&j, 1, ws.get(), ws.size() - 1, stream_), spectralkv::InvalidArgument);
+  try {
+    comp.run_host_jobs(&j, 1, ws.get(), ws.size() - 1, stream_);
+    ADD_FAILURE() << "accepted a workspace one byte short";
+  } catch (const spectralkv::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("argument workspace_bytes = " + std::to_string(ws.size() - 1)), std::string::npos)
+        << e.what();
+  }
   EXPECT_NO_THROW(comp.run_host_jobs(&j, 0, ws.get(), ws.size(), stream_));
 }
 

@@ -699,6 +699,61 @@ TEST(DeviceCacheErrors, OptionsWhoseSizesWrapAreRejected) {
   }
 }
 
+// Unknown or repeated ids, counts and q_lens out of range or of the wrong length, attention on an empty
+// sequence and layers out of range: each gets its typed error naming the argument and value, and the cache
+// is as it was (lengths, blocks in use, the bits of an attention).
+TEST(DeviceCacheErrors, BadIdsCountsAndLayersChangeNothing) {
+  SKIP_WITHOUT_GPU();
+  const CacheConfig c = scenario_config(2, false);  // two layers
+  const int kv = c.num_kv_heads, d = c.head_dim, qh = c.num_q_heads;
+  skc::DeviceSpectralCache<Half> gpu(c, synchronous_options(3, 8, 256));
+  const auto k = test::low_rank_tokens<Half>(200, kv, d, 8, 41, 1e-3f);
+  const auto q = test::normal_tokens<Half>(2, qh, d, 42);
+  DeviceArray<Half> dk(k.size()), dq(q.size()), dout(q.size());
+  skc::check(cudaMemcpy(dk.ptr, k.data(), k.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  skc::check(cudaMemcpy(dq.ptr, q.data(), q.size() * sizeof(Half), cudaMemcpyHostToDevice), "cudaMemcpy");
+  for (SequenceId id : {1, 2, 3}) gpu.add_sequence(id);  // 3 stays empty
+  const TensorView<const Half> k200{dk.ptr, 200, kv, d}, k10{dk.ptr, 10, kv, d};
+  gpu.append(0, {1, 2}, {150, 50}, k200, k200, nullptr);
+  const TensorView<const Half> q1{dq.ptr, 1, qh, d}, q2{dq.ptr, 2, qh, d};
+  const TensorView<Half> o1{dout.ptr, 1, qh, d}, o2{dout.ptr, 2, qh, d};
+  auto state = [&] {
+    std::vector<std::int64_t> st;
+    for (SequenceId id : {1, 2, 3})
+      for (int layer : {0, 1}) st.push_back(gpu.length(id, layer));
+    st.push_back(gpu.blocks_in_use(0));
+    skc::check(cudaMemset(dout.ptr, 0xFF, q.size() * sizeof(Half)), "cudaMemset");
+    gpu.attend(0, {1, 2}, {1, 1}, q2, o2, 0.125f, nullptr);
+    std::vector<Half> h(q.size());
+    skc::check(cudaMemcpy(h.data(), dout.ptr, h.size() * sizeof(Half), cudaMemcpyDeviceToHost), "cudaMemcpy");
+    for (Half x : h) st.push_back(x.bits);
+    return st;
+  };
+  const std::vector<std::int64_t> before = state();
+  ASSERT_GT(before[6], 0);  // a cold block in layer 0
+
+  expect_message<SequenceError>([&] { gpu.append(0, {1, 9}, {5, 5}, k10, k10, nullptr); }, "ids[1] = 9 (unknown sequence)");
+  expect_message<SequenceError>([&] { gpu.append(0, {1, 1}, {5, 5}, k10, k10, nullptr); },
+                                "ids[1] = 1 (sequence listed twice)");
+  expect_message<SequenceError>([&] { gpu.attend(0, {2, 9}, {1, 1}, q2, o2, 0.125f, nullptr); },
+                                "ids[1] = 9 (unknown sequence)");
+  expect_message<SequenceError>([&] { gpu.attend(0, {2, 2}, {1, 1}, q2, o2, 0.125f, nullptr); },
+                                "ids[1] = 2 (sequence listed twice)");
+  expect_message<InvalidArgument>([&] { gpu.append(0, {1, 2}, {12, -2}, k10, k10, nullptr); }, "counts[1] = -2");
+  expect_message<InvalidArgument>([&] { gpu.append(0, {1}, {5, 5}, k10, k10, nullptr); }, "counts.size() = 2");
+  expect_message<InvalidArgument>([&] { gpu.attend(0, {1, 2}, {1}, q1, o1, 0.125f, nullptr); }, "q_lens.size() = 1");
+  expect_message<InvalidArgument>([&] { gpu.attend(0, {1, 2}, {1, 0}, q1, o1, 0.125f, nullptr); }, "q_lens[1] = 0");
+  expect_message<InvalidArgument>([&] { gpu.attend(0, {1, 3}, {1, 1}, q2, o2, 0.125f, nullptr); },
+                                  "ids[1] = 3 (attention on an empty sequence");
+  for (int layer : {-1, 2}) {
+    const std::string needle = "layer = " + std::to_string(layer) + " (must be in [0, num_layers = 2))";
+    expect_message<InvalidArgument>([&] { gpu.append(layer, {1}, {5}, k10, k10, nullptr); }, needle);
+    expect_message<InvalidArgument>([&] { gpu.attend(layer, {1}, {1}, q1, o1, 0.125f, nullptr); }, needle);
+    expect_message<InvalidArgument>([&] { (void)gpu.length(1, layer); }, needle);
+  }
+  EXPECT_EQ(state(), before);
+}
+
 TEST(DeviceCacheErrors, AttendOfMoreRowsThanAnAppendIsRejected) {
   SKIP_WITHOUT_GPU();
   const CacheConfig c = scenario_config(2, false);

@@ -217,8 +217,7 @@ class DeviceSpectralCache {
   }
   std::int64_t length(SequenceId id, int layer) const {
     check_layer("DeviceSpectralCache::length", layer);
-    const SlotLayer& sl = at(id, layer);
-    return sl.sink_len + static_cast<std::int64_t>(sl.blocks.size()) * config_.block_size + sl.dense_len;
+    return tokens_held(at(id, layer));
   }
   /// Tokens that can be appended to (id, layer) before one forms a block (the append that reaches the
   /// threshold compresses it): the same policy and value as SpectralCache::tokens_until_compression. A
@@ -251,15 +250,15 @@ class DeviceSpectralCache {
     constexpr const char* kWhat = "DeviceSpectralCache::append";
     check_layer(kWhat, layer);
     const std::vector<int> slots = check_ids(kWhat, ids);
-    ::spectralkv::detail::require(counts.size() == ids.size(), kWhat, "counts.size()", counts.size(),
-                                  ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
+    if (counts.size() != ids.size())
+      ::spectralkv::detail::fail(kWhat, "counts.size()", counts.size(), ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0, new_blocks = 0;
     const auto lu = static_cast<std::size_t>(layer);
     for (std::size_t i = 0; i < ids.size(); ++i) {
-      ::spectralkv::detail::require(counts[i] >= 0 && counts[i] <= options_.max_append_tokens, kWhat,
-                                    ::spectralkv::detail::concat("counts[", i, "]").c_str(), counts[i],
-                                    ::spectralkv::detail::concat("must be in [0, max_append_tokens = ",
-                                                                 options_.max_append_tokens, "]"));
+      if (counts[i] < 0 || counts[i] > options_.max_append_tokens) {
+        ::spectralkv::detail::fail(kWhat, ::spectralkv::detail::concat("counts[", i, "]").c_str(), counts[i],
+                                   ::spectralkv::detail::concat("must be in [0, max_append_tokens = ", options_.max_append_tokens, "]"));
+      }
       total += counts[i];
       const SlotLayer& sl = slots_[static_cast<std::size_t>(slots[i])].layers[lu];
       const std::int64_t to_sink = std::min<std::int64_t>(counts[i], config_.sink_tokens - sl.sink_len);
@@ -365,22 +364,24 @@ class DeviceSpectralCache {
     constexpr const char* kWhat = "DeviceSpectralCache::attend";
     check_layer(kWhat, layer);
     const std::vector<int> slots = check_ids(kWhat, ids);
-    ::spectralkv::detail::require(q_lens.size() == ids.size(), kWhat, "q_lens.size()", q_lens.size(),
-                                  ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
+    if (q_lens.size() != ids.size())
+      ::spectralkv::detail::fail(kWhat, "q_lens.size()", q_lens.size(), ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0;
     bool decode = true;
     for (std::size_t i = 0; i < ids.size(); ++i) {
-      const std::int64_t len = length(ids[i], layer);
-      ::spectralkv::detail::require(len > 0, kWhat, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i],
-                                    ::spectralkv::detail::concat("attention on an empty sequence (no tokens in layer ",
-                                                                 layer, ")"));
+      const std::int64_t len =
+          tokens_held(slots_[static_cast<std::size_t>(slots[i])].layers[static_cast<std::size_t>(layer)]);
+      if (len == 0) {
+        ::spectralkv::detail::fail(kWhat, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i],
+                                   ::spectralkv::detail::concat("attention on an empty sequence (no tokens in layer ", layer, ")"));
+      }
       // At most max_append_tokens: what the per-call metadata and the 32-bit row counts are sized for.
       const std::int64_t most = std::min(len, options_.max_append_tokens);
-      ::spectralkv::detail::require(q_lens[i] >= 1 && q_lens[i] <= most, kWhat,
-                                    ::spectralkv::detail::concat("q_lens[", i, "]").c_str(), q_lens[i],
-                                    ::spectralkv::detail::concat("must be in [1, min(length = ", len,
-                                                                 ", max_append_tokens = ", options_.max_append_tokens,
-                                                                 ")]"));
+      if (q_lens[i] < 1 || q_lens[i] > most) {
+        ::spectralkv::detail::fail(kWhat, ::spectralkv::detail::concat("q_lens[", i, "]").c_str(), q_lens[i],
+                                   ::spectralkv::detail::concat("must be in [1, min(length = ", len,
+                                                                 ", max_append_tokens = ", options_.max_append_tokens, ")]"));
+      }
       total += q_lens[i];
       decode = decode && q_lens[i] == 1;
     }
@@ -590,8 +591,11 @@ class DeviceSpectralCache {
   }
 
   void check_layer(const char* what, int layer) const {
-    ::spectralkv::detail::require(layer >= 0 && layer < config_.num_layers, what, "layer", layer,
-                                  ::spectralkv::detail::concat("must be in [0, num_layers = ", config_.num_layers, ")"));
+    if (layer < 0 || layer >= config_.num_layers)
+      ::spectralkv::detail::fail(what, "layer", layer, ::spectralkv::detail::concat("must be in [0, num_layers = ", config_.num_layers, ")"));
+  }
+  std::int64_t tokens_held(const SlotLayer& sl) const {
+    return sl.sink_len + static_cast<std::int64_t>(sl.blocks.size()) * config_.block_size + sl.dense_len;
   }
   int slot_of(const char* what, SequenceId id) const {
     auto it = slot_of_.find(id);
@@ -601,15 +605,25 @@ class DeviceSpectralCache {
   const SlotLayer& at(SequenceId id, int layer) const {
     return slots_[static_cast<std::size_t>(slot_of("DeviceSpectralCache", id))].layers[static_cast<std::size_t>(layer)];
   }
+  /// The slots of `ids`: each known, none listed twice. Called per step, so it builds no message unless a
+  /// check fails.
   std::vector<int> check_ids(const char* what, const std::vector<SequenceId>& ids) const {
-    std::set<SequenceId> seen;
-    std::vector<int> slots;
+    std::vector<int> slots(ids.size());
     for (std::size_t i = 0; i < ids.size(); ++i) {
-      const std::string name = ::spectralkv::detail::concat("ids[", i, "]");
-      ::spectralkv::detail::require<SequenceError>(contains(ids[i]), what, name.c_str(), ids[i], "unknown sequence");
-      ::spectralkv::detail::require<SequenceError>(seen.insert(ids[i]).second, what, name.c_str(), ids[i],
-                                                   "sequence listed twice");
-      slots.push_back(slot_of_.at(ids[i]));
+      const auto it = slot_of_.find(ids[i]);
+      if (it == slot_of_.end())
+        ::spectralkv::detail::fail<SequenceError>(what, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i], "unknown sequence");
+      slots[i] = it->second;
+    }
+    // Distinct ids have distinct slots.
+    std::vector<int> sorted = slots;
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+      std::set<SequenceId> seen;
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        if (!seen.insert(ids[i]).second)
+          ::spectralkv::detail::fail<SequenceError>(what, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i], "sequence listed twice");
+      }
     }
     return slots;
   }
