@@ -57,14 +57,11 @@ __global__ void add_one(std::int32_t* lens, int n) {
   if (threadIdx.x < n) ++lens[threadIdx.x];
 }
 
-/// Holds the stream for `ns` nanoseconds of %globaltimer.
-__global__ void hold_stream(unsigned long long ns) {
-  unsigned long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do {
-    __nanosleep(1000);
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  } while (t - t0 < ns);
+/// Holds the stream for `cycles` SM clock cycles.
+__global__ void hold_stream(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
 }
 
 template <class U>
@@ -103,12 +100,13 @@ double time_steps(cudaStream_t stream, const std::function<void()>& step) {
   return ms * 1e3 / kSteps;
 }
 
-/// Median over kHostRounds of the host's time per step to enqueue kHostSteps steps behind a 2 ms hold.
+/// Median over kHostRounds of the host's time per step to enqueue kHostSteps steps behind a hold of the
+/// stream (4M cycles: 2 ms at 1980 MHz, much longer than enqueueing three steps takes).
 double host_us_per_step(cudaStream_t stream, const std::function<void()>& step) {
   std::vector<double> per_step;
   for (int r = 0; r < kHostRounds; ++r) {
     check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    hold_stream<<<1, 1, 0, stream>>>(2000000);
+    hold_stream<<<1, 1, 0, stream>>>(4000000);
     check(cudaGetLastError(), "hold_stream");
     const auto start = std::chrono::steady_clock::now();
     for (int s = 0; s < kHostSteps; ++s) step();
