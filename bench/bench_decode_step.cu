@@ -121,7 +121,8 @@ double host_us_per_step(cudaStream_t stream, const std::function<void()>& step) 
 void BM_DecodeStep(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
   const std::int64_t tokens = state.range(1);
-  const std::int64_t max_len = tokens + 8 * kSteps;  // every append of the 3 iterations (timed loops and host rounds) fits
+  // Room for every append of the 3 iterations (timed loops and host rounds).
+  const std::int64_t max_len = tokens + 8 * kSteps;
   const std::size_t row = static_cast<std::size_t>(kKvHeads) * kDim, qrow = static_cast<std::size_t>(kQHeads) * kDim;
   cudaStream_t stream;
   check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -187,7 +188,8 @@ void BM_DecodeStep(benchmark::State& state) {
   std::int64_t dense_len = tokens;
   double spectral_us = 0, attend_us = 0, dense_us = 0, host_us = 0, dense_host_us = 0;
   const auto attend = [&](int r) {
-    cache.attend(0, ids, ones, TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
+    cache.attend(0, ids, ones,
+                 TensorView<const Half>{reinterpret_cast<const Half*>(q) + r * batch * qrow, batch, kQHeads, kDim},
                  TensorView<Half>{reinterpret_cast<Half*>(out), batch, kQHeads, kDim}, 0.088f, stream);
   };
   const auto spectral_step = [&] {

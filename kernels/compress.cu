@@ -2261,7 +2261,8 @@ void BatchedCompressor::validate_jobs(const CompressProblem& p, const CompressJo
     };
     if (j.x == nullptr || !aligned(j.x, 16)) fail_field("x", j.x, "must be non-null and 16-byte aligned");
     if (j.x_row_stride < p.head_dim || j.x_row_stride % 8 != 0) {
-      fail_field("x_row_stride", j.x_row_stride, detail::concat("must be a multiple of 8 and >= head_dim = ", p.head_dim));
+      fail_field("x_row_stride", j.x_row_stride,
+                 detail::concat("must be a multiple of 8 and >= head_dim = ", p.head_dim));
     }
     if (j.rank < 1 || j.rank > max_rank)
       fail_field("rank", j.rank, detail::concat("must be in [1, min(max_rank, head_dim, rows) = ", max_rank, "]"));

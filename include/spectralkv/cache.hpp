@@ -145,7 +145,8 @@ class SpectralCache {
       detail::fail(kWhat, "counts.size()", counts.size(), detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0;
     for (std::size_t i = 0; i < counts.size(); ++i) {
-      if (counts[i] < 0) detail::fail(kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "must be non-negative");
+      if (counts[i] < 0)
+        detail::fail(kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "must be non-negative");
       if (counts[i] > std::numeric_limits<std::int64_t>::max() - total)
         detail::fail(kWhat, detail::concat("counts[", i, "]").c_str(), counts[i], "sum(counts) overflows int64");
       total += counts[i];
@@ -368,7 +369,8 @@ class SpectralCache {
   void check_ids(const char* what, const std::vector<SequenceId>& ids) const {
     std::set<SequenceId> seen;
     for (std::size_t i = 0; i < ids.size(); ++i) {
-      if (!contains(ids[i])) detail::fail<SequenceError>(what, detail::concat("ids[", i, "]").c_str(), ids[i], "unknown sequence");
+      if (!contains(ids[i]))
+        detail::fail<SequenceError>(what, detail::concat("ids[", i, "]").c_str(), ids[i], "unknown sequence");
       if (!seen.insert(ids[i]).second)
         detail::fail<SequenceError>(what, detail::concat("ids[", i, "]").c_str(), ids[i], "sequence listed twice");
     }
@@ -437,7 +439,8 @@ class SpectralCache {
                      detail::concat("attention on an empty sequence (no tokens in layer ", layer, ")"));
       }
       if (q_lens[i] < 1 || q_lens[i] > len)
-        detail::fail(what, detail::concat("q_lens[", i, "]").c_str(), q_lens[i], detail::concat("must be in [1, length = ", len, "]"));
+        detail::fail(what, detail::concat("q_lens[", i, "]").c_str(), q_lens[i],
+                     detail::concat("must be in [1, length = ", len, "]"));
       total += q_lens[i];
     }
     detail::require_shape(what, "q", q, total, config_.num_q_heads, config_.head_dim);

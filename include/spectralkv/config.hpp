@@ -41,7 +41,8 @@ struct CacheConfig {
   LayerRanks ranks(int layer) const {
     // Called per layer and call: the messages are built only when a check fails.
     if (layer < 0 || layer >= num_layers)
-      detail::fail("CacheConfig::ranks", "layer", layer, detail::concat("must be in [0, num_layers = ", num_layers, ")"));
+      detail::fail("CacheConfig::ranks", "layer", layer,
+                   detail::concat("must be in [0, num_layers = ", num_layers, ")"));
     if (layer_ranks.empty()) return default_ranks;
     if (static_cast<std::size_t>(layer) >= layer_ranks.size()) {
       detail::fail("CacheConfig::ranks", "layer", layer,

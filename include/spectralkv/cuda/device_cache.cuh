@@ -251,13 +251,15 @@ class DeviceSpectralCache {
     check_layer(kWhat, layer);
     const std::vector<int> slots = check_ids(kWhat, ids);
     if (counts.size() != ids.size())
-      ::spectralkv::detail::fail(kWhat, "counts.size()", counts.size(), ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
+      ::spectralkv::detail::fail(kWhat, "counts.size()", counts.size(),
+                                 ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0, new_blocks = 0;
     const auto lu = static_cast<std::size_t>(layer);
     for (std::size_t i = 0; i < ids.size(); ++i) {
       if (counts[i] < 0 || counts[i] > options_.max_append_tokens) {
         ::spectralkv::detail::fail(kWhat, ::spectralkv::detail::concat("counts[", i, "]").c_str(), counts[i],
-                                   ::spectralkv::detail::concat("must be in [0, max_append_tokens = ", options_.max_append_tokens, "]"));
+                                   ::spectralkv::detail::concat("must be in [0, max_append_tokens = ",
+                                                                options_.max_append_tokens, "]"));
       }
       total += counts[i];
       const SlotLayer& sl = slots_[static_cast<std::size_t>(slots[i])].layers[lu];
@@ -365,7 +367,8 @@ class DeviceSpectralCache {
     check_layer(kWhat, layer);
     const std::vector<int> slots = check_ids(kWhat, ids);
     if (q_lens.size() != ids.size())
-      ::spectralkv::detail::fail(kWhat, "q_lens.size()", q_lens.size(), ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
+      ::spectralkv::detail::fail(kWhat, "q_lens.size()", q_lens.size(),
+                                 ::spectralkv::detail::concat("must equal ids.size() = ", ids.size()));
     std::int64_t total = 0;
     bool decode = true;
     for (std::size_t i = 0; i < ids.size(); ++i) {
@@ -373,14 +376,15 @@ class DeviceSpectralCache {
           tokens_held(slots_[static_cast<std::size_t>(slots[i])].layers[static_cast<std::size_t>(layer)]);
       if (len == 0) {
         ::spectralkv::detail::fail(kWhat, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i],
-                                   ::spectralkv::detail::concat("attention on an empty sequence (no tokens in layer ", layer, ")"));
+                                   ::spectralkv::detail::concat("attention on an empty sequence (no tokens in layer ",
+                                                                layer, ")"));
       }
       // At most max_append_tokens: what the per-call metadata and the 32-bit row counts are sized for.
       const std::int64_t most = std::min(len, options_.max_append_tokens);
       if (q_lens[i] < 1 || q_lens[i] > most) {
         ::spectralkv::detail::fail(kWhat, ::spectralkv::detail::concat("q_lens[", i, "]").c_str(), q_lens[i],
-                                   ::spectralkv::detail::concat("must be in [1, min(length = ", len,
-                                                                 ", max_append_tokens = ", options_.max_append_tokens, ")]"));
+                                   ::spectralkv::detail::concat("must be in [1, min(length = ", len, ", max_append_tokens = ",
+                                                                options_.max_append_tokens, ")]"));
       }
       total += q_lens[i];
       decode = decode && q_lens[i] == 1;
@@ -592,7 +596,8 @@ class DeviceSpectralCache {
 
   void check_layer(const char* what, int layer) const {
     if (layer < 0 || layer >= config_.num_layers)
-      ::spectralkv::detail::fail(what, "layer", layer, ::spectralkv::detail::concat("must be in [0, num_layers = ", config_.num_layers, ")"));
+      ::spectralkv::detail::fail(what, "layer", layer,
+                                 ::spectralkv::detail::concat("must be in [0, num_layers = ", config_.num_layers, ")"));
   }
   std::int64_t tokens_held(const SlotLayer& sl) const {
     return sl.sink_len + static_cast<std::int64_t>(sl.blocks.size()) * config_.block_size + sl.dense_len;
@@ -612,7 +617,8 @@ class DeviceSpectralCache {
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const auto it = slot_of_.find(ids[i]);
       if (it == slot_of_.end())
-        ::spectralkv::detail::fail<SequenceError>(what, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i], "unknown sequence");
+        ::spectralkv::detail::fail<SequenceError>(what, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i],
+                                                  "unknown sequence");
       slots[i] = it->second;
     }
     // Distinct ids have distinct slots.
@@ -622,7 +628,8 @@ class DeviceSpectralCache {
       std::set<SequenceId> seen;
       for (std::size_t i = 0; i < ids.size(); ++i) {
         if (!seen.insert(ids[i]).second)
-          ::spectralkv::detail::fail<SequenceError>(what, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i], "sequence listed twice");
+          ::spectralkv::detail::fail<SequenceError>(what, ::spectralkv::detail::concat("ids[", i, "]").c_str(), ids[i],
+                                                    "sequence listed twice");
       }
     }
     return slots;
