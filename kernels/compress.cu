@@ -28,6 +28,7 @@
 #include "spectralkv/cuda/error.cuh"
 #include "spectralkv/cuda/quantize.cuh"
 #include "spectralkv/error.hpp"
+#include "tridiagonal_eigen.cuh"
 
 namespace spectralkv::cuda {
 namespace {
@@ -544,131 +545,6 @@ __device__ void rayleigh_ritz(const float* Gs, const float* Q, float* Z, float* 
   __syncthreads();
 }
 
-/// Modified Gram–Schmidt on the ℓ columns of panel Z (in place), one __syncthreads per column.
-/// Column i belongs to warp i % 8. At step j every warp removes q_j from its columns > j: it loads all
-/// of them first and runs their butterfly reductions interleaved, so a step costs one reduction latency
-/// rather than one per column. The owner of column j+1 reduces ‖z‖² in the same butterfly and
-/// finalises the column at once: after removing q_j its norm² is ‖z‖² − (q_j·z)² (q_j is a unit
-/// vector); when that difference has cancelled to below 1e-3·‖z‖² the norm is recomputed directly.
-/// A column whose remaining norm is ≤ `ref` carries no information (rank-deficient or zero block, or
-/// FP32 noise): it is replaced by a pseudo-random vector orthogonalised twice against the finished
-/// columns, so the basis is always complete and orthonormal.
-template <int D>
-__device__ void mgs(float* Z, int ell, float ref, unsigned salt) {
-  using S = EigenShape<D>;
-  constexpr int kBatch = 8;  // columns per warp handled together (ℓ ≤ 64 needs one batch)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
-  // Slow path of a column (norm lost to cancellation, or degenerate). z: projected against q_0..q_{j-1}.
-  auto finish_slow = [&](int j, float(&z)[S::kPerLane]) {
-    float n2 = 0.0f;
-#pragma unroll
-    for (int e = 0; e < S::kPerLane; ++e) n2 += z[e] * z[e];
-    n2 = warp_sum(n2);
-    if (!(sqrtf(n2) > ref)) {  // also true for NaN
-#pragma unroll
-      for (int e = 0; e < S::kPerLane; ++e) z[e] = hash_unit(lane + 32 * e, static_cast<unsigned>(j) + 977u * salt);
-      for (int pass = 0; pass < 2; ++pass) {
-        for (int m = 0; m < j; ++m) {
-          float d = 0.0f;
-#pragma unroll
-          for (int e = 0; e < S::kPerLane; ++e) d += Z[swz<D>(m, lane + 32 * e)] * z[e];
-          d = warp_sum(d);
-#pragma unroll
-          for (int e = 0; e < S::kPerLane; ++e) z[e] -= d * Z[swz<D>(m, lane + 32 * e)];
-        }
-      }
-      n2 = 0.0f;
-#pragma unroll
-      for (int e = 0; e < S::kPerLane; ++e) n2 += z[e] * z[e];
-      n2 = warp_sum(n2);
-    }
-    const float inv = 1.0f / sqrtf(n2);
-#pragma unroll
-    for (int e = 0; e < S::kPerLane; ++e) Z[swz<D>(j, lane + 32 * e)] = z[e] * inv;
-  };
-
-  if (warp == 0) {
-    float z[S::kPerLane];
-#pragma unroll
-    for (int e = 0; e < S::kPerLane; ++e) z[e] = Z[swz<D>(0, lane + 32 * e)];
-    finish_slow(0, z);
-  }
-  __syncthreads();
-  for (int j = 0; j + 1 < ell; ++j) {
-    float q[S::kPerLane];
-#pragma unroll
-    for (int e = 0; e < S::kPerLane; ++e) q[e] = Z[swz<D>(j, lane + 32 * e)];
-    const int first = j + 1 + ((warp - (j + 1)) % kEigenWarps + kEigenWarps) % kEigenWarps;
-    const bool owner = first == j + 1;
-    for (int base = first; base < ell; base += kBatch * kEigenWarps) {  // warp-uniform
-      float z[kBatch][S::kPerLane];
-      float dot[kBatch];
-      float nrm = 0.0f;
-#pragma unroll
-      for (int c = 0; c < kBatch; ++c) {
-        dot[c] = 0.0f;
-        const int i = base + c * kEigenWarps;
-        if (i < ell) {
-#pragma unroll
-          for (int e = 0; e < S::kPerLane; ++e) {
-            z[c][e] = Z[swz<D>(i, lane + 32 * e)];
-            dot[c] += q[e] * z[c][e];
-          }
-        }
-      }
-      const bool fin = owner && base == first;  // this batch starts with column j+1
-      if (fin) {
-#pragma unroll
-        for (int e = 0; e < S::kPerLane; ++e) nrm += z[0][e] * z[0][e];
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-        for (int c = 0; c < kBatch; ++c)
-          if (base + c * kEigenWarps < ell) dot[c] += __shfl_xor_sync(0xffffffffu, dot[c], o);
-        nrm += __shfl_xor_sync(0xffffffffu, nrm, o);
-      }
-#pragma unroll
-      for (int c = 0; c < kBatch; ++c) {
-        const int i = base + c * kEigenWarps;
-        if (i >= ell) continue;
-#pragma unroll
-        for (int e = 0; e < S::kPerLane; ++e) z[c][e] -= dot[c] * q[e];
-        if (c == 0 && fin) {
-          const float n2 = nrm - dot[0] * dot[0];
-          if (n2 > 1e-3f * nrm && sqrtf(n2) > ref) {
-            const float inv = 1.0f / sqrtf(n2);
-#pragma unroll
-            for (int e = 0; e < S::kPerLane; ++e) Z[swz<D>(i, lane + 32 * e)] = z[0][e] * inv;
-          } else {
-            finish_slow(i, z[0]);
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < S::kPerLane; ++e) Z[swz<D>(i, lane + 32 * e)] = z[c][e];
-        }
-      }
-    }
-    __syncthreads();
-  }
-}
-
-/// Pair k of round s of the round-robin (circle) schedule on n indices: over n−1 rounds every pair
-/// (p, q) meets exactly once, and the n/2 pairs of a round are disjoint, so they rotate in parallel.
-__device__ __forceinline__ void jacobi_pair(int s, int k, int n, int& p, int& q) {
-  int a, b;
-  if (k == 0) {
-    a = s;
-    b = n - 1;
-  } else {
-    a = (s + k) % (n - 1);
-    b = (s - k + (n - 1)) % (n - 1);
-  }
-  p = min(a, b);
-  q = max(a, b);
-}
-
 /// Largest ℓ the CholQR + one-barrier Jacobi path handles: its FP64 ℓ×ℓ Gram must fit in one panel,
 /// the Jacobi's two H buffers in the Gram's space and its two W buffers in one panel (see JacobiSlots
 /// and EigenSmem).
@@ -760,7 +636,7 @@ __device__ __forceinline__ void factor_diagonal_block(double* S, float* Rf, floa
 /// (kDoubleStepKappa). The FP32 substitution leaves an orthogonality error ~κ(Z)·2^-24, so a
 /// second pass ("CholQR2") makes the final basis orthonormal to FP32 precision, or stops after S when
 /// every entry of QᵀQ − I is already below 1e-5 (see `orth`). 3ℓ/8 barriers per pass, against ℓ for
-/// Gram–Schmidt.
+/// modified Gram–Schmidt.
 /// \param Z     panel [ℓ][D] (swizzled), complete and visible to every thread on entry
 /// \param S     scratch, 2ℓ² floats (16-byte aligned), must not overlap Z: S in FP64, upper triangle
 ///              overwritten by R, lower triangle holding R in FP32 for the substitution
@@ -916,7 +792,7 @@ __device__ __forceinline__ float rsqrt_approx(float x) {
   return y;
 }
 
-/// Jacobi rotation (c, s) that annihilates H_pq, as in the 2-barrier path, with the hardware's
+/// Jacobi rotation (c, s) that annihilates H_pq (the classical formulas), with the hardware's
 /// approximate reciprocal and reciprocal square root: the rotations are the critical path of a
 /// Jacobi round. An approximate t = tan θ only leaves a slightly smaller H_pq behind; c = 1/√(1 + t²)
 /// and s = t·c keep c² + s² = 1 to FP32 precision whatever t is, which is what keeps W orthogonal.
@@ -940,30 +816,6 @@ __device__ __forceinline__ void jacobi_rotation(float app, float aqq, float apq,
     c = rsqrt_approx(__fmaf_rn(tt, tt, 1.0f));
     sn = __fmul_rn(tt, c);
     if (apq2 > __fmul_rn(1e-12f, diag)) big = true;
-  }
-}
-
-/// Hn's 2×2 block (rows p_a, q_a; columns p_b, q_b) = J_aᵀ·Hc·J_b for the rotations (c_a, s_a) and
-/// (c_b, s_b), mirrored into (b, a) so that H stays exactly symmetric; a diagonal block (a == b) gets
-/// its two off-diagonal entries averaged. Hn may be Hc: the block is read before it is written, and
-/// no other thread touches it in the same round.
-__device__ __forceinline__ void jacobi_rotate_block(const float* Hc, float* Hn, int ld, int pa, int qa, int pb, int qb,
-                                                    float ca, float sa, float cb, float sb, bool diagonal) {
-  const float hpp = Hc[pa * ld + pb], hpq = Hc[pa * ld + qb], hqp = Hc[qa * ld + pb], hqq = Hc[qa * ld + qb];
-  const float tpp = ca * hpp - sa * hqp, tpq = ca * hpq - sa * hqq;  // Jᵀ·H on the rows
-  const float tqp = sa * hpp + ca * hqp, tqq = sa * hpq + ca * hqq;
-  const float npp = cb * tpp - sb * tpq, nqq = sb * tqp + cb * tqq;  // ·J on the columns
-  float npq = sb * tpp + cb * tpq, nqp = cb * tqp - sb * tqq;
-  if (diagonal) npq = nqp = 0.5f * (npq + nqp);
-  Hn[pa * ld + pb] = npp;
-  Hn[pa * ld + qb] = npq;
-  Hn[qa * ld + pb] = nqp;
-  Hn[qa * ld + qb] = nqq;
-  if (!diagonal) {
-    Hn[pb * ld + pa] = npp;
-    Hn[qb * ld + pa] = npq;
-    Hn[pb * ld + qa] = nqp;
-    Hn[qb * ld + qa] = nqq;
   }
 }
 
@@ -1349,25 +1201,66 @@ __device__ __forceinline__ float cholqr_kappa(const float* invd, int ell) {
   return __all_sync(0xffffffffu, finite) ? hi / lo : NAN;
 }
 
+/// The basis rows V[j] (plain [r][D] in shared memory, j-th largest Ritz value diag[order[j]]) → the
+/// job's outputs, each row signed so that its entry of largest magnitude is positive (the reference
+/// rule); one warp per row.
+template <int D>
+__device__ __forceinline__ void store_basis(const CompressJob& job, const float* V, const float* diag, const int* order,
+                                            int r) {
+  using S = EigenShape<D>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int j = warp; j < r; j += kEigenWarps) {
+    float v[S::kPerLane];
+    float best = -1.0f;
+    int arg = D;
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) {
+      v[e] = V[j * D + lane + 32 * e];
+      const float a = fabsf(v[e]);
+      if (a > best) {  // e ascending: the first index wins ties within the lane
+        best = a;
+        arg = lane + 32 * e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {  // argmax of |v|, smallest index on ties (as Eigen's maxCoeff)
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      if (ob > best || (ob == best && oa < arg)) {
+        best = ob;
+        arg = oa;
+      }
+    }
+    const float sign = (arg < D && V[j * D + arg] < 0.0f) ? -1.0f : 1.0f;
+#pragma unroll
+    for (int e = 0; e < S::kPerLane; ++e) {
+      const int d = lane + 32 * e;
+      job.basis_out[j * D + d] = __float2half_rn(sign * v[e]);
+      if (job.basis_f32_out != nullptr) job.basis_f32_out[j * D + d] = sign * v[e];
+    }
+    if (lane == 0 && job.eigenvalues_out != nullptr) job.eigenvalues_out[j] = diag[order[j]];
+  }
+}
+
 /// One job's eigen-solve: centres G, runs `iterations` subspace-iteration steps with ℓ columns, the
 /// Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the top-r
 /// Ritz vectors V = Q·W (sorted, sign-fixed) as the basis (and the mean, for a centred job).
 ///
-/// Two variants of the middle part, chosen per job:
-///  - ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to 32 at D = 64): each step (or
-///    two, see kDoubleStepKappa) orthonormalises (G + δI)·Q by CholQR, δ = 1e-6·trace(G), which keeps
-///    κ of one product ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32 noise of the Gram) and makes
-///    rank-deficient and constant blocks need no special case; a final CholQR pass re-orthonormalises;
-///    then the one-barrier Jacobi (jacobi_fast).
-///  - otherwise: modified Gram–Schmidt with completion of degenerate columns (ℓ barriers per pass) and
-///    the 2-barrier Jacobi.
+/// Subspace iteration applies where ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to
+/// 32 at D = 64): each step (or two, see kDoubleStepKappa) orthonormalises (G + δI)·Q by CholQR,
+/// δ = 1e-6·trace(G), which keeps κ of one product ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32
+/// noise of the Gram) and makes rank-deficient and constant blocks need no special case; a final CholQR
+/// pass re-orthonormalises; then the one-barrier Jacobi (jacobi_fast). Wider subspaces, and every job
+/// when `tridiagonal` (CompressAlgorithm::kTridiagonal), take the Householder eigen-solve of G itself
+/// (tridiagonal_eigen.cuh): its cost hardly depends on r, while subspace iteration's grows with ℓ.
 ///
 /// G arrives in `smem` (swizzled [D][D], both triangles as accumulated) through the caller's
 /// outstanding cp.async groups or by stores before a barrier.
 /// \param colsum, shift  the job's [D] column sums and shift from gram_block (read for centred jobs)
 template <int D>
 __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, float* smem, const float* colsum,
-                                            const float* shift, int lp, int panel, const CompressOptions& opt) {
+                                            const float* shift, int lp, int panel, const CompressOptions& opt,
+                                            bool tridiagonal) {
   using S = EigenShape<D>;
   float* Gs = smem;
   float* Qa = Gs + D * D;
@@ -1382,7 +1275,7 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   const int r = job.rank;
   const int ell = compress_subspace_width(r, D, opt.oversample);
   const bool fast = ell <= kFastMaxEll<D> && ell < D;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
 
   // --- 1. centring with the stored FP16 mean; G (symmetrised) -------------------------------------
   // The Gram accumulated Y = X − 1mᵀ (shift m, column sums s' of Y). With the stored mean μ_h
@@ -1428,6 +1321,16 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
     misc[1] = 0.0f;  // max |QᵀQ − I| before the final CholQR pass (float bits, see cholqr)
   }
   __syncthreads();
+  if (tridiagonal || !fast) {
+    // The eigen-decomposition of G itself; the top r vectors land in Gs as [r][D], as V below.
+    tridiag::top_eigenpairs<D>(
+        Gs, [Gs](int i, int j) { return Gs[swz<D>(i, j)]; },
+        [](int i, int j) { return hash_unit(static_cast<unsigned>(i), 4099u + static_cast<unsigned>(j)); }, Qa, diag, r);
+    if (tid < r) order[tid] = tid;
+    __syncthreads();
+    store_basis<D>(job, Gs, diag, order, r);
+    return;
+  }
   if (tid < 32) {
     float tr = 0.0f;
     for (int i = lane; i < D; i += 32) tr += fmaxf(Gs[swz<D>(i, i)], 0.0f);
@@ -1447,116 +1350,40 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   // --- 3. subspace iteration: Q ← orth(G·Q) -------------------------------------------------------
   float* Qc = Qa;
   float* Zn = Qb;
-  // Directions with G·q below 1e-6·trace(G) (≥ 1e-6·λ_max) are FP32 noise: treated as degenerate by
-  // Gram–Schmidt; the CholQR path adds them as the shift δ, which bounds κ((G + δI)·Q) by ~1e6.
+  // Directions with G·q below 1e-6·trace(G) (≥ 1e-6·λ_max) are FP32 noise: CholQR adds them as the
+  // shift δ, which bounds κ((G + δI)·Q) by ~1e6.
   const float ref = 1e-6f * trace;
-  // The accumulated rotations: column j (the Ritz vector of diag[j]) at Wfin[m · w_stride + w_column(j)],
-  // row-major [ℓ][ℓ] after the 2-barrier Jacobi, in two slot planes (JacobiSlots) after the fast one.
-  float* Wfin = Zn;
-  if (fast) {
-    if (trace > 0.0f) {
-      // Two products per orthonormalisation (G²·Q) where the last pass's κ estimate allows it:
-      // span(G²·Q) is what two single steps give, only κ grows (to about κ²). The last product is
-      // always single, so the final pass leaves Q as orthonormal as before (the check pass can skip).
-      int pending = 1;  // products before the next CholQR pass
-      for (int it = 0; it < opt.iterations; ++it) {
-        gemm_gq<D>(Gs, Qc, Zn, ell, ref);
-        __syncthreads();
-        float* tmp = Qc;
-        Qc = Zn;
-        Zn = tmp;
-        if (--pending == 0) {
-          cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // S in the panel the product read
-          const bool two = opt.iterations - 1 - it >= 3 && cholqr_kappa(cs, ell) <= kDoubleStepKappa;
-          pending = two ? 2 : 1;
-        }
+  if (trace > 0.0f) {
+    // Two products per orthonormalisation (G²·Q) where the last pass's κ estimate allows it:
+    // span(G²·Q) is what two single steps give, only κ grows (to about κ²). The last product is
+    // always single, so the final pass leaves Q as orthonormal as before (the check pass can skip).
+    int pending = 1;  // products before the next CholQR pass
+    for (int it = 0; it < opt.iterations; ++it) {
+      gemm_gq<D>(Gs, Qc, Zn, ell, ref);
+      __syncthreads();
+      float* tmp = Qc;
+      Qc = Zn;
+      Zn = tmp;
+      if (--pending == 0) {
+        cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // S in the panel the product read
+        const bool two = opt.iterations - 1 - it >= 3 && cholqr_kappa(cs, ell) <= kDoubleStepKappa;
+        pending = two ? 2 : 1;
       }
-    } else {
-      cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // zero block: orthonormalise Ω itself
     }
-    // Second pass, unless the first left Q orthonormal to 1e-5 already.
-    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell, reinterpret_cast<unsigned*>(misc + 1));
-    // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi in Gs (H) and
-    // the free panel (W), which leaves the Ritz values in diag.
-    rayleigh_ritz<D>(Gs, Qc, Zn, Gs, ell, ell + 1, trace > 0.0f);
-    Wfin = jacobi_fast<D>(Gs, Zn, diag, flags, ell, r, opt.jacobi_sweeps, trace > 0.0f);
   } else {
-    if (trace > 0.0f) {
-      for (int it = 0; it < opt.iterations; ++it) {
-        gemm_gq<D>(Gs, Qc, Zn, ell);
-        __syncthreads();
-        mgs<D>(Zn, ell, ref, static_cast<unsigned>(it + 1));
-        float* tmp = Qc;
-        Qc = Zn;
-        Zn = tmp;
-      }
-    }
-    // Second Gram–Schmidt pass ("twice is enough"): orthonormal to FP32 precision. For a zero block it
-    // is the only pass and orthonormalises the start block itself.
-    mgs<D>(Qc, ell, 1e-3f, 101u);
-
-    // --- 4. Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (plain ℓ×ℓ), W = I into Zn -------------------------
-    float* H = Gs;
-    float* W = Zn;
-    rayleigh_ritz<D>(Gs, Qc, Zn, H, ell, ell, trace > 0.0f);
-    for (int e = tid; e < ell * ell; e += kEigenThreads) W[e] = (e / ell == e % ell) ? 1.0f : 0.0f;
-    if (tid == 0) flags[0] = 0;
-    __syncthreads();
-
-    // --- 5. parallel cyclic Jacobi on H, rotations accumulated in W ------------------------------
-    const int npairs = ell / 2;
-    if (trace > 0.0f) {
-      for (int sweep = 0; sweep < opt.jacobi_sweeps; ++sweep) {
-        for (int s = 0; s + 1 < ell; ++s) {
-          if (tid < npairs) {
-            int p, q;
-            jacobi_pair(s, tid, ell, p, q);
-            const float app = H[p * ell + p], aqq = H[q * ell + q], apq = H[p * ell + q];
-            float c = 1.0f, sn = 0.0f;
-            if (fabsf(apq) > 1e-7f * sqrtf(fabsf(app * aqq)) && apq != 0.0f) {
-              const float theta = (aqq - app) / (2.0f * apq);
-              const float at = fabsf(theta);
-              float tt = at > 1e15f ? 0.5f / at : 1.0f / (at + sqrtf(theta * theta + 1.0f));
-              if (theta < 0.0f) tt = -tt;
-              c = 1.0f / sqrtf(tt * tt + 1.0f);
-              sn = tt * c;
-              if (fabsf(apq) > 1e-6f * sqrtf(fabsf(app * aqq))) flags[sweep & 1] = 1;
-            }
-            cs[2 * tid] = c;
-            cs[2 * tid + 1] = sn;
-            pq[2 * tid] = p;
-            pq[2 * tid + 1] = q;
-          }
-          __syncthreads();
-          if (s == 0 && tid == 0) flags[(sweep + 1) & 1] = 0;  // every thread has read it by now
-          // H stays exactly symmetric: block (a, b), a ≤ b, is rotated once and mirrored into (b, a).
-          for (int idx = tid; idx < npairs * npairs; idx += kEigenThreads) {
-            const int a = idx / npairs, b = idx % npairs;
-            if (a > b) continue;
-            jacobi_rotate_block(H, H, ell, pq[2 * a], pq[2 * a + 1], pq[2 * b], pq[2 * b + 1], cs[2 * a], cs[2 * a + 1],
-                                cs[2 * b], cs[2 * b + 1], a == b);
-          }
-          for (int idx = tid; idx < ell * npairs; idx += kEigenThreads) {
-            const int xr = idx / npairs, b = idx % npairs;
-            const int pb = pq[2 * b], qb = pq[2 * b + 1];
-            const float cb = cs[2 * b], sb = cs[2 * b + 1];
-            const float wp = W[xr * ell + pb], wq = W[xr * ell + qb];
-            W[xr * ell + pb] = cb * wp - sb * wq;
-            W[xr * ell + qb] = sb * wp + cb * wq;
-          }
-          __syncthreads();
-        }
-        if (flags[sweep & 1] == 0) break;  // uniform: read after the round's barrier
-      }
-    }
-    if (tid < ell) diag[tid] = H[tid * ell + tid];
-    Wfin = W;
+    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // zero block: orthonormalise Ω itself
   }
+  // Second pass, unless the first left Q orthonormal to 1e-5 already.
+  cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell, reinterpret_cast<unsigned*>(misc + 1));
+  // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi in Gs (H) and
+  // the free panel (W), which leaves the Ritz values in diag and column j of the rotations (the Ritz
+  // vector of diag[j]) at W[m · 32 + w_column(j)], in two slot planes (JacobiSlots).
+  rayleigh_ritz<D>(Gs, Qc, Zn, Gs, ell, ell + 1, trace > 0.0f);
+  const float* W = jacobi_fast<D>(Gs, Zn, diag, flags, ell, r, opt.jacobi_sweeps, trace > 0.0f);
 
-  // --- 6. top-r Ritz pairs, V = Q·W[:, order], sign fix, outputs ----------------------------------
-  const float* W = Wfin;
-  const int w_stride = fast ? 32 : ell;
-  auto w_column = [&](int j) { return fast ? (j & 1) * 32 * ell + (j >> 1) : j; };
+  // --- 4. top-r Ritz pairs, V = Q·W[:, order], sign fix, outputs ----------------------------------
+  constexpr int w_stride = 32;
+  auto w_column = [&](int j) { return (j & 1) * 32 * ell + (j >> 1); };
   __syncthreads();
   if (tid < ell) {
     const int rank_of = descending_rank(diag, 1, ell, tid);
@@ -1583,37 +1410,7 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
       if (j0 + u < r) V[(j0 + u) * D + d] = v[u];
   }
   __syncthreads();
-  for (int j = warp; j < r; j += kEigenWarps) {
-    float v[S::kPerLane];
-    float best = -1.0f;
-    int arg = D;
-#pragma unroll
-    for (int e = 0; e < S::kPerLane; ++e) {
-      v[e] = V[j * D + lane + 32 * e];
-      const float a = fabsf(v[e]);
-      if (a > best) {  // e ascending: the first index wins ties within the lane
-        best = a;
-        arg = lane + 32 * e;
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {  // argmax of |v|, smallest index on ties (as Eigen's maxCoeff)
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
-      if (ob > best || (ob == best && oa < arg)) {
-        best = ob;
-        arg = oa;
-      }
-    }
-    const float sign = (arg < D && V[j * D + arg] < 0.0f) ? -1.0f : 1.0f;
-#pragma unroll
-    for (int e = 0; e < S::kPerLane; ++e) {
-      const int d = lane + 32 * e;
-      job.basis_out[j * D + d] = __float2half_rn(sign * v[e]);
-      if (job.basis_f32_out != nullptr) job.basis_f32_out[j * D + d] = sign * v[e];
-    }
-    if (lane == 0 && job.eigenvalues_out != nullptr) job.eigenvalues_out[j] = diag[order[j]];
-  }
+  store_basis<D>(job, V, diag, order, r);
 }
 
 /// One CTA per job, in job_order (widest subspace first): G by 16-byte cp.async straight into its
@@ -1626,7 +1423,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
                                                               const float* __restrict__ colsum,
                                                               const float* __restrict__ shift,
                                                               const int* __restrict__ job_order, int lp, int panel,
-                                                              CompressOptions opt) {
+                                                              CompressOptions opt, bool tridiagonal) {
   extern __shared__ __align__(16) float smem[];
   const std::int64_t jb = job_order[blockIdx.x];
   const CompressJob job = jobs[jb];
@@ -1636,7 +1433,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     cp_async16(&smem[swz<D>(row, col)], g + 4 * v, true);
   }
   cp_async_commit();
-  eigen_block<D>(job, rows, smem, colsum + jb * D, shift + jb * D, lp, panel, opt);
+  eigen_block<D>(job, rows, smem, colsum + jb * D, shift + jb * D, lp, panel, opt, tridiagonal);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2034,14 +1831,14 @@ __device__ __noinline__ void fused_project(const CompressJob& job, int rows, uns
 template <class T, int D, int kNT>
 __global__ void __launch_bounds__(kEigenThreads, 2)
     compress_fused_kernel(const CompressJob* jobs, int rows, const int* job_order, int lp, int panel,
-                          CompressOptions opt) {
+                          CompressOptions opt, bool tridiagonal) {
   static_assert(ResidentShape<D>::kThreads == kEigenThreads, "the projection runs on the eigen CTA");
   extern __shared__ __align__(16) float smem[];
   float* scratch = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(smem) + FusedSmem<D>::kScratchOffset);
   fused_gram<T, D>(jobs[job_order[blockIdx.x]], rows, smem);
   {
     const CompressJob job = jobs[job_order[blockIdx.x]];
-    eigen_block<D>(job, rows, smem, scratch + 3 * D, scratch + 4 * D, lp, panel, opt);
+    eigen_block<D>(job, rows, smem, scratch + 3 * D, scratch + 4 * D, lp, panel, opt, tridiagonal);
   }
   __syncthreads();  // the basis and mean are stored; every read of the eigen layout is done
   fused_project<T, D, kNT>(jobs[job_order[blockIdx.x]], rows, reinterpret_cast<unsigned char*>(smem));
@@ -2235,8 +2032,10 @@ void BatchedCompressor::can_implement(const CompressProblem& p) {
   const int max_rank = std::min(p.head_dim, p.rows);
   require(p.max_rank >= 1 && p.max_rank <= max_rank, kWhat, "problem.max_rank", p.max_rank,
           detail::concat("must be in [1, min(head_dim, rows) = ", max_rank, "]"));
-  require(p.algorithm == CompressAlgorithm::kSubspaceIteration || p.algorithm == CompressAlgorithm::kCusolver, kWhat,
-          "problem.algorithm", static_cast<int>(p.algorithm), "must be kSubspaceIteration or kCusolver");
+  require(p.algorithm == CompressAlgorithm::kSubspaceIteration || p.algorithm == CompressAlgorithm::kCusolver ||
+              p.algorithm == CompressAlgorithm::kTridiagonal,
+          kWhat, "problem.algorithm", static_cast<int>(p.algorithm),
+          "must be kSubspaceIteration, kCusolver or kTridiagonal");
   require(p.options.oversample >= 0 && p.options.oversample <= p.head_dim, kWhat, "problem.options.oversample",
           p.options.oversample, detail::concat("must be in [0, head_dim = ", p.head_dim, "] (0: automatic)"));
   require(p.options.iterations >= 1 && p.options.iterations <= 64, kWhat, "problem.options.iterations",
@@ -2304,7 +2103,7 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     m.resident = resident_bytes <= ResidentShape<D>::kMaxBytes;
     m.project_tiles = std::min(D / 16, rpad_max <= 32 ? 2 : rpad_max <= 64 ? 4 : 8);
     m.project_smem = m.resident ? resident_bytes : ProjectShape<D>::bytes(rpad_max);
-    m.fused = problem.algorithm == CompressAlgorithm::kSubspaceIteration && m.resident;
+    m.fused = problem.algorithm != CompressAlgorithm::kCusolver && m.resident;
     m.fused_smem = std::max({m.eigen_smem, FusedSmem<D>::kGramBytes, m.project_smem});
   });
 
@@ -2314,7 +2113,7 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
   if (m.fused) {
     m.off_order = jobs_bytes;
     m.total = m.off_order + align_up(n * sizeof(int));
-  } else if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
+  } else if (problem.algorithm != CompressAlgorithm::kCusolver) {
     m.off_gram = jobs_bytes;
     m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
     m.off_shift = m.off_sum + align_up(n * d * sizeof(float));
@@ -2354,7 +2153,7 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
         });
         return;
       }
-      if (problem.algorithm == CompressAlgorithm::kSubspaceIteration) {
+      if (problem.algorithm != CompressAlgorithm::kCusolver) {
         allow_shared_memory(gram_kernel<T, D>, GramShape<D>::kSmemBytes, "cudaFuncSetAttribute(gram_kernel)");
         allow_shared_memory(eigen_kernel<D>, m.eigen_smem, "cudaFuncSetAttribute(eigen_kernel)");
       }
@@ -2409,6 +2208,7 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
   detail::require(device_jobs != nullptr, kWhat, "device_jobs", "nullptr", "must point to num_jobs descriptors");
   auto* ws = static_cast<unsigned char*>(workspace);
   auto* gram = reinterpret_cast<float*>(ws + m.off_gram);
+  const bool tridiagonal = p.algorithm == CompressAlgorithm::kTridiagonal;
 
   dispatch_element(p.element, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -2420,12 +2220,12 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
         check_launch("order_kernel");
         dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
           compress_fused_kernel<T, D, decltype(tiles)::value><<<num_jobs, kEigenThreads, m.fused_smem, stream>>>(
-              device_jobs, p.rows, job_order, m.lp, m.panel, p.options);
+              device_jobs, p.rows, job_order, m.lp, m.panel, p.options, tridiagonal);
         });
         check_launch("compress_fused_kernel");
         return;
       }
-      if (p.algorithm == CompressAlgorithm::kSubspaceIteration) {
+      if (p.algorithm != CompressAlgorithm::kCusolver) {
         auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
         auto* shifts = reinterpret_cast<float*>(ws + m.off_shift);
         auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
@@ -2435,7 +2235,8 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
                                                                                                    gram, sums, shifts);
         check_launch("gram_kernel");
         eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, shifts,
-                                                                           job_order, m.lp, m.panel, p.options);
+                                                                           job_order, m.lp, m.panel, p.options,
+                                                                           tridiagonal);
         check_launch("eigen_kernel");
       } else {
         auto* x32 = reinterpret_cast<float*>(ws + m.off_x32);

@@ -268,16 +268,23 @@ double optimum(const Eigen::MatrixXd& xc, int r) {
   return std::sqrt(tail);
 }
 
+constexpr CompressAlgorithm kAlgorithms[] = {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver,
+                                            CompressAlgorithm::kTridiagonal};
+const char* algorithm_name(CompressAlgorithm a) {
+  return a == CompressAlgorithm::kCusolver ? "cusolver" : a == CompressAlgorithm::kTridiagonal ? "tridiagonal" : "subspace";
+}
+
 /// Checks every per-job property of one run; returns the optimality ratios (0 where undefined).
 /// \param max_ratio  the optimality bound: 1.01 is what the defaults promise; non-default options
 ///                   promise none, so their runs pass infinity and check everything else
 template <class T>
-std::vector<double> check_outputs(const Batch<T>& batch, const Outputs& o, const char* path, double max_ratio = 1.01) {
+std::vector<double> check_outputs(const Batch<T>& batch, const Outputs& o, const std::string& path,
+                                  double max_ratio = 1.01) {
   std::vector<double> ratios;
   const auto& cases = batch.cases();
   for (std::size_t b = 0; b < cases.size(); ++b) {
     const Case& c = cases[b];
-    SCOPED_TRACE(std::string(path) + " job " + std::to_string(b) + " (" + c.name + ", r=" + std::to_string(c.rank) +
+    SCOPED_TRACE(path + " job " + std::to_string(b) + " (" + c.name + ", r=" + std::to_string(c.rank) +
                  (c.mean_center ? ", centred" : "") + ")");
     const Eigen::MatrixXd b16 = batch.basis16(o, b), b32 = batch.basis32(o, b), c32 = batch.coeff32(o, b);
     const Eigen::MatrixXd q = batch.coeff8(o, b);
@@ -293,7 +300,8 @@ std::vector<double> check_outputs(const Batch<T>& batch, const Outputs& o, const
     const Eigen::MatrixXd eye = Eigen::MatrixXd::Identity(r, r);
     // FP16 basis: each entry rounds with relative error ≤ 2^-11, so |(B_h B_hᵀ − I)_ij| ≤ 2·2^-11 ≈ 9.8e-4.
     EXPECT_LE((b16 * b16.transpose() - eye).cwiseAbs().maxCoeff(), 1e-3);
-    // FP32 basis: two Gram–Schmidt passes and ≤ 2·(ℓ−1)·ℓ/2 rotations, O(100·2^-24) ≈ 1e-5; ×10 margin.
+    // FP32 basis: two CholQR passes and ≤ 2·(ℓ−1)·ℓ/2 rotations, or D − 2 reflections and one Gram–Schmidt
+    // pass, O(100·2^-24) ≈ 1e-5; ×10 margin.
     EXPECT_LE((b32 * b32.transpose() - eye).cwiseAbs().maxCoeff(), 1e-4);
 
     // Stored mean: the FP16 rounding of the column mean (the GPU sums in FP32, so a value on a rounding
@@ -437,15 +445,19 @@ std::vector<Case> cases_d128(Rng& rng) {
   return cs;
 }
 
-TEST_F(CompressGpu, SubspaceIterationMatchesOptimumOnMixedBatchD128) {
+/// Both fused paths on every kind of block: subspace iteration (the tridiagonal eigen-solve for its
+/// r = 120 job) and the tridiagonal eigen-solve for every job.
+TEST_F(CompressGpu, FusedPathsMatchOptimumOnMixedBatchD128) {
   Rng rng(20261129);
   Batch<Half> batch(cases_d128(rng), kRows, 128);
-  const Outputs o = batch.run(CompressAlgorithm::kSubspaceIteration, ElementType::kHalf, stream_);
-  const std::vector<double> ratios = check_outputs(batch, o, "subspace");
-  double worst = 0.0;
-  for (double r : ratios) worst = std::max(worst, r);
-  RecordProperty("worst_ratio", std::to_string(worst));
-  std::printf("[ info ] D=128 worst optimality ratio (subspace iteration): %.6f\n", worst);
+  for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kTridiagonal}) {
+    const Outputs o = batch.run(a, ElementType::kHalf, stream_);
+    const std::vector<double> ratios = check_outputs(batch, o, algorithm_name(a));
+    double worst = 0.0;
+    for (double r : ratios) worst = std::max(worst, r);
+    RecordProperty(std::string("worst_ratio_") + algorithm_name(a), std::to_string(worst));
+    std::printf("[ info ] D=128 worst optimality ratio (%s): %.6f\n", algorithm_name(a), worst);
+  }
 }
 
 /// Jacobi sweeps after the first rotate only the pairs that straddle the top-r boundary of the current
@@ -723,13 +735,12 @@ TEST_F(CompressGpu, CentredLowRankPlusNoiseBlocksAsInTheDeviceCacheTests) {
   for (int r : {16, 32, 16, 32}) beyond.push_back(Case{"rank 8 + noise", r, true, block()});
   {
     Batch<Half> batch(exact, rows, D);
-    for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
+    for (CompressAlgorithm a : kAlgorithms) {
       const Outputs o = batch.run(a, ElementType::kHalf, stream_);
-      const std::vector<double> ratios = check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver r=8" : "subspace r=8");
+      const std::vector<double> ratios = check_outputs(batch, o, std::string(algorithm_name(a)) + " r=8");
       double worst = 0.0;
       for (double v : ratios) worst = std::max(worst, v);
-      std::printf("[ info ] rank-8 + noise, r=8, %s: worst ratio %.6f\n",
-                  a == CompressAlgorithm::kCusolver ? "cusolver" : "subspace", worst);
+      std::printf("[ info ] rank-8 + noise, r=8, %s: worst ratio %.6f\n", algorithm_name(a), worst);
     }
   }
   Batch<Half> batch(beyond, rows, D);
@@ -796,9 +807,9 @@ TEST_F(CompressGpu, HeadDim64WithRankUpToD) {
   add("zero", 64, false, Eigen::MatrixXd::Zero(kRows, D));
   cs.back().zero_coeffs = true;
   Batch<Half> batch(cs, kRows, D);
-  for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
+  for (CompressAlgorithm a : kAlgorithms) {
     const Outputs o = batch.run(a, ElementType::kHalf, stream_);
-    check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver D=64" : "subspace D=64");
+    check_outputs(batch, o, std::string(algorithm_name(a)) + " D=64");
   }
   CompressOptions four;  // the boundary sweeps at D = 64 (ℓ = 16, 24, 48), split three times
   four.jacobi_sweeps = 4;
@@ -827,14 +838,15 @@ TEST_F(CompressGpu, BFloat16InputAndShortBlock) {
   add("decay i^-0.5", 32, false, with_spectrum(rows, D, spectrum(D, pow_half), rng));
   add("offsets, centred", 32, true, with_spectrum(rows, D, spectrum(D, exp20), rng).rowwise() + 4.0 * gaussian_row(D, rng));
   Batch<BFloat16> batch(cs, rows, D);
-  for (CompressAlgorithm a : {CompressAlgorithm::kSubspaceIteration, CompressAlgorithm::kCusolver}) {
+  for (CompressAlgorithm a : kAlgorithms) {
     const Outputs o = batch.run(a, ElementType::kBFloat16, stream_);
-    check_outputs(batch, o, a == CompressAlgorithm::kCusolver ? "cusolver bf16" : "subspace bf16");
+    check_outputs(batch, o, std::string(algorithm_name(a)) + " bf16");
   }
 }
 
-/// A short block with a rank whose subspace is too wide for CholQR (r = 64: ℓ = 96, Gram–Schmidt):
-/// at L = 96 the coefficients fit in shared memory, so the fused kernel runs it, beside a CholQR job.
+/// A short block with a rank whose subspace is too wide for CholQR (r = 64: ℓ = 96, the tridiagonal
+/// eigen-solve): at L = 96 the coefficients fit in shared memory, so the fused kernel runs it, beside a
+/// CholQR job.
 TEST_F(CompressGpu, ShortBlockWithAWideSubspace) {
   Rng rng(17);
   const int D = 128, rows = 96;
@@ -849,7 +861,7 @@ TEST_F(CompressGpu, ShortBlockWithAWideSubspace) {
 
 /// Blocks longer than the device cache's (1100 rows: 18 chunks, the last one partial): their FP32
 /// coefficients do not fit in shared memory, so the two-pass projection runs, with CholQR (r = 32) and
-/// with Gram–Schmidt (r = 120) in the eigen kernel.
+/// with the tridiagonal eigen-solve (r = 120) in the eigen kernel.
 TEST_F(CompressGpu, LongBlocks) {
   Rng rng(13);
   const int D = 128, rows = 1100;
@@ -968,6 +980,17 @@ TEST_F(CompressGpu, RejectsBadProblemsAndJobs) {
   EXPECT_THROW(BatchedCompressor::can_implement(bad), spectralkv::InvalidArgument);
   bad.options.oversample = p.head_dim + 1;
   EXPECT_THROW(BatchedCompressor::can_implement(bad), spectralkv::InvalidArgument);
+  bad = p;
+  bad.algorithm = CompressAlgorithm::kTridiagonal;
+  EXPECT_NO_THROW(BatchedCompressor::can_implement(bad));
+  try {
+    bad.algorithm = static_cast<CompressAlgorithm>(3);
+    BatchedCompressor::can_implement(bad);
+    FAIL() << "no exception";
+  } catch (const spectralkv::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("problem.algorithm"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("3"), std::string::npos) << e.what();
+  }
   try {
     bad = p;
     bad.head_dim = 96;

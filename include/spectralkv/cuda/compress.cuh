@@ -7,31 +7,38 @@
 // own rank, mean-centring flag and output pointers, so keys (r_K) and values (r_V) of every layer go
 // into one launch sequence.
 //
-// Two algorithms share this interface:
+// Three algorithms share this interface:
 //  - kSubspaceIteration (the fast path): G = XᵀX on tensor cores (FP16/BF16 products are exact, FP32
 //    accumulation; a mean-centred job accumulates the Gram of X minus a provisional FP16 shift, the
 //    mean of its first 64 rows, so large channel means cost no accuracy); `iterations` steps of block
 //    subspace iteration on G with ℓ = r + p columns (3×TF32 tensor-core products, so FP32 accuracy),
 //    orthonormalised by Cholesky QR with an FP64 Gram on (G + δI)·Q, δ = 1e-6·trace(G), after every
 //    product, or after two where the previous pass estimates κ ≤ 100 (never the last product), plus a
-//    second CholQR pass at the end when the first left an entry of QᵀQ − I above 1e-5 (ℓ ≤ 64 at
-//    D = 128, ℓ ≤ 48 at D = 64; wider subspaces use modified Gram–Schmidt with completion of degenerate
-//    columns); Rayleigh–Ritz on span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the
-//    first sweep over all pairs, later ones across the top-r boundary); then C = (X − mean)·B_hᵀ
+//    second CholQR pass at the end when the first left an entry of QᵀQ − I above 1e-5; Rayleigh–Ritz on
+//    span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the first sweep over all pairs,
+//    later ones across the top-r boundary). That holds for ℓ ≤ 64 at D = 128 and ℓ ≤ 48 at D = 64
+//    (r ≤ 42 and r ≤ 32 at the default oversampling); a job with a wider subspace takes kTridiagonal's
+//    eigen-solve instead, which is faster there (r = 64 at D = 128: 7× on an H200). Then C = (X − mean)·B_hᵀ
 //    against the stored FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X
 //    with C held in shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise).
 //    When the one-pass projection applies, the Gram, the eigen-solve and the projection of a job run in
 //    one CTA with G kept in shared memory (two kernels per run, a workspace of a few bytes per job);
 //    otherwise they are separate kernels (four per run) and the workspace holds every job's FP32 Gram.
+//  - kTridiagonal: the same kernels with every job's eigen-solve done on G itself, in one CTA:
+//    Householder tridiagonalisation (G in registers), Sturm-count multisection for the r largest
+//    eigenvalues, inverse iteration, Gram–Schmidt, back-transform. Converged eigenvectors (like
+//    kCusolver's) at a cost that hardly depends on r: slower than subspace iteration for r ≤ 32 (about
+//    2.2× at r = 16/32 on an H200), faster beyond.
 //  - kCusolver (oracle in the tests and fallback): FP32 Gram by cuBLAS, cusolverDnXsyevBatched for the
 //    full eigen-decomposition of every Gram, the top r eigenvectors, then the same projection and
 //    quantisation kernel.
 //
-// Both follow the CPU reference rule (compress.hpp): basis rows sorted by decreasing σ², each signed so
+// All follow the CPU reference rule (compress.hpp): basis rows sorted by decreasing σ², each signed so
 // that its entry of largest magnitude is positive; scale_j = max_t |C[t][j]| / 127 and
 // q = round-to-nearest-even(C / scale_j) (a zero column gets scale 0 and zeros), bit for bit on the
-// FP32 coefficients. The cuSOLVER path returns converged singular vectors. The fast path returns Ritz
-// vectors after at most `jacobi_sweeps` Jacobi sweeps: together they span the near-optimal rank-r
+// FP32 coefficients. The cuSOLVER and tridiagonal paths return converged singular vectors (to the
+// FP32 Gram's resolution; vectors of numerically equal σ are an orthonormal basis of their span). The
+// fast path returns Ritz vectors after at most `jacobi_sweeps` Jacobi sweeps: together they span the near-optimal rank-r
 // subspace (truncation error ≤ 1.01× the Eckart–Young optimum on every spectrum tested, outlier
 // channels up to 300× the rest; beyond that the FP32 Gram limits it, see docs/PERFORMANCE.md), and
 // each of them is a singular vector only where the singular values are well separated (to the
@@ -62,6 +69,7 @@ enum class ElementType : int { kHalf = 0, kBFloat16 = 1 };
 enum class CompressAlgorithm : int {
   kSubspaceIteration = 0,  ///< the fast fused kernels (default)
   kCusolver = 1,           ///< cuBLAS Gram + cusolverDnXsyevBatched: the oracle and fallback
+  kTridiagonal = 2,        ///< the same kernels with a Householder eigen-solve of G for every job
 };
 
 /// One matrix to compress: an L×D block of one (layer, KV head, K or V) and where its factors go.
@@ -94,7 +102,9 @@ struct CompressJob {
   float* eigenvalues_out = nullptr;
 };
 
-/// Tuning of the subspace-iteration path (ignored by kCusolver). The defaults keep the truncation
+/// Tuning of the subspace-iteration path (ignored by kCusolver and kTridiagonal, and by the jobs whose
+/// subspace is too wide for it, which take the tridiagonal eigen-solve; `oversample` decides which
+/// those are). The defaults keep the truncation
 /// error within 1% of the Eckart–Young optimum on the hardest spectra measured (flat, power-law
 /// decay i^-0.25, iid columns with 100× outlier channels); see docs/PERFORMANCE.md.
 struct CompressOptions {
