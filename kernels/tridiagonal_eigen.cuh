@@ -18,6 +18,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 namespace spectralkv::cuda::tridiag {
 
 constexpr int kThreads = 256;
@@ -32,6 +34,22 @@ __device__ __forceinline__ float rcp_approx(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+/// fn(std::integral_constant<int, I>) for I = F … N − 1.
+template <int F, int N, class Fn>
+__device__ __forceinline__ void static_for(Fn&& fn) {
+  if constexpr (F < N) {
+    fn(std::integral_constant<int, F>{});
+    static_for<F + 1, N>(fn);
+  }
+}
+
+/// The kWarps partial sums at p (16-byte aligned), in a fixed order.
+__device__ __forceinline__ float sum8(const float* p) {
+  static_assert(kWarps == 8, "two float4 loads");
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  return ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
 }
 
 template <int D>
@@ -71,7 +89,11 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
   float* pbuf = work;           // [2][D] p = c·A·u, by step parity
   float* part = work + 2 * D;   // [2][kWarps] ‖x‖² partials, then [2][kWarps] uᵀp partials
   float prev_u1 = 0.0f;         // u_{k+1} of the previous reflector, stored one step late
-  for (int k = 0; k < D - 2; ++k) {
+  // One step per reflection. `first` is the first 16-row (and 16-column) block with a row > k: the
+  // blocks before it are done. It is a compile-time constant per segment of 16 steps (the loop below),
+  // so those blocks cost no instruction at all (predicated off they would still be issued).
+  auto step = [&](int k, auto first_block) {
+    constexpr int first = decltype(first_block)::value;
     const int par = k & 1;
     const int kb = k >> 4;
     float* uk = u + k * D;
@@ -97,19 +119,16 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
     __syncthreads();
     // (B) the reflector (every thread computes it), then p = c·A·u over the trailing rows.
     if (k > 0 && tid == 0) u[(k - 1) * D + k] = prev_u1;  // row k−1 is read by nobody in this step
-    float xn2 = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) xn2 += part[par * 2 * kWarps + w];
+    const float xn2 = sum8(part + par * 2 * kWarps);
     const float alpha = uk[k + 1];
     float beta = alpha, c = 0.0f, u1 = 0.0f;  // no reflection when the column is already reduced
     if (xn2 > 0.0f) {
       beta = -copysignf(sqrtf(fmaf(alpha, alpha, xn2)), alpha);
       u1 = alpha - beta;
-      c = 1.0f / (beta * -u1);
+      c = -rcp_approx(beta * u1);  // the back-transform forms the same value from e_k and u_{k+1}
     }
     if (tid == 0) eg[k] = beta;
     prev_u1 = u1;
-    const int first = (k + 1) >> 4;  // blocks below hold only rows/columns ≤ k
     float uc[NB];
 #pragma unroll
     for (int jb = 0; jb < NB; ++jb) {
@@ -161,9 +180,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
     if (lane == 0) part[(par * 2 + 1) * kWarps + warp] = up;
     __syncthreads();
     // (C) A ← A − u·wᵀ − w·uᵀ with w = p − (c/2)(uᵀp)·u, on the trailing blocks.
-    float utp = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) utp += part[(par * 2 + 1) * kWarps + w];
+    const float utp = sum8(part + (par * 2 + 1) * kWarps);
     const float kk = 0.5f * c * utp;
     float wc[NB];
 #pragma unroll
@@ -179,7 +196,11 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
           if (jb >= first) a[ib][jb] = fmaf(-ui, wc[jb], fmaf(-wi, uc[jb], a[ib][jb]));
       }
     }
-  }
+  };
+  static_for<0, NB>([&](auto f) {
+    constexpr int kf = decltype(f)::value;  // the steps whose k + 1 lies in block kf
+    for (int k = kf == 0 ? 0 : 16 * kf - 1; k < (16 * kf + 15 < D - 2 ? 16 * kf + 15 : D - 2); ++k) step(k, f);
+  });
   // The last 2×2 block; its owners write it after their own final update.
 #pragma unroll
   for (int ib = 0; ib < NB; ++ib)
@@ -281,35 +302,82 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
   float* piv = work;            // [D][r] reciprocal pivots of T − λI = L·U
   float* yv = work + D * ldy;   // [D][r] the vectors
   if (tid < r) {
+    // Each pass is a chain of dependent steps along i; the rows go in chunks of kC whose loads are all
+    // issued before the chunk's chain and its stores after it (the compiler cannot move a load above a
+    // store to the same array, so row by row every step would wait for a shared-memory round trip).
+    constexpr int kC = 8;
     const int j = tid;
     const float sigma = lam[j];
     const float tolp = fmaxf(6e-8f * tnorm, 1e-30f);
-    float q = dg[0] - sigma;
-    for (int i = 0; i < D; ++i) {
-      if (i > 0) q = (dg[i] - sigma) - eg[i - 1] * eg[i - 1] * piv[(i - 1) * ldy + j];
-      if (fabsf(q) < tolp) q = q < 0.0f ? -tolp : tolp;
-      piv[i * ldy + j] = rcp_approx(q);
+    float rprev = 0.0f;  // 1/q_{i−1}
+    for (int i0 = 0; i0 < D; i0 += kC) {
+      float dd[kC], e2[kC];
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        const int i = i0 + c;
+        dd[c] = dg[i] - sigma;
+        e2[c] = i > 0 ? eg[i - 1] * eg[i - 1] : 0.0f;
+      }
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        float q = dd[c] - e2[c] * rprev;
+        if (fabsf(q) < tolp) q = q < 0.0f ? -tolp : tolp;
+        rprev = rcp_approx(q);
+        dd[c] = rprev;
+      }
+#pragma unroll
+      for (int c = 0; c < kC; ++c) piv[(i0 + c) * ldy + j] = dd[c];
     }
     float scale = 1.0f;
     for (int it = 0; it < 2; ++it) {
       // Forward: y = L⁻¹·b (b the start vector, then the previous solution scaled to max |x| = 1).
       float y = 0.0f;
-      for (int i = 0; i < D; ++i) {
-        const float b = it == 0 ? start(i, j) : yv[i * ldy + j] * scale;
-        y = i == 0 ? b : b - eg[i - 1] * piv[(i - 1) * ldy + j] * y;
-        yv[i * ldy + j] = y;
+      for (int i0 = 0; i0 < D; i0 += kC) {
+        float bb[kC], mm[kC];
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          const int i = i0 + c;
+          bb[c] = it == 0 ? start(i, j) : yv[i * ldy + j] * scale;
+          mm[c] = i > 0 ? eg[i - 1] * piv[(i - 1) * ldy + j] : 0.0f;
+        }
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          y = bb[c] - mm[c] * y;
+          bb[c] = y;
+        }
+#pragma unroll
+        for (int c = 0; c < kC; ++c) yv[(i0 + c) * ldy + j] = bb[c];
       }
       // Backward: x = U⁻¹·y, with U = diag(q) + superdiagonal e.
       float x = 0.0f, xmax = 0.0f;
-      for (int i = D - 1; i >= 0; --i) {
-        x = i == D - 1 ? yv[i * ldy + j] * piv[i * ldy + j] : (yv[i * ldy + j] - eg[i] * x) * piv[i * ldy + j];
-        yv[i * ldy + j] = x;
-        xmax = fmaxf(xmax, fabsf(x));
+      for (int i0 = D - kC; i0 >= 0; i0 -= kC) {
+        float yy[kC], ee[kC], pp[kC];
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          const int i = i0 + c;
+          yy[c] = yv[i * ldy + j];
+          ee[c] = i < D - 1 ? eg[i] : 0.0f;
+          pp[c] = piv[i * ldy + j];
+        }
+#pragma unroll
+        for (int c = kC - 1; c >= 0; --c) {
+          x = (yy[c] - ee[c] * x) * pp[c];
+          yy[c] = x;
+          xmax = fmaxf(xmax, fabsf(x));
+        }
+#pragma unroll
+        for (int c = 0; c < kC; ++c) yv[(i0 + c) * ldy + j] = yy[c];
       }
       scale = xmax > 0.0f && xmax < 3.0e38f ? 1.0f / xmax : 1.0f;
     }
     // Scaled to max |x| = 1, so that the squared norms below cannot overflow (a zero T gives x ~ 1/tolp).
-    for (int i = 0; i < D; ++i) yv[i * ldy + j] *= scale;
+    for (int i0 = 0; i0 < D; i0 += kC) {
+      float xx[kC];
+#pragma unroll
+      for (int c = 0; c < kC; ++c) xx[c] = yv[(i0 + c) * ldy + j] * scale;
+#pragma unroll
+      for (int c = 0; c < kC; ++c) yv[(i0 + c) * ldy + j] = xx[c];
+    }
   }
   __syncthreads();
 
