@@ -18,7 +18,7 @@
 //    span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the first sweep over all pairs,
 //    later ones across the top-r boundary). That holds for ℓ ≤ 64 at D = 128 and ℓ ≤ 48 at D = 64
 //    (r ≤ 42 and r ≤ 32 at the default oversampling); a job with a wider subspace takes kTridiagonal's
-//    eigen-solve instead, which is faster there (r = 64 at D = 128: 7× on an H200). Then C = (X − mean)·B_hᵀ
+//    eigen-solve instead, which is faster there (r = 64 at D = 128: 10× on an H200). Then C = (X − mean)·B_hᵀ
 //    against the stored FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X
 //    with C held in shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise).
 //    When the one-pass projection applies, the Gram, the eigen-solve and the projection of a job run in
@@ -27,8 +27,8 @@
 //  - kTridiagonal: the same kernels with every job's eigen-solve done on G itself, in one CTA:
 //    Householder tridiagonalisation (G in registers), Sturm-count multisection for the r largest
 //    eigenvalues, inverse iteration, Gram–Schmidt, back-transform. Converged eigenvectors (like
-//    kCusolver's) at a cost that hardly depends on r: slower than subspace iteration for r ≤ 32 (about
-//    2.2× at r = 16/32 on an H200), faster beyond.
+//    kCusolver's) at a cost that hardly depends on r: slower than subspace iteration for r ≤ 32 (on an
+//    H200 2.1× at r = 16, level at r = 32), faster beyond.
 //  - kCusolver (oracle in the tests and fallback): FP32 Gram by cuBLAS, cusolverDnXsyevBatched for the
 //    full eigen-decomposition of every Gram, the top r eigenvectors, then the same projection and
 //    quantisation kernel.
