@@ -1322,7 +1322,9 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   }
   __syncthreads();
   if (tridiagonal || !fast) {
-    // The eigen-decomposition of G itself; the top r vectors land in Gs as [r][D], as V below.
+    // The eigen-decomposition of G itself; the top r vectors land in Gs as [r][D], as V below. Its
+    // scratch (2·D·r + 2·D floats) fits in the panels and cs/pq: lp ≥ r + 1, or lp = r = D.
+    static_assert(tridiag::kThreads == kEigenThreads, "the eigen CTA runs the tridiagonal solve");
     tridiag::top_eigenpairs<D>(
         Gs, [Gs](int i, int j) { return Gs[swz<D>(i, j)]; },
         [](int i, int j) { return hash_unit(static_cast<unsigned>(i), 4099u + static_cast<unsigned>(j)); }, Qa, diag, r);

@@ -25,9 +25,6 @@ namespace spectralkv::cuda::tridiag {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-/// Thread (tr, tc) = (tid / 16, tid % 16) holds A[tr + 16·a][tc + 16·b], a, b < D/16: a 2-D cyclic
-/// layout, so the trailing matrix of every step stays spread over all threads and whole 16-row or
-/// 16-column blocks drop out as the reduction moves on.
 /// MUFU reciprocal: a Sturm count tolerates its ~1-ulp error (the count of a matrix within a few ulps
 /// of T), and it keeps each step of the count's chain to three dependent instructions.
 __device__ __forceinline__ float rcp_approx(float x) {
@@ -52,12 +49,15 @@ __device__ __forceinline__ float sum8(const float* p) {
   return ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
 }
 
+/// Thread (tr, tc) = (tid / 16, tid % 16) holds A[tr + 16·a][tc + 16·b], a, b < D/16: a 2-D cyclic
+/// layout, so the trailing matrix of every step stays spread over all threads and whole 16-row or
+/// 16-column blocks drop out as the reduction moves on.
 template <int D>
 struct Shape {
-  static constexpr int kNB = D / 16;           // register blocks per dimension
+  static constexpr int kNB = D / 16;                 // register blocks per dimension
   static constexpr int kPublishMask = 16 / kNB - 1;  // lanes whose low tc bits are zero publish p
-  static constexpr int kRowsPerLane = D / 8;  // vector phases: 8 lanes per vector (see vrow)
-  static constexpr int kMaxSlots = D / 32;    // vectors per 8-lane group (r ≤ D)
+  static constexpr int kRowsPerLane = D / 8;         // vector phases: 8 lanes per vector (see vrow)
+  static constexpr int kMaxSlots = D / 32;           // vectors per 8-lane group (r ≤ D)
 };
 
 /// Shared memory the caller provides.
@@ -65,7 +65,7 @@ struct Shape {
 ///               (u_i for i > k, zero for i ≤ k; H_k = I − c_k·u·uᵀ with c_k = −1/(e_k·u_{k+1}), or
 ///               H_k = I when u_{k+1} = 0), row D−2 the off-diagonal e and row D−1 the diagonal d of T;
 ///               on return, rows 0..r−1 hold the eigenvectors (row j = the j-th largest), plain [r][D]
-/// \param work   ≥ max(2·D·r + 2·D, 512 + 2·D + 32) floats (the solves' pivots and vectors; scratch)
+/// \param work   ≥ max(2·D·r + 2·D, 512) floats (the solves' pivots and vectors; scratch before them)
 /// \param lam    [r] floats: on return the eigenvalues, descending
 /// \param g_at   (i, j) → G[i][j], read once at the start
 /// \param start  (i, j) → entry i of the j-th start vector of inverse iteration (pseudo-random, nonzero)
@@ -91,7 +91,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
   float prev_u1 = 0.0f;         // u_{k+1} of the previous reflector, stored one step late
   // One step per reflection. `first` is the first 16-row (and 16-column) block with a row > k: the
   // blocks before it are done. It is a compile-time constant per segment of 16 steps (the loop below),
-  // so those blocks cost no instruction at all (predicated off they would still be issued).
+  // so those blocks cost no instruction at all.
   auto step = [&](int k, auto first_block) {
     constexpr int first = decltype(first_block)::value;
     const int par = k & 1;
