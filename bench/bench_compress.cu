@@ -1,9 +1,12 @@
 // Batched compression (truncated SVD + INT8 into the cold layout's sections) on the GPU.
 //
 // N matrices of 512×128 FP16, ranks 16, 32 or mixed (half 16 / half 32, interleaved as keys and values
-// of one layer would be), for the subspace-iteration kernels and for the cuSOLVER path in the same
-// binary; N = 512 mixed also with mean centring (`centre` = 1), which adds the shifted-Gram work. Each iteration is timed with CUDA events around one run() on a stream (manual time); the
-// counters report the median over the iterations (per batch and per matrix), the input bandwidth, and
+// of one layer would be), for each algorithm in the same binary (`algorithm`: 0 subspace iteration, the
+// default; 1 the cuSOLVER path; 2 the tridiagonal eigen-solve for every job); N = 512 mixed also with
+// mean centring (`centre` = 1), which adds the shifted-Gram work, and N = 512 at ranks 64 and 120 (the
+// subspace too wide for CholQR: the default takes the tridiagonal eigen-solve, in the separate kernels).
+// Each iteration is timed with CUDA events around one run() on a stream (manual time); the counters
+// report the median over the iterations (per batch and per matrix), the input bandwidth, and
 // the worst optimality ratio ‖X − X·B32ᵀB32‖_F / sqrt(Σ_{i>r} σ_i²) over sampled jobs, against Eigen's
 // JacobiSVD in double.
 //
@@ -117,8 +120,9 @@ const DeviceMemory& device_inputs(int n) {
   return ref;
 }
 
-/// rank_mode: a rank for every job (16, 32, 64 or 120 below), or 0 for mixed (even jobs 16, odd jobs 32); centre: mean-centred jobs;
-/// options: the subspace-iteration knobs (defaults unless a benchmark sweeps them).
+/// rank_mode: a rank for every job (16, 32, 64 or 120 below), or 0 for mixed (even jobs 16, odd jobs
+/// 32); centre: mean-centred jobs; options: the subspace-iteration knobs (defaults unless a benchmark
+/// sweeps them).
 void run_compress(benchmark::State& state, int n, int rank_mode, CompressAlgorithm algorithm, bool centre,
                   const spectralkv::cuda::CompressOptions& options) {
   auto rank_of = [&](int j) { return rank_mode != 0 ? rank_mode : (j % 2 == 0 ? 16 : 32); };
