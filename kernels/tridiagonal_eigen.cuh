@@ -133,7 +133,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
 #pragma unroll
     for (int jb = 0; jb < NB; ++jb) {
       const int j = tc + 16 * jb;
-      uc[jb] = j > k + 1 ? uk[j] : (j == k + 1 ? u1 : 0.0f);
+      uc[jb] = j == k + 1 ? u1 : uk[j];  // uk holds zeros up to k, and α (not yet u_{k+1}) at k + 1
     }
     float s[NB];
 #pragma unroll
@@ -172,7 +172,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
       const int i = tr + 16 * ib_own;
       const float p = i > k ? c * s[0] : 0.0f;
       pbuf[par * D + i] = p;
-      const float ui = i > k + 1 ? uk[i] : (i == k + 1 ? u1 : 0.0f);
+      const float ui = i == k + 1 ? u1 : uk[i];
       up = ui * p;
     }
 #pragma unroll
@@ -189,7 +189,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
     for (int ib = 0; ib < NB; ++ib) {
       if (ib >= first) {
         const int i = tr + 16 * ib;
-        const float ui = i > k + 1 ? uk[i] : (i == k + 1 ? u1 : 0.0f);
+        const float ui = i == k + 1 ? u1 : uk[i];
         const float wi = pbuf[par * D + i] - kk * ui;
 #pragma unroll
         for (int jb = 0; jb < NB; ++jb)
