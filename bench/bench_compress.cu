@@ -3,8 +3,9 @@
 // N matrices of 512×128 FP16, ranks 16, 32 or mixed (half 16 / half 32, interleaved as keys and values
 // of one layer would be), for each algorithm in the same binary (`algorithm`: 0 subspace iteration, the
 // default; 1 the cuSOLVER path; 2 the tridiagonal eigen-solve for every job); N = 512 mixed also with
-// mean centring (`centre` = 1), which adds the shifted-Gram work, and N = 512 at ranks 64 and 120 (the
-// subspace too wide for CholQR: the default takes the tridiagonal eigen-solve, in the separate kernels).
+// mean centring (`centre` = 1), which adds the shifted-Gram work, and N = 512 at ranks 36, 40, 64 and
+// 120 (subspaces wider than ℓ = 48: the default takes the tridiagonal eigen-solve, in the separate
+// kernels).
 // Each iteration is timed with CUDA events around one run() on a stream (manual time); the counters
 // report the median over the iterations (per batch and per matrix), the input bandwidth, and
 // the worst optimality ratio ‖X − X·B32ᵀB32‖_F / sqrt(Σ_{i>r} σ_i²) over sampled jobs, against Eigen's
@@ -247,7 +248,7 @@ void Args(benchmark::internal::Benchmark* b) {
     for (int n : {16, 512, 4096})
       for (int rank : {16, 32, 0}) b->Args({n, rank, algo, 0});
     b->Args({512, 0, algo, 1});
-    for (int rank : {64, 120}) b->Args({512, rank, algo, 0});  // beyond the resident projection: four kernels
+    for (int rank : {36, 40, 64, 120}) b->Args({512, rank, algo, 0});  // beyond the resident projection: four kernels
   }
   b->ArgNames({"N", "rank", "algorithm", "centre"});
   b->UseManualTime();

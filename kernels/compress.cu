@@ -545,11 +545,14 @@ __device__ void rayleigh_ritz(const float* Gs, const float* Q, float* Z, float* 
   __syncthreads();
 }
 
-/// Largest ℓ the CholQR + one-barrier Jacobi path handles: its FP64 ℓ×ℓ Gram must fit in one panel,
-/// the Jacobi's two H buffers in the Gram's space and its two W buffers in one panel (see JacobiSlots
-/// and EigenSmem).
+/// Largest ℓ that takes subspace iteration (CholQR + one-barrier Jacobi); wider jobs take the
+/// tridiagonal solve. The path works up to ℓ = 64 (its FP64 ℓ×ℓ Gram fits in one panel, the Jacobi's
+/// two H buffers in the Gram's space and its two W buffers in one panel; see JacobiSlots and
+/// EigenSmem), but at ℓ = 56 and 64 its panels keep the eigen kernel to one CTA per SM, where the
+/// tridiagonal solve's scratch allows two: 512 jobs of rank 36 (ℓ = 56) 0.96 → 0.69 ms, rank 40
+/// (ℓ = 64) 1.11 → 0.69 ms on an H200 (docs/PERFORMANCE.md).
 template <int D>
-constexpr int kFastMaxEll = D == 128 ? 64 : 48;
+constexpr int kFastMaxEll = 48;
 
 /// 1/√x for a positive normal finite x: the instruction sequence of the library's rsqrt(double) (the
 /// hardware's approximation, then one correction step y + y·e·(1/2 + 3e/8), e = 1 − x·y², which
@@ -1126,20 +1129,32 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
 }
 
 /// Shared-memory layout of the eigen kernel, in floats: the Gram [D][D], two panels of `panel`
-/// floats (each ≥ lp·D: an [lp][D] swizzled panel), then cs/pq/diag/order (lp each) and kMisc.
-/// lp = ℓ_max rounded up to 16 (mma m-tiles). A panel must also hold the CholQR scratch (2ℓ² floats)
-/// and the fast Jacobi's two W buffers (128·ℓ floats), for every ℓ ≤ kFastMaxEll the batch may use; at
-/// D = 128 lp·D already does, at D = 64 the panels grow (ℓ = 48: 6144 floats instead of 3072). The
-/// Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
+/// floats, cs/pq (lpf each), diag/order (lp each) and kMisc. lpf ≥ every ℓ of a subspace-iteration
+/// job, lp ≥ that and every r of a tridiagonal one, both rounded up to 16. A panel holds, for subspace
+/// iteration up to ℓ_fast, an [lpf][D] swizzled panel, the CholQR scratch (2ℓ² floats) and the fast
+/// Jacobi's two W buffers (128·ℓ floats; at D = 64 more than the panel itself); for the tridiagonal
+/// solve up to r_tri, its scratch spans both panels and cs/pq (tridiag::work_floats). Sized by what
+/// the batch's jobs take rather than by the widest ℓ, the eigen kernel keeps two CTAs per SM (≤ 113 KB
+/// each) at D = 128 with the tridiagonal solve up to r ≈ 100, beside subspace iteration up to ℓ = 48
+/// for r ≤ 64. The Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
 struct EigenSmem {
   static constexpr int kMisc = 8;
-  SPECTRALKV_HD static constexpr std::size_t panel(int d, int lp, int ell_fast) {
-    const std::size_t base = static_cast<std::size_t>(lp) * d;
-    const std::size_t fast = 128 * static_cast<std::size_t>(ell_fast);  // ≥ 2ℓ² for ℓ ≤ 64
-    return (base > fast ? base : fast + 3) / 4 * 4;
+  int lp = 16;
+  int lpf = 0;
+  int panel = 4;
+  static EigenSmem make(int d, int ell_fast, int r_tri) {
+    EigenSmem e;
+    e.lpf = (ell_fast + 15) / 16 * 16;
+    e.lp = (std::max({ell_fast, r_tri, 8}) + 15) / 16 * 16;
+    const std::size_t fast = static_cast<std::size_t>(e.lpf) * d;
+    const std::size_t jacobi = ell_fast > 0 ? 128 * static_cast<std::size_t>(ell_fast) + 3 : 0;  // ≥ 2ℓ² for ℓ ≤ 64
+    const std::size_t work = r_tri > 0 ? static_cast<std::size_t>(tridiag::work_floats(d, r_tri)) : 0;
+    const std::size_t tri = work > 2 * static_cast<std::size_t>(e.lpf) ? (work - 2 * e.lpf + 1) / 2 : 0;
+    e.panel = static_cast<int>((std::max({fast, jacobi, tri, std::size_t{4}}) + 3) / 4 * 4);
+    return e;
   }
-  SPECTRALKV_HD static constexpr std::size_t floats(int d, int lp, std::size_t panel) {
-    return static_cast<std::size_t>(d) * d + 2 * panel + 4 * lp + kMisc;
+  std::size_t floats(int d) const {
+    return static_cast<std::size_t>(d) * d + 2 * static_cast<std::size_t>(panel) + 2 * lpf + 2 * lp + kMisc;
   }
 };
 
@@ -1246,8 +1261,8 @@ __device__ __forceinline__ void store_basis(const CompressJob& job, const float*
 /// Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the top-r
 /// Ritz vectors V = Q·W (sorted, sign-fixed) as the basis (and the mean, for a centred job).
 ///
-/// Subspace iteration applies where ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 42 at D = 128, up to
-/// 32 at D = 64): each step (or two, see kDoubleStepKappa) orthonormalises (G + δI)·Q by CholQR,
+/// Subspace iteration applies where ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 32 at the default
+/// oversampling): each step (or two, see kDoubleStepKappa) orthonormalises (G + δI)·Q by CholQR,
 /// δ = 1e-6·trace(G), which keeps κ of one product ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32
 /// noise of the Gram) and makes rank-deficient and constant blocks need no special case; a final CholQR
 /// pass re-orthonormalises; then the one-barrier Jacobi (jacobi_fast). Wider subspaces, and every job
@@ -1259,17 +1274,17 @@ __device__ __forceinline__ void store_basis(const CompressJob& job, const float*
 /// \param colsum, shift  the job's [D] column sums and shift from gram_block (read for centred jobs)
 template <int D>
 __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, float* smem, const float* colsum,
-                                            const float* shift, int lp, int panel, const CompressOptions& opt,
+                                            const float* shift, const EigenSmem& layout, const CompressOptions& opt,
                                             bool tridiagonal) {
   using S = EigenShape<D>;
   float* Gs = smem;
   float* Qa = Gs + D * D;
-  float* Qb = Qa + panel;
-  float* cs = Qb + panel;                           // (cos, sin) of the ℓ/2 pairs of a round; 1/R_jj in CholQR
-  int* pq = reinterpret_cast<int*>(cs + lp);        // (p, q) of the pairs
-  float* diag = reinterpret_cast<float*>(pq + lp);  // Ritz values
-  int* order = reinterpret_cast<int*>(diag + lp);   // indices of the top-r Ritz values, descending
-  float* misc = reinterpret_cast<float*>(order + lp);
+  float* Qb = Qa + layout.panel;
+  float* cs = Qb + layout.panel;                           // (cos, sin) of the ℓ/2 pairs of a round; 1/R_jj in CholQR
+  int* pq = reinterpret_cast<int*>(cs + layout.lpf);       // (p, q) of the pairs
+  float* diag = reinterpret_cast<float*>(pq + layout.lpf);  // Ritz values
+  int* order = reinterpret_cast<int*>(diag + layout.lp);   // indices of the top-r Ritz values, descending
+  float* misc = reinterpret_cast<float*>(order + layout.lp);
   int* flags = reinterpret_cast<int*>(misc + 2);
 
   const int r = job.rank;
@@ -1323,7 +1338,7 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   __syncthreads();
   if (tridiagonal || !fast) {
     // The eigen-decomposition of G itself; the top r vectors land in Gs as [r][D], as V below. Its
-    // scratch (2·D·r + 2·D floats) fits in the panels and cs/pq: lp ≥ r + 1, or lp = r = D.
+    // scratch (tridiag::work_floats) spans the panels and cs/pq, which EigenSmem::make sizes for it.
     static_assert(tridiag::kThreads == kEigenThreads, "the eigen CTA runs the tridiagonal solve");
     tridiag::top_eigenpairs<D>(
         Gs, [Gs](int i, int j) { return Gs[swz<D>(i, j)]; },
@@ -1341,7 +1356,8 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   }
   // --- 2. start block Ω (unit-norm on average) ----------------------------------------------------
   const float omega_scale = sqrtf(3.0f / D);
-  for (int e = tid; e < lp * D; e += kEigenThreads) {
+  const int ell16 = (ell + 15) / 16 * 16;  // the mma m-tiles read rows up to here
+  for (int e = tid; e < ell16 * D; e += kEigenThreads) {
     const int j = e / D, i = e % D;
     Qa[swz<D>(j, i)] = j < ell ? hash_unit(i, j) * omega_scale : 0.0f;
     Qb[swz<D>(j, i)] = 0.0f;
@@ -1424,7 +1440,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
                                                               const float* __restrict__ gram,
                                                               const float* __restrict__ colsum,
                                                               const float* __restrict__ shift,
-                                                              const int* __restrict__ job_order, int lp, int panel,
+                                                              const int* __restrict__ job_order, EigenSmem layout,
                                                               CompressOptions opt, bool tridiagonal) {
   extern __shared__ __align__(16) float smem[];
   const std::int64_t jb = job_order[blockIdx.x];
@@ -1435,7 +1451,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
     cp_async16(&smem[swz<D>(row, col)], g + 4 * v, true);
   }
   cp_async_commit();
-  eigen_block<D>(job, rows, smem, colsum + jb * D, shift + jb * D, lp, panel, opt, tridiagonal);
+  eigen_block<D>(job, rows, smem, colsum + jb * D, shift + jb * D, layout, opt, tridiagonal);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1832,7 +1848,7 @@ __device__ __noinline__ void fused_project(const CompressJob& job, int rows, uns
 ///                         previous one's stores instead of keeping it in registers across the calls
 template <class T, int D, int kNT>
 __global__ void __launch_bounds__(kEigenThreads, 2)
-    compress_fused_kernel(const CompressJob* jobs, int rows, const int* job_order, int lp, int panel,
+    compress_fused_kernel(const CompressJob* jobs, int rows, const int* job_order, EigenSmem layout,
                           CompressOptions opt, bool tridiagonal) {
   static_assert(ResidentShape<D>::kThreads == kEigenThreads, "the projection runs on the eigen CTA");
   extern __shared__ __align__(16) float smem[];
@@ -1840,7 +1856,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2)
   fused_gram<T, D>(jobs[job_order[blockIdx.x]], rows, smem);
   {
     const CompressJob job = jobs[job_order[blockIdx.x]];
-    eigen_block<D>(job, rows, smem, scratch + 3 * D, scratch + 4 * D, lp, panel, opt, tridiagonal);
+    eigen_block<D>(job, rows, smem, scratch + 3 * D, scratch + 4 * D, layout, opt, tridiagonal);
   }
   __syncthreads();  // the basis and mean are stored; every read of the eigen layout is done
   fused_project<T, D, kNT>(jobs[job_order[blockIdx.x]], rows, reinterpret_cast<unsigned char*>(smem));
@@ -1977,13 +1993,6 @@ constexpr std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign
 constexpr int kCusolverChunk = 256;           // jobs per cuSOLVER call: bounds the FP32 copies of X
 constexpr std::size_t kCublasWorkspace = 4u << 20;
 
-int max_subspace_width(const CompressProblem& p) {
-  int ell = 8;
-  for (int r = 1; r <= p.max_rank; ++r)
-    ell = std::max(ell, compress_subspace_width(r, p.head_dim, p.options.oversample));
-  return ell;
-}
-
 /// Lets `kernel` use `bytes` of dynamic shared memory, with the largest shared-memory carveout: two
 /// CTAs of ~113 KB per SM (eigen, fused, one-pass projection) need ~226 KB of the 228 KB.
 template <class Kernel>
@@ -1999,8 +2008,7 @@ void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* what) {
 
 struct BatchedCompressor::Impl {
   CompressProblem problem;
-  int lp = 16;     // ℓ_max rounded to 16
-  int panel = 0;   // floats per eigen-kernel panel (EigenSmem::panel)
+  EigenSmem eigen;  // the eigen kernel's shared-memory layout
   std::size_t eigen_smem = 0, project_smem = 0;
   bool resident = false;  // project_resident_kernel instead of project_kernel
   bool fused = false;     // compress_fused_kernel (subspace iteration with a resident projection)
@@ -2086,18 +2094,21 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
   Impl& m = *impl_;
   m.problem = problem;
   const int d = problem.head_dim;
-  m.lp = (max_subspace_width(problem) + 15) / 16 * 16;
   dispatch_dim(d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    // Widest ℓ that takes the CholQR path (ℓ ≤ kFastMaxEll, ℓ < D); 0 if none does.
-    int ell_fast = 0;
+    // Widest ℓ that takes subspace iteration and widest r that takes the tridiagonal solve (as
+    // eigen_block routes them); 0 where no rank does.
+    int ell_fast = 0, r_tri = 0;
     for (int r = 1; r <= problem.max_rank; ++r) {
       const int e = compress_subspace_width(r, d, problem.options.oversample);
-      if (e <= kFastMaxEll<D> && e < D) ell_fast = std::max(ell_fast, e);
+      if (problem.algorithm == CompressAlgorithm::kSubspaceIteration && e <= kFastMaxEll<D> && e < D)
+        ell_fast = std::max(ell_fast, e);
+      else
+        r_tri = r;
     }
-    m.panel = static_cast<int>(EigenSmem::panel(d, m.lp, ell_fast));
+    m.eigen = EigenSmem::make(d, ell_fast, r_tri);
   });
-  m.eigen_smem = EigenSmem::floats(d, m.lp, static_cast<std::size_t>(m.panel)) * sizeof(float);
+  m.eigen_smem = m.eigen.floats(d) * sizeof(float);
   const int rpad_max = (problem.max_rank + 15) / 16 * 16;
   dispatch_dim(d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
@@ -2222,7 +2233,7 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
         check_launch("order_kernel");
         dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
           compress_fused_kernel<T, D, decltype(tiles)::value><<<num_jobs, kEigenThreads, m.fused_smem, stream>>>(
-              device_jobs, p.rows, job_order, m.lp, m.panel, p.options, tridiagonal);
+              device_jobs, p.rows, job_order, m.eigen, p.options, tridiagonal);
         });
         check_launch("compress_fused_kernel");
         return;
@@ -2237,7 +2248,7 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
                                                                                                    gram, sums, shifts);
         check_launch("gram_kernel");
         eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, shifts,
-                                                                           job_order, m.lp, m.panel, p.options,
+                                                                           job_order, m.eigen, p.options,
                                                                            tridiagonal);
         check_launch("eigen_kernel");
       } else {

@@ -60,12 +60,20 @@ struct Shape {
   static constexpr int kMaxSlots = D / 32;           // vectors per 8-lane group (r ≤ D)
 };
 
+/// Scratch floats top_eigenpairs needs for r ≤ D eigenpairs: the r vectors (stride D + 1) and, beside
+/// them, the inverse iteration's hand-over slots (3·64) or Gram–Schmidt's published vector (2·D); the
+/// Sturm counts of the first round (512) before them.
+__host__ __device__ constexpr int work_floats(int d, int r) {
+  const int beside = 3 * (kThreads / 4) > 2 * d ? 3 * (kThreads / 4) : 2 * d;
+  return (d + 1) * r + beside > 512 ? (d + 1) * r + beside : 512;
+}
+
 /// Shared memory the caller provides.
 /// \param u      [D][D] floats: G on entry (read through `g_at`); then row k < D−2 holds reflector k
 ///               (u_i for i > k, zero for i ≤ k; H_k = I − c_k·u·uᵀ with c_k = −1/(e_k·u_{k+1}), or
 ///               H_k = I when u_{k+1} = 0), row D−2 the off-diagonal e and row D−1 the diagonal d of T;
 ///               on return, rows 0..r−1 hold the eigenvectors (row j = the j-th largest), plain [r][D]
-/// \param work   ≥ max(2·D·r + 2·D, 512) floats (the solves' pivots and vectors; scratch before them)
+/// \param work   ≥ work_floats(D, r) floats (the solves' vectors; scratch before them)
 /// \param lam    [r] floats: on return the eigenvalues, descending
 /// \param g_at   (i, j) → G[i][j], read once at the start
 /// \param start  (i, j) → entry i of the j-th start vector of inverse iteration (pseudo-random, nonzero)
@@ -297,89 +305,134 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
   if (g < r && gl == 0) lam[g] = 0.5f * (lo + hi);
   __syncthreads();
 
-  // --- 3. inverse iteration on T, one thread per eigenvalue -----------------------------------------
-  const int ldy = r;
-  float* piv = work;            // [D][r] reciprocal pivots of T − λI = L·U
-  float* yv = work + D * ldy;   // [D][r] the vectors
-  if (tid < r) {
+  // --- 3. inverse iteration on T, four threads per eigenvalue -----------------------------------
+  // Thread (seg, jv) = (tid / 64, tid % 64 + 64·round) keeps the reciprocal pivots of rows
+  // seg·D/4 … seg·D/4 + D/4 − 1 of T − λ_jv·I = L·U in registers; each pass along i is one chain, which
+  // goes through the four quarters in turn (or back), handed over through `hand` at a barrier. Pivots
+  // in shared memory would double the scratch (D·r floats more), and the eigen kernel would no longer
+  // fit two CTAs per SM from r ≈ 44 at D = 128; two threads per eigenvalue (D/2 pivots each) spilled.
+  // r > 64 takes a second round.
+  constexpr int kSegs = 4, kSolvers = kThreads / kSegs, kRows = D / kSegs, kC = 8;
+  static_assert(kRows % kC == 0, "whole chunks per quarter");
+  // Vector jv at yv[jv·(D + 1) + i]: a thread's rows at constant offsets from one address (with [D][r]
+  // the compiler kept an address per row live across the passes), the odd stride keeping the 32
+  // vectors a warp works on in distinct banks.
+  constexpr int kLdv = D + 1;
+  float* yv = work;               // [r][D + 1] the vectors
+  float* hand = work + r * kLdv;  // [3][kSolvers] the chain's value at a quarter's end, max |x|, the scale
+  const int seg = tid / kSolvers;
+  const int i_first = seg * kRows;
+  const float tolp = fmaxf(6e-8f * tnorm, 1e-30f);
+  for (int j0 = 0; j0 < r; j0 += kSolvers) {
+    const int js = tid % kSolvers, jv = j0 + js;
+    const bool solver = jv < r;
+    float* yj = yv + jv * kLdv + i_first;  // this thread's rows
+    const float sigma = solver ? lam[jv] : 0.0f;
+    float pv[kRows];     // 1/q_i of this thread's rows
+    float pprev = 0.0f;  // 1/q of the row before this quarter (0 for the first)
     // Each pass is a chain of dependent steps along i; the rows go in chunks of kC whose loads are all
     // issued before the chunk's chain and its stores after it (the compiler cannot move a load above a
     // store to the same array, so row by row every step would wait for a shared-memory round trip).
-    constexpr int kC = 8;
-    const int j = tid;
-    const float sigma = lam[j];
-    const float tolp = fmaxf(6e-8f * tnorm, 1e-30f);
-    float rprev = 0.0f;  // 1/q_{i−1}
-    for (int i0 = 0; i0 < D; i0 += kC) {
-      float dd[kC], e2[kC];
+    for (int h = 0; h < kSegs; ++h) {  // factorisation: q_i = (d_i − σ) − e_{i−1}²/q_{i−1}
+      if (solver && seg == h) {
+        pprev = h == 0 ? 0.0f : hand[js];
+        float rprev = pprev;
 #pragma unroll
-      for (int c = 0; c < kC; ++c) {
-        const int i = i0 + c;
-        dd[c] = dg[i] - sigma;
-        e2[c] = i > 0 ? eg[i - 1] * eg[i - 1] : 0.0f;
+        for (int i0 = 0; i0 < kRows; i0 += kC) {
+          float dd[kC], e2[kC];
+#pragma unroll
+          for (int c = 0; c < kC; ++c) {
+            const int i = i_first + i0 + c;
+            dd[c] = dg[i] - sigma;
+            e2[c] = i > 0 ? eg[i - 1] * eg[i - 1] : 0.0f;
+          }
+#pragma unroll
+          for (int c = 0; c < kC; ++c) {
+            float q = dd[c] - e2[c] * rprev;
+            if (fabsf(q) < tolp) q = q < 0.0f ? -tolp : tolp;
+            rprev = rcp_approx(q);
+            pv[i0 + c] = rprev;
+          }
+        }
+        hand[js] = rprev;
       }
-#pragma unroll
-      for (int c = 0; c < kC; ++c) {
-        float q = dd[c] - e2[c] * rprev;
-        if (fabsf(q) < tolp) q = q < 0.0f ? -tolp : tolp;
-        rprev = rcp_approx(q);
-        dd[c] = rprev;
-      }
-#pragma unroll
-      for (int c = 0; c < kC; ++c) piv[(i0 + c) * ldy + j] = dd[c];
+      __syncthreads();
     }
     float scale = 1.0f;
     for (int it = 0; it < 2; ++it) {
       // Forward: y = L⁻¹·b (b the start vector, then the previous solution scaled to max |x| = 1).
-      float y = 0.0f;
-      for (int i0 = 0; i0 < D; i0 += kC) {
-        float bb[kC], mm[kC];
+      for (int h = 0; h < kSegs; ++h) {
+        if (solver && seg == h) {
+          float y = h == 0 ? 0.0f : hand[js];
 #pragma unroll
-        for (int c = 0; c < kC; ++c) {
-          const int i = i0 + c;
-          bb[c] = it == 0 ? start(i, j) : yv[i * ldy + j] * scale;
-          mm[c] = i > 0 ? eg[i - 1] * piv[(i - 1) * ldy + j] : 0.0f;
+          for (int i0 = 0; i0 < kRows; i0 += kC) {
+            float bb[kC], mm[kC];
+#pragma unroll
+            for (int c = 0; c < kC; ++c) {
+              const int i = i_first + i0 + c;
+              bb[c] = it == 0 ? start(i, jv) : yj[i0 + c] * scale;
+              const float pm = i0 + c > 0 ? pv[i0 + c - 1] : pprev;
+              mm[c] = i > 0 ? eg[i - 1] * pm : 0.0f;
+            }
+#pragma unroll
+            for (int c = 0; c < kC; ++c) {
+              y = bb[c] - mm[c] * y;
+              bb[c] = y;
+            }
+#pragma unroll
+            for (int c = 0; c < kC; ++c) yj[i0 + c] = bb[c];
+          }
+          hand[js] = y;
         }
-#pragma unroll
-        for (int c = 0; c < kC; ++c) {
-          y = bb[c] - mm[c] * y;
-          bb[c] = y;
-        }
-#pragma unroll
-        for (int c = 0; c < kC; ++c) yv[(i0 + c) * ldy + j] = bb[c];
+        __syncthreads();
       }
       // Backward: x = U⁻¹·y, with U = diag(q) + superdiagonal e.
-      float x = 0.0f, xmax = 0.0f;
-      for (int i0 = D - kC; i0 >= 0; i0 -= kC) {
-        float yy[kC], ee[kC], pp[kC];
+      for (int h = kSegs - 1; h >= 0; --h) {
+        if (solver && seg == h) {
+          float x = h == kSegs - 1 ? 0.0f : hand[js];
+          float xmax = h == kSegs - 1 ? 0.0f : hand[kSolvers + js];
 #pragma unroll
-        for (int c = 0; c < kC; ++c) {
-          const int i = i0 + c;
-          yy[c] = yv[i * ldy + j];
-          ee[c] = i < D - 1 ? eg[i] : 0.0f;
-          pp[c] = piv[i * ldy + j];
+          for (int i0 = kRows - kC; i0 >= 0; i0 -= kC) {
+            float yy[kC], ee[kC];
+#pragma unroll
+            for (int c = 0; c < kC; ++c) {
+              const int i = i_first + i0 + c;
+              yy[c] = yj[i0 + c];
+              ee[c] = i < D - 1 ? eg[i] : 0.0f;
+            }
+#pragma unroll
+            for (int c = kC - 1; c >= 0; --c) {
+              x = (yy[c] - ee[c] * x) * pv[i0 + c];
+              yy[c] = x;
+              xmax = fmaxf(xmax, fabsf(x));
+            }
+#pragma unroll
+            for (int c = 0; c < kC; ++c) yj[i0 + c] = yy[c];
+          }
+          if (h > 0) {
+            hand[js] = x;
+            hand[kSolvers + js] = xmax;
+          } else {
+            hand[2 * kSolvers + js] = xmax > 0.0f && xmax < 3.0e38f ? 1.0f / xmax : 1.0f;
+          }
         }
-#pragma unroll
-        for (int c = kC - 1; c >= 0; --c) {
-          x = (yy[c] - ee[c] * x) * pp[c];
-          yy[c] = x;
-          xmax = fmaxf(xmax, fabsf(x));
-        }
-#pragma unroll
-        for (int c = 0; c < kC; ++c) yv[(i0 + c) * ldy + j] = yy[c];
+        __syncthreads();
       }
-      scale = xmax > 0.0f && xmax < 3.0e38f ? 1.0f / xmax : 1.0f;
+      if (solver) scale = hand[2 * kSolvers + js];
     }
     // Scaled to max |x| = 1, so that the squared norms below cannot overflow (a zero T gives x ~ 1/tolp).
-    for (int i0 = 0; i0 < D; i0 += kC) {
-      float xx[kC];
+    if (solver) {
 #pragma unroll
-      for (int c = 0; c < kC; ++c) xx[c] = yv[(i0 + c) * ldy + j] * scale;
+      for (int i0 = 0; i0 < kRows; i0 += kC) {
+        float xx[kC];
 #pragma unroll
-      for (int c = 0; c < kC; ++c) yv[(i0 + c) * ldy + j] = xx[c];
+        for (int c = 0; c < kC; ++c) xx[c] = yj[i0 + c] * scale;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) yj[i0 + c] = xx[c];
+      }
     }
+    __syncthreads();  // `hand` is reused by the next round
   }
-  __syncthreads();
 
   // --- 4. modified Gram–Schmidt over the r vectors, largest eigenvalue first ----------------------
   // 8 lanes per vector; vector j in group j mod 32, slot j / 32. Lane l holds the 4-row chunks
@@ -395,7 +448,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
   for (int sl = 0; sl < S::kMaxSlots; ++sl) {
     const int j = grp + 32 * sl;
 #pragma unroll
-    for (int m = 0; m < R8; ++m) v[sl][m] = (sl < nslots && j < r) ? yv[vrow(m) * ldy + j] : 0.0f;
+    for (int m = 0; m < R8; ++m) v[sl][m] = (sl < nslots && j < r) ? yv[j * kLdv + vrow(m)] : 0.0f;
   }
   // Sum over this lane's group of 8. Called by the whole warp with the full mask except where one group
   // alone calls it (a mask per group made the back-transform ~10% slower on an H200).
@@ -405,7 +458,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
     x += __shfl_xor_sync(mask, x, 4);
     return x;
   };
-  float* qbuf = work + 2 * D * ldy;  // [2][D] the published vector, by parity
+  float* qbuf = work + r * kLdv;  // [2][D] the published vector, by parity (over `hand`)
   for (int j = 0; j < r; ++j) {
     const int owner = j & 31, oslot = j >> 5;
     if (grp == owner) {

@@ -442,6 +442,8 @@ std::vector<Case> cases_d128(Rng& rng) {
     cs.back().zero_coeffs = true;  // the FP16 mean of identical FP16 values is the value itself
   }
   add("r close to D", 120, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  // ℓ = 64: past subspace iteration's widest ℓ (48), so the tridiagonal solve's narrowest default job
+  add("decay i^-0.5", 40, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
   return cs;
 }
 
@@ -561,7 +563,7 @@ TEST_F(CompressGpu, OutlierChannelsOf300xKeepTheBounds) {
 /// same vectors, and the fused kernel and the separate ones (gram → eigen → two-pass projection)
 /// compute the same FP32 values, so the same blocks compressed in reverse order, those of rank ≤ 32
 /// alone (the fused kernel, with smaller panels; the whole batch, with ranks up to 120, runs the
-/// separate kernels), 24 copies of the batch (552 jobs: more than one wave of the separate kernels) or
+/// separate kernels), 24 copies of the batch (576 jobs: more than one wave of the separate kernels) or
 /// 24 copies of those of rank ≤ 32 (504 jobs: two waves of the fused kernel) must give the same bytes.
 TEST_F(CompressGpu, OutputsDoNotDependOnBatchOrderOrComposition) {
   Rng rng(20261130);

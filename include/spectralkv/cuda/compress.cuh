@@ -16,9 +16,9 @@
 //    product, or after two where the previous pass estimates κ ≤ 100 (never the last product), plus a
 //    second CholQR pass at the end when the first left an entry of QᵀQ − I above 1e-5; Rayleigh–Ritz on
 //    span(Q) with a parallel Jacobi eigen-solve of the ℓ×ℓ projection (the first sweep over all pairs,
-//    later ones across the top-r boundary). That holds for ℓ ≤ 64 at D = 128 and ℓ ≤ 48 at D = 64
-//    (r ≤ 42 and r ≤ 32 at the default oversampling); a job with a wider subspace takes kTridiagonal's
-//    eigen-solve instead, which is faster there (r = 64 at D = 128: 10× on an H200). Then C = (X − mean)·B_hᵀ
+//    later ones across the top-r boundary). That holds for ℓ ≤ 48 (r ≤ 32 at the default
+//    oversampling); a job with a wider subspace takes kTridiagonal's eigen-solve instead, which is
+//    faster there (on an H200, 512 jobs at D = 128: 1.4× at r = 36, 1.6× at r = 40). Then C = (X − mean)·B_hᵀ
 //    against the stored FP16 basis B_h and the INT8 quantisation, fused in one kernel (one pass over X
 //    with C held in shared memory when L·r fits, e.g. L = 512 with r ≤ 32; two passes otherwise).
 //    When the one-pass projection applies, the Gram, the eigen-solve and the projection of a job run in
