@@ -1134,9 +1134,9 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
 /// iteration up to ℓ_fast, an [lpf][D] swizzled panel, the CholQR scratch (2ℓ² floats) and the fast
 /// Jacobi's two W buffers (128·ℓ floats; at D = 64 more than the panel itself); for the tridiagonal
 /// solve up to r_tri, its scratch spans both panels and cs/pq (tridiag::work_floats). Sized by what
-/// the batch's jobs take rather than by the widest ℓ, the eigen kernel keeps two CTAs per SM (≤ 113 KB
-/// each) at D = 128 with the tridiagonal solve up to r ≈ 100, beside subspace iteration up to ℓ = 48
-/// for r ≤ 64. The Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
+/// the batch's jobs take rather than by the widest ℓ, the layout stays within the ~113 KB that lets two
+/// CTAs share an SM at D = 128 for tridiagonal jobs up to r = 93, or up to r = 64 beside subspace
+/// iteration at ℓ = 48. The Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
 struct EigenSmem {
   static constexpr int kMisc = 8;
   int lp = 16;
@@ -1147,7 +1147,7 @@ struct EigenSmem {
     e.lpf = (ell_fast + 15) / 16 * 16;
     e.lp = (std::max({ell_fast, r_tri, 8}) + 15) / 16 * 16;
     const std::size_t fast = static_cast<std::size_t>(e.lpf) * d;
-    const std::size_t jacobi = ell_fast > 0 ? 128 * static_cast<std::size_t>(ell_fast) + 3 : 0;  // ≥ 2ℓ² for ℓ ≤ 64
+    const std::size_t jacobi = 128 * static_cast<std::size_t>(ell_fast);  // ≥ 2ℓ² for ℓ ≤ 64
     const std::size_t work = r_tri > 0 ? static_cast<std::size_t>(tridiag::work_floats(d, r_tri)) : 0;
     const std::size_t tri = work > 2 * static_cast<std::size_t>(e.lpf) ? (work - 2 * e.lpf + 1) / 2 : 0;
     e.panel = static_cast<int>((std::max({fast, jacobi, tri, std::size_t{4}}) + 3) / 4 * 4);
