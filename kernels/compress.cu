@@ -1280,10 +1280,10 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   float* Gs = smem;
   float* Qa = Gs + D * D;
   float* Qb = Qa + layout.panel;
-  float* cs = Qb + layout.panel;                           // (cos, sin) of the ℓ/2 pairs of a round; 1/R_jj in CholQR
-  int* pq = reinterpret_cast<int*>(cs + layout.lpf);       // (p, q) of the pairs
+  float* cs = Qb + layout.panel;                            // (cos, sin) of a round's pairs; 1/R_jj in CholQR
+  int* pq = reinterpret_cast<int*>(cs + layout.lpf);        // (p, q) of the pairs
   float* diag = reinterpret_cast<float*>(pq + layout.lpf);  // Ritz values
-  int* order = reinterpret_cast<int*>(diag + layout.lp);   // indices of the top-r Ritz values, descending
+  int* order = reinterpret_cast<int*>(diag + layout.lp);    // indices of the top-r Ritz values, descending
   float* misc = reinterpret_cast<float*>(order + layout.lp);
   int* flags = reinterpret_cast<int*>(misc + 2);
 
