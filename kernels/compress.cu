@@ -1129,14 +1129,14 @@ __device__ __noinline__ float* jacobi_fast(float* H, float* W, float* diag, int*
 }
 
 /// Shared-memory layout of the eigen kernel, in floats: the Gram [D][D], two panels of `panel`
-/// floats, cs/pq (lpf each), diag/order (lp each) and kMisc. lpf ≥ every ℓ of a subspace-iteration
-/// job, lp ≥ that and every r of a tridiagonal one, both rounded up to 16. A panel holds, for subspace
+/// floats, invd (lpf), diag and order (lp each) and kMisc. lpf ≥ every ℓ of a subspace-iteration job,
+/// lp ≥ that and every r of a tridiagonal one, both rounded up to 16. A panel holds, for subspace
 /// iteration up to ℓ_fast, an [lpf][D] swizzled panel, the CholQR scratch (2ℓ² floats) and the fast
 /// Jacobi's two W buffers (128·ℓ floats; at D = 64 more than the panel itself); for the tridiagonal
-/// solve up to r_tri, its scratch spans both panels and cs/pq (tridiag::work_floats). Sized by what
-/// the batch's jobs take rather than by the widest ℓ, the layout stays within the ~113 KB that lets two
-/// CTAs share an SM at D = 128 for tridiagonal jobs up to r = 93, or up to r = 64 beside subspace
-/// iteration at ℓ = 48. The Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
+/// solve up to r_tri, its scratch spans both panels and invd (tridiag::work_floats). Sized by what the
+/// batch's jobs take rather than by the widest ℓ, the layout stays within the ~113 KB that lets two
+/// CTAs share an SM at D = 128 for tridiagonal jobs up to r = 93, with or without subspace iteration
+/// at ℓ = 48 beside them. The Gram's space holds the fast Jacobi's H (JacobiSlots::kGramFloats).
 struct EigenSmem {
   static constexpr int kMisc = 8;
   int lp = 16;
@@ -1149,12 +1149,12 @@ struct EigenSmem {
     const std::size_t fast = static_cast<std::size_t>(e.lpf) * d;
     const std::size_t jacobi = 128 * static_cast<std::size_t>(ell_fast);  // ≥ 2ℓ² for ℓ ≤ 64
     const std::size_t work = r_tri > 0 ? static_cast<std::size_t>(tridiag::work_floats(d, r_tri)) : 0;
-    const std::size_t tri = work > 2 * static_cast<std::size_t>(e.lpf) ? (work - 2 * e.lpf + 1) / 2 : 0;
+    const std::size_t tri = work > static_cast<std::size_t>(e.lpf) ? (work - e.lpf + 1) / 2 : 0;
     e.panel = static_cast<int>((std::max({fast, jacobi, tri, std::size_t{4}}) + 3) / 4 * 4);
     return e;
   }
   std::size_t floats(int d) const {
-    return static_cast<std::size_t>(d) * d + 2 * static_cast<std::size_t>(panel) + 2 * lpf + 2 * lp + kMisc;
+    return static_cast<std::size_t>(d) * d + 2 * static_cast<std::size_t>(panel) + lpf + 2 * lp + kMisc;
   }
 };
 
@@ -1280,10 +1280,9 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   float* Gs = smem;
   float* Qa = Gs + D * D;
   float* Qb = Qa + layout.panel;
-  float* cs = Qb + layout.panel;                            // (cos, sin) of a round's pairs; 1/R_jj in CholQR
-  int* pq = reinterpret_cast<int*>(cs + layout.lpf);        // (p, q) of the pairs
-  float* diag = reinterpret_cast<float*>(pq + layout.lpf);  // Ritz values
-  int* order = reinterpret_cast<int*>(diag + layout.lp);    // indices of the top-r Ritz values, descending
+  float* invd = Qb + layout.panel;                        // 1/R_jj of the last CholQR pass
+  float* diag = invd + layout.lpf;                        // Ritz values
+  int* order = reinterpret_cast<int*>(diag + layout.lp);  // indices of the top-r Ritz values, descending
   float* misc = reinterpret_cast<float*>(order + layout.lp);
   int* flags = reinterpret_cast<int*>(misc + 2);
 
@@ -1338,7 +1337,7 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
   __syncthreads();
   if (tridiagonal || !fast) {
     // The eigen-decomposition of G itself; the top r vectors land in Gs as [r][D], as V below. Its
-    // scratch (tridiag::work_floats) spans the panels and cs/pq, which EigenSmem::make sizes for it.
+    // scratch (tridiag::work_floats) spans the panels and invd, which EigenSmem::make sizes for it.
     static_assert(tridiag::kThreads == kEigenThreads, "the eigen CTA runs the tridiagonal solve");
     tridiag::top_eigenpairs<D>(
         Gs, [Gs](int i, int j) { return Gs[swz<D>(i, j)]; },
@@ -1383,16 +1382,16 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
       Qc = Zn;
       Zn = tmp;
       if (--pending == 0) {
-        cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // S in the panel the product read
-        const bool two = opt.iterations - 1 - it >= 3 && cholqr_kappa(cs, ell) <= kDoubleStepKappa;
+        cholqr<D>(Qc, reinterpret_cast<double*>(Zn), invd, ell);  // S in the panel the product read
+        const bool two = opt.iterations - 1 - it >= 3 && cholqr_kappa(invd, ell) <= kDoubleStepKappa;
         pending = two ? 2 : 1;
       }
     }
   } else {
-    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell);  // zero block: orthonormalise Ω itself
+    cholqr<D>(Qc, reinterpret_cast<double*>(Zn), invd, ell);  // zero block: orthonormalise Ω itself
   }
   // Second pass, unless the first left Q orthonormal to 1e-5 already.
-  cholqr<D>(Qc, reinterpret_cast<double*>(Zn), cs, ell, reinterpret_cast<unsigned*>(misc + 1));
+  cholqr<D>(Qc, reinterpret_cast<double*>(Zn), invd, ell, reinterpret_cast<unsigned*>(misc + 1));
   // Rayleigh–Ritz: H = Qᵀ·G·Q into Gs (row stride ℓ + 1), then the one-barrier Jacobi in Gs (H) and
   // the free panel (W), which leaves the Ritz values in diag and column j of the rotations (the Ritz
   // vector of diag[j]) at W[m · 32 + w_column(j)], in two slot planes (JacobiSlots).

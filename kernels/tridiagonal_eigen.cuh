@@ -310,7 +310,7 @@ __device__ __noinline__ void top_eigenpairs(float* u, GAt g_at, Start start, flo
   // seg·D/4 … seg·D/4 + D/4 − 1 of T − λ_jv·I = L·U in registers; each pass along i is one chain, which
   // goes through the four quarters in turn (or back), handed over through `hand` at a barrier. Pivots
   // in shared memory would double the scratch (D·r floats more), and the eigen kernel would no longer
-  // fit two CTAs per SM from r ≈ 44 at D = 128; two threads per eigenvalue (D/2 pivots each) spilled.
+  // fit two CTAs per SM from r = 48 at D = 128; two threads per eigenvalue (D/2 pivots each) spilled.
   // r > 64 takes a second round.
   constexpr int kSegs = 4, kSolvers = kThreads / kSegs, kRows = D / kSegs, kC = 8;
   static_assert(kRows % kC == 0, "whole chunks per quarter");

@@ -442,7 +442,7 @@ std::vector<Case> cases_d128(Rng& rng) {
     cs.back().zero_coeffs = true;  // the FP16 mean of identical FP16 values is the value itself
   }
   add("r close to D", 120, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
-  // ℓ = 64: past subspace iteration's widest ℓ (48), so the tridiagonal solve's narrowest default job
+  // ℓ = 64, past subspace iteration's widest ℓ (48): a default job of the tridiagonal solve just above r = 32
   add("decay i^-0.5", 40, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
   return cs;
 }
