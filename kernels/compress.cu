@@ -554,6 +554,13 @@ __device__ void rayleigh_ritz(const float* Gs, const float* Q, float* Z, float* 
 template <int D>
 constexpr int kFastMaxEll = 48;
 
+/// Whether a job of subspace width ℓ takes subspace iteration (else the tridiagonal solve) under
+/// kSubspaceIteration: the device's routing and the host's sizing of the eigen layout both ask this.
+template <int D>
+__host__ __device__ constexpr bool takes_subspace_iteration(int ell) {
+  return ell <= kFastMaxEll<D> && ell < D;
+}
+
 /// 1/√x for a positive normal finite x: the instruction sequence of the library's rsqrt(double) (the
 /// hardware's approximation, then one correction step y + y·e·(1/2 + 3e/8), e = 1 − x·y², which
 /// leaves it correctly rounded or nearly so) without its branch to a slow path for zero, subnormal,
@@ -1261,7 +1268,7 @@ __device__ __forceinline__ void store_basis(const CompressJob& job, const float*
 /// Rayleigh–Ritz projection H = QᵀGQ, a parallel cyclic Jacobi eigen-solve of H, and writes the top-r
 /// Ritz vectors V = Q·W (sorted, sign-fixed) as the basis (and the mean, for a centred job).
 ///
-/// Subspace iteration applies where ℓ ≤ kFastMaxEll<D> and ℓ < D (every rank up to 32 at the default
+/// Subspace iteration applies where takes_subspace_iteration (every rank up to 32 at the default
 /// oversampling): each step (or two, see kDoubleStepKappa) orthonormalises (G + δI)·Q by CholQR,
 /// δ = 1e-6·trace(G), which keeps κ of one product ≤ ~1e6 for FP64 Cholesky (directions below δ are FP32
 /// noise of the Gram) and makes rank-deficient and constant blocks need no special case; a final CholQR
@@ -1288,7 +1295,7 @@ __device__ __forceinline__ void eigen_block(const CompressJob& job, int rows, fl
 
   const int r = job.rank;
   const int ell = compress_subspace_width(r, D, opt.oversample);
-  const bool fast = ell <= kFastMaxEll<D> && ell < D;
+  const bool fast = takes_subspace_iteration<D>(ell);
   const int tid = threadIdx.x, lane = tid & 31;
 
   // --- 1. centring with the stored FP16 mean; G (symmetrised) -------------------------------------
@@ -2100,7 +2107,7 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
     int ell_fast = 0, r_tri = 0;
     for (int r = 1; r <= problem.max_rank; ++r) {
       const int e = compress_subspace_width(r, d, problem.options.oversample);
-      if (problem.algorithm == CompressAlgorithm::kSubspaceIteration && e <= kFastMaxEll<D> && e < D)
+      if (problem.algorithm == CompressAlgorithm::kSubspaceIteration && takes_subspace_iteration<D>(e))
         ell_fast = std::max(ell_fast, e);
       else
         r_tri = r;
