@@ -388,6 +388,12 @@ __device__ __forceinline__ void gram_block(const CompressJob& job, int rows, uns
   }
 }
 
+/// Whether a device-resident job's rank is one the kernels were sized for: [1, max_rank], max_rank =
+/// CompressProblem::max_rank ≤ min(D, L). The shared-memory layouts, the projection's tiles and the
+/// order's buckets assume it, so every per-job kernel checks it before touching the job's outputs (run()
+/// cannot check descriptors that live on the device).
+__host__ __device__ __forceinline__ bool rank_in_range(int rank, int max_rank) { return rank >= 1 && rank <= max_rank; }
+
 /// One CTA per job: gram_block into the workspace (when the projection cannot be fused, see
 /// compress_fused_kernel).
 /// \param gram    [jobs][D][D] FP32 output (row-major)
@@ -397,11 +403,12 @@ template <class T, int D>
 __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const CompressJob* __restrict__ jobs, int rows,
                                                                       float* __restrict__ gram,
                                                                       float* __restrict__ colsum,
-                                                                      float* __restrict__ shift) {
+                                                                      float* __restrict__ shift, int max_rank) {
   extern __shared__ __align__(16) unsigned char gsmem[];
   __shared__ float part[3 * D];
   const std::int64_t jb = blockIdx.x;
   const CompressJob job = jobs[jb];
+  if (!rank_in_range(job.rank, max_rank)) return;
   float* g = gram + jb * D * D;
   gram_block<T, D, GramShape<D>::kThreads>(job, rows, gsmem, part, colsum + jb * D, shift + jb * D,
                                            [&](int row, int col, float v0, float v1) {
@@ -1171,25 +1178,37 @@ struct EigenSmem {
 /// is made of long jobs; longest first lets the short ones fill in behind them (longest-processing-time
 /// scheduling). A counting sort by ℓ (a multiple of 8 up to D) in one CTA; the order within one ℓ is
 /// whatever the atomics give, which changes no result (a job's outputs depend on its own data only).
+/// Jobs whose rank is out of range (rank_in_range) take the last places as −1, which the per-job
+/// kernels skip, and their count goes to `rejected` (every path runs this kernel first).
 template <int D>
-__global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int oversample, int* __restrict__ order) {
-  constexpr int kBuckets = D / 8 + 1;  // ℓ / 8: ℓ ≤ D by construction, ℓ ≥ 8 for rank ≥ 1 (validate_jobs)
+__global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int oversample, int max_rank,
+                             int* __restrict__ order, int* __restrict__ rejected) {
+  constexpr int kRejected = D / 8 + 1;  // ℓ / 8 ≤ D / 8 for a rank in range; this bucket goes last
+  constexpr int kBuckets = kRejected + 1;
   __shared__ int count[kBuckets];
   __shared__ int start[kBuckets];
-  auto bucket = [&](int j) { return compress_subspace_width(jobs[j].rank, D, oversample) / 8; };
+  auto bucket = [&](int j) {
+    const int r = jobs[j].rank;
+    return rank_in_range(r, max_rank) ? compress_subspace_width(r, D, oversample) / 8 : kRejected;
+  };
   for (int b = threadIdx.x; b < kBuckets; b += blockDim.x) count[b] = 0;
   __syncthreads();
   for (int j = threadIdx.x; j < n; j += blockDim.x) atomicAdd(&count[bucket(j)], 1);
   __syncthreads();
   if (threadIdx.x == 0) {
     int s = 0;
-    for (int b = kBuckets - 1; b >= 0; --b) {
+    for (int b = kRejected - 1; b >= 0; --b) {
       start[b] = s;
       s += count[b];
     }
+    start[kRejected] = s;
+    *rejected = count[kRejected];
   }
   __syncthreads();
-  for (int j = threadIdx.x; j < n; j += blockDim.x) order[atomicAdd(&start[bucket(j)], 1)] = j;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int b = bucket(j);
+    order[atomicAdd(&start[b], 1)] = b == kRejected ? -1 : j;
+  }
 }
 
 /// Bound on the last CholQR pass's estimate of κ(Z) under which the next two products with G share
@@ -1450,6 +1469,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2) eigen_kernel(const CompressJ
                                                               CompressOptions opt, bool tridiagonal) {
   extern __shared__ __align__(16) float smem[];
   const std::int64_t jb = job_order[blockIdx.x];
+  if (jb < 0) return;  // rejected by order_kernel
   const CompressJob job = jobs[jb];
   const float* g = gram + jb * D * D;
   for (int v = threadIdx.x; v < D * D / 4; v += kEigenThreads) {
@@ -1618,11 +1638,12 @@ __device__ __forceinline__ void project_track_max(const float (&acc)[kNT][4], bo
 /// exact max of the values quantised.
 template <class T, int D>
 __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(const CompressJob* __restrict__ jobs,
-                                                                            int rows) {
+                                                                            int rows, int max_rank) {
   using S = ProjectShape<D>;
   constexpr int kNT = S::kMaxNTilesPerWarp;
   extern __shared__ __align__(16) unsigned char psmem[];
   const CompressJob job = jobs[blockIdx.x];
+  if (!rank_in_range(job.rank, max_rank)) return;
   const int r = job.rank;
   const int rpad = (r + 15) / 16 * 16;
   T* stage = reinterpret_cast<T*>(psmem);
@@ -1795,9 +1816,10 @@ __device__ __forceinline__ void project_resident_block(const CompressJob& job, i
 /// compress_fused_kernel in that case.
 template <class T, int D, int kNT>
 __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
-    project_resident_kernel(const CompressJob* __restrict__ jobs, int rows) {
+    project_resident_kernel(const CompressJob* __restrict__ jobs, int rows, int max_rank) {
   extern __shared__ __align__(16) unsigned char rsmem[];
   const CompressJob job = jobs[blockIdx.x];
+  if (!rank_in_range(job.rank, max_rank)) return;
   project_resident_block<T, D, kNT>(job, rows, rsmem);
 }
 
@@ -1859,6 +1881,7 @@ __global__ void __launch_bounds__(kEigenThreads, 2)
   static_assert(ResidentShape<D>::kThreads == kEigenThreads, "the projection runs on the eigen CTA");
   extern __shared__ __align__(16) float smem[];
   float* scratch = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(smem) + FusedSmem<D>::kScratchOffset);
+  if (job_order[blockIdx.x] < 0) return;  // rejected by order_kernel
   fused_gram<T, D>(jobs[job_order[blockIdx.x]], rows, smem);
   {
     const CompressJob job = jobs[job_order[blockIdx.x]];
@@ -1874,10 +1897,11 @@ __global__ void __launch_bounds__(kEigenThreads, 2)
 
 /// X (minus the FP16 mean, when centred) → FP32 packed [job][L][D], and the stored mean.
 template <class T>
-__global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, int rows, int dim,
+__global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, int rows, int dim, int max_rank,
                               float* __restrict__ out) {
   extern __shared__ float gmu[];
   const CompressJob job = jobs[first + blockIdx.x];
+  if (!rank_in_range(job.rank, max_rank)) return;  // its slot of the chunk is left as it was
   const T* x = static_cast<const T*>(job.x);
   for (int d = threadIdx.x; d < dim; d += blockDim.x) {
     float m = 0.0f;
@@ -1899,9 +1923,10 @@ __global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, i
 }
 
 /// Top-r eigenvectors (columns D−1, D−2, … of cuSOLVER's ascending output) → basis rows, sign fixed.
-__global__ void select_kernel(const CompressJob* __restrict__ jobs, int first, int dim,
+__global__ void select_kernel(const CompressJob* __restrict__ jobs, int first, int dim, int max_rank,
                               const float* __restrict__ vecs, const float* __restrict__ vals) {
   const CompressJob job = jobs[first + blockIdx.x];
+  if (!rank_in_range(job.rank, max_rank)) return;
   const float* a = vecs + static_cast<std::int64_t>(blockIdx.x) * dim * dim;
   const float* w = vals + static_cast<std::int64_t>(blockIdx.x) * dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -2021,7 +2046,7 @@ struct BatchedCompressor::Impl {
   std::size_t fused_smem = 0;
   int project_tiles = 2;  // its kNT: n-tiles per warp for the batch's largest rank
   // Fast path workspace offsets.
-  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, off_order = 0, total = 0;
+  std::size_t off_jobs = 0, off_gram = 0, off_sum = 0, off_shift = 0, off_order = 0, off_rejected = 0, total = 0;
   // cuSOLVER path.
   int chunk = 0;
   std::size_t off_x32 = 0, off_vals = 0, off_info = 0, off_syev = 0, off_cublas = 0, syev_bytes = 0;
@@ -2129,19 +2154,21 @@ BatchedCompressor::BatchedCompressor(const CompressProblem& problem) : impl_(std
   m.off_jobs = 0;
   const std::size_t jobs_bytes = align_up(sizeof(CompressJob) * problem.max_jobs);
   const std::size_t n = static_cast<std::size_t>(problem.max_jobs);
+  // Every path starts with order_kernel: the order and the count of rejected jobs follow the job table.
+  m.off_rejected = jobs_bytes;
+  m.off_order = m.off_rejected + align_up(sizeof(int));
+  const std::size_t head_bytes = m.off_order + align_up(n * sizeof(int));
   if (m.fused) {
-    m.off_order = jobs_bytes;
-    m.total = m.off_order + align_up(n * sizeof(int));
+    m.total = head_bytes;
   } else if (problem.algorithm != CompressAlgorithm::kCusolver) {
-    m.off_gram = jobs_bytes;
+    m.off_gram = head_bytes;
     m.off_sum = m.off_gram + align_up(n * d * d * sizeof(float));
     m.off_shift = m.off_sum + align_up(n * d * sizeof(float));
-    m.off_order = m.off_shift + align_up(n * d * sizeof(float));
-    m.total = m.off_order + align_up(n * sizeof(int));
+    m.total = m.off_shift + align_up(n * d * sizeof(float));
   } else {
     m.chunk = std::min(problem.max_jobs, kCusolverChunk);
     const std::size_t c = static_cast<std::size_t>(m.chunk);
-    m.off_x32 = jobs_bytes;
+    m.off_x32 = head_bytes;
     m.off_gram = m.off_x32 + align_up(c * problem.rows * d * sizeof(float));
     m.off_vals = m.off_gram + align_up(c * d * d * sizeof(float));
     m.off_info = m.off_vals + align_up(c * d * sizeof(float));
@@ -2193,6 +2220,17 @@ BatchedCompressor::BatchedCompressor(BatchedCompressor&&) noexcept = default;
 BatchedCompressor& BatchedCompressor::operator=(BatchedCompressor&&) noexcept = default;
 
 const CompressProblem& BatchedCompressor::problem() const { return impl_->problem; }
+
+int BatchedCompressor::rejected_jobs(const void* workspace, cudaStream_t stream) const {
+  detail::require(workspace != nullptr, "BatchedCompressor::rejected_jobs", "workspace", "nullptr",
+                  "must be the workspace of a run()");
+  int count = 0;
+  check(cudaMemcpyAsync(&count, static_cast<const unsigned char*>(workspace) + impl_->off_rejected, sizeof(int),
+                        cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync(rejected jobs)");
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize(rejected jobs)");
+  return count;
+}
 std::size_t BatchedCompressor::get_workspace_size() const { return impl_->total; }
 
 void BatchedCompressor::run_host_jobs(const CompressJob* host_jobs, int num_jobs, void* workspace,
@@ -2227,16 +2265,17 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
   detail::require(device_jobs != nullptr, kWhat, "device_jobs", "nullptr", "must point to num_jobs descriptors");
   auto* ws = static_cast<unsigned char*>(workspace);
   auto* gram = reinterpret_cast<float*>(ws + m.off_gram);
+  auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
   const bool tridiagonal = p.algorithm == CompressAlgorithm::kTridiagonal;
 
   dispatch_element(p.element, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_dim(p.head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
+      order_kernel<D><<<1, 1024, 0, stream>>>(device_jobs, num_jobs, p.options.oversample, p.max_rank, job_order,
+                                              reinterpret_cast<int*>(ws + m.off_rejected));
+      check_launch("order_kernel");
       if (m.fused) {
-        auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
-        order_kernel<D><<<1, 1024, 0, stream>>>(device_jobs, num_jobs, p.options.oversample, job_order);
-        check_launch("order_kernel");
         dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
           compress_fused_kernel<T, D, decltype(tiles)::value><<<num_jobs, kEigenThreads, m.fused_smem, stream>>>(
               device_jobs, p.rows, job_order, m.eigen, p.options, tridiagonal);
@@ -2247,11 +2286,8 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
       if (p.algorithm != CompressAlgorithm::kCusolver) {
         auto* sums = reinterpret_cast<float*>(ws + m.off_sum);
         auto* shifts = reinterpret_cast<float*>(ws + m.off_shift);
-        auto* job_order = reinterpret_cast<int*>(ws + m.off_order);
-        order_kernel<D><<<1, 1024, 0, stream>>>(device_jobs, num_jobs, p.options.oversample, job_order);
-        check_launch("order_kernel");
-        gram_kernel<T, D><<<num_jobs, GramShape<D>::kThreads, GramShape<D>::kSmemBytes, stream>>>(device_jobs, p.rows,
-                                                                                                   gram, sums, shifts);
+        gram_kernel<T, D><<<num_jobs, GramShape<D>::kThreads, GramShape<D>::kSmemBytes, stream>>>(
+            device_jobs, p.rows, gram, sums, shifts, p.max_rank);
         check_launch("gram_kernel");
         eigen_kernel<D><<<num_jobs, kEigenThreads, m.eigen_smem, stream>>>(device_jobs, p.rows, gram, sums, shifts,
                                                                            job_order, m.eigen, p.options,
@@ -2268,7 +2304,7 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
         const long long x_stride = static_cast<long long>(p.rows) * D;
         for (int first = 0; first < num_jobs; first += m.chunk) {
           const int count = std::min(m.chunk, num_jobs - first);
-          gather_kernel<T><<<count, 256, D * sizeof(float), stream>>>(device_jobs, first, p.rows, D, x32);
+          gather_kernel<T><<<count, 256, D * sizeof(float), stream>>>(device_jobs, first, p.rows, D, p.max_rank, x32);
           check_launch("gather_kernel");
           // Row-major [L][D] is column-major D×L with ld = D: G = Xc·Xcᵀ.
           check(cublasSgemmStridedBatched(m.cublas, CUBLAS_OP_N, CUBLAS_OP_T, D, D, p.rows, &one, x32, D, x_stride,
@@ -2278,18 +2314,19 @@ void BatchedCompressor::run(const CompressJob* device_jobs, int num_jobs, void* 
                                        CUDA_R_32F, gram, D, CUDA_R_32F, vals, CUDA_R_32F, ws + m.off_syev,
                                        m.syev_bytes, m.syev_host.data(), m.syev_host.size(), info, count),
                 "cusolverDnXsyevBatched");
-          select_kernel<<<count, 256, 0, stream>>>(device_jobs, first, D, gram, vals);
+          select_kernel<<<count, 256, 0, stream>>>(device_jobs, first, D, p.max_rank, gram, vals);
           check_launch("select_kernel");
         }
       }
       if (m.resident) {
         dispatch_tiles<D>(m.project_tiles, [&](auto tiles) {
           project_resident_kernel<T, D, decltype(tiles)::value>
-              <<<num_jobs, ResidentShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);
+              <<<num_jobs, ResidentShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows, p.max_rank);
         });
         check_launch("project_resident_kernel");
       } else {
-        project_kernel<T, D><<<num_jobs, ProjectShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows);
+        project_kernel<T, D><<<num_jobs, ProjectShape<D>::kThreads, m.project_smem, stream>>>(device_jobs, p.rows,
+                                                                                               p.max_rank);
         check_launch("project_kernel");
       }
     });

@@ -187,6 +187,46 @@ class Batch {
   }
 
   Outputs run(CompressAlgorithm algorithm, ElementType element, cudaStream_t stream, CompressOptions options = {}) {
+    poison();
+    BatchedCompressor comp(problem(algorithm, element, max_rank(), options));
+    DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
+    const std::vector<CompressJob> j = jobs();
+    comp.run_host_jobs(j.data(), static_cast<int>(j.size()), ws.get(), ws.size(), stream);
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    check(cudaGetLastError(), "compression kernels");
+    return download();
+  }
+
+  /// A run through BatchedCompressor::run on descriptors uploaded to the device unchecked, job b's rank
+  /// replaced by ranks[b] (its outputs stay sized by the case's rank); *rejected = rejected_jobs().
+  Outputs run_device_jobs(CompressAlgorithm algorithm, int max_rank, const std::vector<int>& ranks,
+                          cudaStream_t stream, int* rejected) {
+    poison();
+    BatchedCompressor comp(problem(algorithm, ElementType::kHalf, max_rank, {}));
+    DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
+    std::vector<CompressJob> j = jobs();
+    for (std::size_t b = 0; b < j.size(); ++b) j[b].rank = ranks[b];
+    DeviceBuffer<CompressJob> device_jobs(j.size());
+    device_jobs.upload(j);
+    comp.run(device_jobs.get(), static_cast<int>(j.size()), ws.get(), ws.size(), stream);
+    *rejected = comp.rejected_jobs(ws.get(), stream);
+    check(cudaGetLastError(), "compression kernels");
+    return download();
+  }
+
+ private:
+  CompressProblem problem(CompressAlgorithm algorithm, ElementType element, int max_rank, CompressOptions options) const {
+    CompressProblem p;
+    p.element = element;
+    p.rows = rows_;
+    p.head_dim = dim_;
+    p.max_jobs = static_cast<int>(cases_.size());
+    p.max_rank = max_rank;
+    p.algorithm = algorithm;
+    p.options = options;
+    return p;
+  }
+  void poison() {
     basis_->poison();
     mean_->poison();
     scale_->poison();
@@ -194,20 +234,8 @@ class Batch {
     basis32_->poison();
     coeff32_->poison();
     eig_->poison();
-    CompressProblem p;
-    p.element = element;
-    p.rows = rows_;
-    p.head_dim = dim_;
-    p.max_jobs = static_cast<int>(cases_.size());
-    p.max_rank = max_rank();
-    p.algorithm = algorithm;
-    p.options = options;
-    BatchedCompressor comp(p);
-    DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
-    const std::vector<CompressJob> j = jobs();
-    comp.run_host_jobs(j.data(), static_cast<int>(j.size()), ws.get(), ws.size(), stream);
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    check(cudaGetLastError(), "compression kernels");
+  }
+  Outputs download() const {
     Outputs o;
     o.basis = basis_->download();
     o.mean = mean_->download();
@@ -219,6 +247,7 @@ class Batch {
     return o;
   }
 
+ public:
   // Per-job views of the outputs, in double.
   Eigen::MatrixXd basis16(const Outputs& o, std::size_t b) const { return matrix(o.basis, basis_off_[b], cases_[b].rank, dim_); }
   Eigen::MatrixXd basis32(const Outputs& o, std::size_t b) const { return matrix(o.basis32, basis_off_[b], cases_[b].rank, dim_); }
@@ -637,6 +666,81 @@ TEST_F(CompressGpu, NonFiniteBlocksDoNotDisturbTheOthers) {
   for (std::size_t j = 0; j < finite.size(); ++j) {
     SCOPED_TRACE(finite[j].name);
     expect_same_outputs(alone, oa, j, together, ot, 2 * j + 1);  // finite[j] sits at 2j + 1 in the mixed batch
+  }
+}
+
+/// Every output of job b still holds the poison (all bytes 0xFF) written before the run.
+template <class T>
+void expect_untouched(const Batch<T>& batch, const Outputs& o, std::size_t b, int rows, int dim) {
+  const std::size_t r = static_cast<std::size_t>(batch.cases()[b].rank), s0 = batch.scale_offset(b);
+  auto all_ff = [](const void* p, std::size_t bytes) {
+    const auto* u = static_cast<const unsigned char*>(p);
+    return std::all_of(u, u + bytes, [](unsigned char c) { return c == 0xFF; });
+  };
+  EXPECT_TRUE(all_ff(&o.basis[s0 * dim], r * dim * sizeof(Half))) << "FP16 basis";
+  EXPECT_TRUE(all_ff(&o.basis32[s0 * dim], r * dim * sizeof(float))) << "FP32 basis";
+  EXPECT_TRUE(all_ff(&o.mean[b * dim], dim * sizeof(Half))) << "mean";
+  EXPECT_TRUE(all_ff(&o.scale[s0], r * sizeof(float))) << "scales";
+  EXPECT_TRUE(all_ff(&o.eig[s0], r * sizeof(float))) << "Ritz values";
+  EXPECT_TRUE(all_ff(&o.coeff[batch.coeff_offset(b)], r * rows)) << "INT8 coefficients";
+  EXPECT_TRUE(all_ff(&o.coeff32[batch.coeff_offset(b)], r * rows * sizeof(float))) << "FP32 coefficients";
+}
+
+/// run() takes descriptors that live on the device and cannot validate them first; the kernels check
+/// the rank, which sizes their shared memory and the projection's tiles. A job of rank 0, negative or
+/// above max_rank writes none of its outputs and is counted, and the other jobs get the bytes they get
+/// alone, on every path: the fused kernel (max_rank 32), the separate kernels (max_rank 40: C no longer
+/// fits in shared memory), the tridiagonal solve and cuSOLVER. The count is that of the last run.
+TEST_F(CompressGpu, DeviceJobsOfRankOutOfRangeAreRejectedAndCounted) {
+  Rng rng(20261202);
+  const int D = 128;
+  std::vector<Case> cs, good;
+  std::vector<std::size_t> good_at, bad_at;
+  auto add = [&](bool ok, std::string name, int r, bool mc, const Eigen::MatrixXd& x) {
+    (ok ? good_at : bad_at).push_back(cs.size());
+    cs.push_back(Case{std::move(name), r, mc, round_to<Half>(x)});
+    if (ok) good.push_back(cs.back());
+  };
+  const Eigen::RowVectorXd off = 3.0 * gaussian_row(D, rng);
+  add(false, "rejected", 16, true, with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + off);
+  add(true, "decay exp(-i/20)", 16, false, with_spectrum(kRows, D, spectrum(D, exp20), rng));
+  add(false, "rejected", 32, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add(true, "decay i^-0.5, centred", 32, true, with_spectrum(kRows, D, spectrum(D, pow_half), rng).rowwise() + off);
+  add(false, "rejected", 8, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add(true, "decay i^-0.5", 8, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
+  add(false, "rejected", 32, true, with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + off);
+  Batch<Half> mixed(cs, kRows, D), alone(good, kRows, D);
+  // The separate kernels take max_rank 40: their workspace holds every job's Gram.
+  ASSERT_GT(workspace_bytes(kRows, D, static_cast<int>(cs.size()), 40), cs.size() * D * D * 4);
+  const struct {
+    CompressAlgorithm algorithm;
+    int max_rank;
+  } paths[] = {{CompressAlgorithm::kSubspaceIteration, 32},
+               {CompressAlgorithm::kSubspaceIteration, 40},
+               {CompressAlgorithm::kTridiagonal, 32},
+               {CompressAlgorithm::kCusolver, 32}};
+  for (const auto& path : paths) {
+    SCOPED_TRACE(std::string(algorithm_name(path.algorithm)) + ", max_rank " + std::to_string(path.max_rank));
+    const Outputs oa = alone.run(path.algorithm, ElementType::kHalf, stream_);
+    std::vector<int> ranks;
+    for (const Case& c : cs) ranks.push_back(c.rank);
+    const int bad_ranks[] = {0, -7, path.max_rank + 1, std::numeric_limits<int>::max()};
+    for (std::size_t k = 0; k < bad_at.size(); ++k) ranks[bad_at[k]] = bad_ranks[k];
+    int rejected = -1;
+    const Outputs om = mixed.run_device_jobs(path.algorithm, path.max_rank, ranks, stream_, &rejected);
+    EXPECT_EQ(rejected, 4);
+    for (std::size_t k = 0; k < bad_at.size(); ++k) {
+      SCOPED_TRACE("rejected job " + std::to_string(bad_at[k]) + ", rank " + std::to_string(bad_ranks[k]));
+      expect_untouched(mixed, om, bad_at[k], kRows, D);
+    }
+    for (std::size_t j = 0; j < good.size(); ++j) {
+      SCOPED_TRACE(good[j].name);
+      expect_same_outputs(alone, oa, j, mixed, om, good_at[j]);
+    }
+    // Valid ranks everywhere: nothing rejected, and the count is this run's.
+    for (std::size_t b = 0; b < cs.size(); ++b) ranks[b] = cs[b].rank;
+    mixed.run_device_jobs(path.algorithm, path.max_rank, ranks, stream_, &rejected);
+    EXPECT_EQ(rejected, 0);
   }
 }
 
@@ -1068,6 +1172,12 @@ TEST_F(CompressGpu, RejectsBadProblemsAndJobs) {
         << e.what();
   }
   EXPECT_NO_THROW(comp.run_host_jobs(&j, 0, ws.get(), ws.size(), stream_));
+  try {
+    comp.rejected_jobs(nullptr, stream_);
+    ADD_FAILURE() << "read the count of rejected jobs from a null workspace";
+  } catch (const spectralkv::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("argument workspace = nullptr"), std::string::npos) << e.what();
+  }
 }
 
 /// For the scale of row blockIdx.y: every float c in [2^-30·scale, 128·scale] (ordered by its bits) and,

@@ -186,9 +186,18 @@ class BatchedCompressor {
 
   /// Compresses `num_jobs` jobs whose descriptors are already in device memory (e.g. built by a kernel
   /// or uploaded once). Asynchronous on `stream`; inputs and outputs must stay valid until it completes.
-  /// The job descriptors must satisfy validate_jobs() (not re-checked on the device).
+  /// The job descriptors must satisfy validate_jobs(), which run() cannot call on them. The kernels
+  /// check the one field that sizes their shared memory: a job whose rank lies outside
+  /// [1, problem().max_rank] is rejected (none of its outputs is written, the other jobs are not
+  /// affected) and counted, see rejected_jobs(). Other faults in a descriptor (null or misaligned
+  /// pointers, a short row stride) are not caught: the launch faults or reads outside the block.
   void run(const CompressJob* device_jobs, int num_jobs, void* workspace, std::size_t workspace_bytes,
            cudaStream_t stream);
+
+  /// How many jobs the last run() with num_jobs > 0 on `workspace` rejected for their rank (0 after
+  /// run_host_jobs(), which throws on such a job instead). Waits for `stream`, which must be the
+  /// stream of that run() or one ordered after it; off the hot path (a 4-byte copy and a synchronise).
+  int rejected_jobs(const void* workspace, cudaStream_t stream) const;
 
   /// Validates host-side job descriptors, copies them into the workspace (cudaMemcpyAsync on `stream`;
   /// from pageable memory the copy is staged before this returns, from pinned memory the array must
