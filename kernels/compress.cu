@@ -388,11 +388,38 @@ __device__ __forceinline__ void gram_block(const CompressJob& job, int rows, uns
   }
 }
 
-/// Whether a device-resident job's rank is one the kernels were sized for: [1, max_rank], max_rank =
-/// CompressProblem::max_rank ≤ min(D, L). The shared-memory layouts, the projection's tiles and the
-/// order's buckets assume it, so every per-job kernel checks it before touching the job's outputs (run()
-/// cannot check descriptors that live on the device).
-__host__ __device__ __forceinline__ bool rank_in_range(int rank, int max_rank) { return rank >= 1 && rank <= max_rank; }
+/// The field checks of BatchedCompressor::validate_jobs, shared with the kernels: run() cannot check
+/// descriptors that live on the device, so order_kernel counts the jobs that fail one and every per-job
+/// kernel skips them (job_check::all) before touching their inputs or outputs. Each guards what the
+/// kernels rely on: X's 16-byte row loads (x, x_row_stride), the shared-memory layouts, projection
+/// tiles and order buckets sized for max_rank = CompressProblem::max_rank ≤ min(D, L) (rank), and the
+/// outputs' stores (non-null, aligned for the widest store to each).
+namespace job_check {
+__host__ __device__ inline bool aligned(const void* p, std::uintptr_t a) {
+  return reinterpret_cast<std::uintptr_t>(p) % a == 0;
+}
+__host__ __device__ inline bool x(const CompressJob& j) { return j.x != nullptr && aligned(j.x, 16); }
+__host__ __device__ inline bool x_row_stride(const CompressJob& j, int d) {
+  return j.x_row_stride >= d && j.x_row_stride % 8 == 0;
+}
+__host__ __device__ inline bool rank(const CompressJob& j, int max_rank) { return j.rank >= 1 && j.rank <= max_rank; }
+__host__ __device__ inline bool basis_out(const CompressJob& j) { return j.basis_out != nullptr && aligned(j.basis_out, 4); }
+__host__ __device__ inline bool scale_out(const CompressJob& j) { return j.scale_out != nullptr && aligned(j.scale_out, 4); }
+__host__ __device__ inline bool coeff_out(const CompressJob& j) { return j.coeff_out != nullptr; }
+__host__ __device__ inline bool mean_out(const CompressJob& j) {
+  return !j.mean_center || (j.mean_out != nullptr && aligned(j.mean_out, 2));
+}
+__host__ __device__ inline bool optional_outs(const CompressJob& j) {
+  return aligned(j.basis_f32_out, 4) && aligned(j.coeff_f32_out, 4) && aligned(j.eigenvalues_out, 4);
+}
+__host__ __device__ inline bool all(const CompressJob& j, int d, int max_rank) {
+  return x(j) && x_row_stride(j, d) && rank(j, max_rank) && basis_out(j) && scale_out(j) && coeff_out(j) &&
+         mean_out(j) && optional_outs(j);
+}
+/// all() on a descriptor in global memory, as a call: inlined into gram_kernel<…, 128>, its loads of
+/// every field made the kernel spill 68 bytes instead of 8 (ptxas, CUDA 13).
+__device__ __noinline__ bool valid_at(const CompressJob* job, int d, int max_rank) { return all(*job, d, max_rank); }
+}  // namespace job_check
 
 /// One CTA per job: gram_block into the workspace (when the projection cannot be fused, see
 /// compress_fused_kernel).
@@ -407,8 +434,8 @@ __global__ void __launch_bounds__(GramShape<D>::kThreads, 2) gram_kernel(const C
   extern __shared__ __align__(16) unsigned char gsmem[];
   __shared__ float part[3 * D];
   const std::int64_t jb = blockIdx.x;
+  if (!job_check::valid_at(jobs + jb, D, max_rank)) return;
   const CompressJob job = jobs[jb];
-  if (!rank_in_range(job.rank, max_rank)) return;
   float* g = gram + jb * D * D;
   gram_block<T, D, GramShape<D>::kThreads>(job, rows, gsmem, part, colsum + jb * D, shift + jb * D,
                                            [&](int row, int col, float v0, float v1) {
@@ -1178,8 +1205,8 @@ struct EigenSmem {
 /// is made of long jobs; longest first lets the short ones fill in behind them (longest-processing-time
 /// scheduling). A counting sort by ℓ (a multiple of 8 up to D) in one CTA; the order within one ℓ is
 /// whatever the atomics give, which changes no result (a job's outputs depend on its own data only).
-/// Jobs whose rank is out of range (rank_in_range) take the last places as −1, which the per-job
-/// kernels skip, and their count goes to `rejected` (every path runs this kernel first).
+/// Jobs that fail a check of validate_jobs (job_check::all) take the last places as −1, which the
+/// per-job kernels skip, and their count goes to `rejected` (every path runs this kernel first).
 template <int D>
 __global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int oversample, int max_rank,
                              int* __restrict__ order, int* __restrict__ rejected) {
@@ -1188,8 +1215,8 @@ __global__ void order_kernel(const CompressJob* __restrict__ jobs, int n, int ov
   __shared__ int count[kBuckets];
   __shared__ int start[kBuckets];
   auto bucket = [&](int j) {
-    const int r = jobs[j].rank;
-    return rank_in_range(r, max_rank) ? compress_subspace_width(r, D, oversample) / 8 : kRejected;
+    const CompressJob& job = jobs[j];
+    return job_check::all(job, D, max_rank) ? compress_subspace_width(job.rank, D, oversample) / 8 : kRejected;
   };
   for (int b = threadIdx.x; b < kBuckets; b += blockDim.x) count[b] = 0;
   __syncthreads();
@@ -1643,7 +1670,7 @@ __global__ void __launch_bounds__(ProjectShape<D>::kThreads) project_kernel(cons
   constexpr int kNT = S::kMaxNTilesPerWarp;
   extern __shared__ __align__(16) unsigned char psmem[];
   const CompressJob job = jobs[blockIdx.x];
-  if (!rank_in_range(job.rank, max_rank)) return;
+  if (!job_check::all(job, D, max_rank)) return;
   const int r = job.rank;
   const int rpad = (r + 15) / 16 * 16;
   T* stage = reinterpret_cast<T*>(psmem);
@@ -1819,7 +1846,7 @@ __global__ void __launch_bounds__(ResidentShape<D>::kThreads, 2)
     project_resident_kernel(const CompressJob* __restrict__ jobs, int rows, int max_rank) {
   extern __shared__ __align__(16) unsigned char rsmem[];
   const CompressJob job = jobs[blockIdx.x];
-  if (!rank_in_range(job.rank, max_rank)) return;
+  if (!job_check::all(job, D, max_rank)) return;
   project_resident_block<T, D, kNT>(job, rows, rsmem);
 }
 
@@ -1901,7 +1928,7 @@ __global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, i
                               float* __restrict__ out) {
   extern __shared__ float gmu[];
   const CompressJob job = jobs[first + blockIdx.x];
-  if (!rank_in_range(job.rank, max_rank)) return;  // its slot of the chunk is left as it was
+  if (!job_check::all(job, dim, max_rank)) return;  // its slot of the chunk is left as it was
   const T* x = static_cast<const T*>(job.x);
   for (int d = threadIdx.x; d < dim; d += blockDim.x) {
     float m = 0.0f;
@@ -1926,7 +1953,7 @@ __global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, i
 __global__ void select_kernel(const CompressJob* __restrict__ jobs, int first, int dim, int max_rank,
                               const float* __restrict__ vecs, const float* __restrict__ vals) {
   const CompressJob job = jobs[first + blockIdx.x];
-  if (!rank_in_range(job.rank, max_rank)) return;
+  if (!job_check::all(job, dim, max_rank)) return;
   const float* a = vecs + static_cast<std::int64_t>(blockIdx.x) * dim * dim;
   const float* w = vals + static_cast<std::int64_t>(blockIdx.x) * dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -2092,30 +2119,29 @@ void BatchedCompressor::validate_jobs(const CompressProblem& p, const CompressJo
     detail::fail(kWhat, "num_jobs", num_jobs, detail::concat("must be in [0, max_jobs = ", p.max_jobs, "]"));
   require(num_jobs == 0 || jobs != nullptr, kWhat, "jobs", "nullptr", "must point to num_jobs descriptors");
   const int max_rank = std::min({p.max_rank, p.head_dim, p.rows});
-  auto aligned = [](const void* ptr, std::uintptr_t a) { return reinterpret_cast<std::uintptr_t>(ptr) % a == 0; };
   for (int i = 0; i < num_jobs; ++i) {
     const CompressJob& j = jobs[i];
     // A batch has thousands of jobs: a check's message ("jobs[i].field") is built only when it fails.
     auto fail_field = [&](const char* name, const auto& value, const auto& why) {
       detail::fail(kWhat, detail::concat("jobs[", i, "].", name).c_str(), value, why);
     };
-    if (j.x == nullptr || !aligned(j.x, 16)) fail_field("x", j.x, "must be non-null and 16-byte aligned");
-    if (j.x_row_stride < p.head_dim || j.x_row_stride % 8 != 0) {
+    if (!job_check::x(j)) fail_field("x", j.x, "must be non-null and 16-byte aligned");
+    if (!job_check::x_row_stride(j, p.head_dim)) {
       fail_field("x_row_stride", j.x_row_stride,
                  detail::concat("must be a multiple of 8 and >= head_dim = ", p.head_dim));
     }
-    if (j.rank < 1 || j.rank > max_rank)
+    if (!job_check::rank(j, max_rank))
       fail_field("rank", j.rank, detail::concat("must be in [1, min(max_rank, head_dim, rows) = ", max_rank, "]"));
-    if (j.basis_out == nullptr || !aligned(j.basis_out, 4))
+    if (!job_check::basis_out(j))
       fail_field("basis_out", static_cast<const void*>(j.basis_out), "must be non-null and 4-byte aligned");
-    if (j.scale_out == nullptr || !aligned(j.scale_out, 4))
+    if (!job_check::scale_out(j))
       fail_field("scale_out", static_cast<const void*>(j.scale_out), "must be non-null and 4-byte aligned");
-    if (j.coeff_out == nullptr) fail_field("coeff_out", "nullptr", "must be non-null");
-    if (j.mean_center && (j.mean_out == nullptr || !aligned(j.mean_out, 2))) {
+    if (!job_check::coeff_out(j)) fail_field("coeff_out", "nullptr", "must be non-null");
+    if (!job_check::mean_out(j)) {
       fail_field("mean_out", static_cast<const void*>(j.mean_out),
                  "must be non-null and 2-byte aligned when mean_center is set");
     }
-    if (!aligned(j.basis_f32_out, 4) || !aligned(j.coeff_f32_out, 4) || !aligned(j.eigenvalues_out, 4))
+    if (!job_check::optional_outs(j))
       fail_field("*_f32_out", "misaligned", "optional FP32 outputs must be 4-byte aligned");
   }
 }

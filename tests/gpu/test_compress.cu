@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <random>
 #include <string>
@@ -197,15 +198,16 @@ class Batch {
     return download();
   }
 
-  /// A run through BatchedCompressor::run on descriptors uploaded to the device unchecked, job b's rank
-  /// replaced by ranks[b] (its outputs stay sized by the case's rank); *rejected = rejected_jobs().
-  Outputs run_device_jobs(CompressAlgorithm algorithm, int max_rank, const std::vector<int>& ranks,
-                          cudaStream_t stream, int* rejected) {
+  /// A run through BatchedCompressor::run on descriptors uploaded to the device unchecked, after
+  /// edit(descriptors) (the outputs stay where and as large as the cases put them);
+  /// *rejected = rejected_jobs().
+  template <class Edit>
+  Outputs run_device_jobs(CompressAlgorithm algorithm, int max_rank, Edit edit, cudaStream_t stream, int* rejected) {
     poison();
     BatchedCompressor comp(problem(algorithm, ElementType::kHalf, max_rank, {}));
     DeviceBuffer<unsigned char> ws(comp.get_workspace_size());
     std::vector<CompressJob> j = jobs();
-    for (std::size_t b = 0; b < j.size(); ++b) j[b].rank = ranks[b];
+    edit(j);
     DeviceBuffer<CompressJob> device_jobs(j.size());
     device_jobs.upload(j);
     comp.run(device_jobs.get(), static_cast<int>(j.size()), ws.get(), ws.size(), stream);
@@ -686,29 +688,63 @@ void expect_untouched(const Batch<T>& batch, const Outputs& o, std::size_t b, in
   EXPECT_TRUE(all_ff(&o.coeff32[batch.coeff_offset(b)], r * rows * sizeof(float))) << "FP32 coefficients";
 }
 
-/// run() takes descriptors that live on the device and cannot validate them first; the kernels check
-/// the rank, which sizes their shared memory and the projection's tiles. A job of rank 0, negative or
-/// above max_rank writes none of its outputs and is counted, and the other jobs get the bytes they get
-/// alone, on every path: the fused kernel (max_rank 32), the separate kernels (max_rank 40: C no longer
-/// fits in shared memory), the tridiagonal solve and cuSOLVER. The count is that of the last run.
-TEST_F(CompressGpu, DeviceJobsOfRankOutOfRangeAreRejectedAndCounted) {
+/// run() takes descriptors that live on the device and cannot validate them before the launch; the
+/// kernels make validate_jobs()'s checks instead. A job that fails one (rank 0, negative or above
+/// max_rank, a null or misaligned pointer, a row stride not a multiple of 8 or below D) writes none of
+/// its outputs and is counted, and the other jobs get the bytes they get alone, on every path: the
+/// fused kernel (max_rank 32), the separate kernels (max_rank 40: C no longer fits in shared memory),
+/// the tridiagonal solve and cuSOLVER. The count is that of the last run.
+TEST_F(CompressGpu, DeviceJobsThatFailValidationAreRejectedAndCounted) {
   Rng rng(20261202);
   const int D = 128;
-  std::vector<Case> cs, good;
-  std::vector<std::size_t> good_at, bad_at;
-  auto add = [&](bool ok, std::string name, int r, bool mc, const Eigen::MatrixXd& x) {
-    (ok ? good_at : bad_at).push_back(cs.size());
-    cs.push_back(Case{std::move(name), r, mc, round_to<Half>(x)});
-    if (ok) good.push_back(cs.back());
-  };
   const Eigen::RowVectorXd off = 3.0 * gaussian_row(D, rng);
-  add(false, "rejected", 16, true, with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + off);
-  add(true, "decay exp(-i/20)", 16, false, with_spectrum(kRows, D, spectrum(D, exp20), rng));
-  add(false, "rejected", 32, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
-  add(true, "decay i^-0.5, centred", 32, true, with_spectrum(kRows, D, spectrum(D, pow_half), rng).rowwise() + off);
-  add(false, "rejected", 8, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
-  add(true, "decay i^-0.5", 8, false, with_spectrum(kRows, D, spectrum(D, pow_half), rng));
-  add(false, "rejected", 32, true, with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + off);
+  const Eigen::MatrixXd plain = with_spectrum(kRows, D, spectrum(D, pow_half), rng);
+  const Eigen::MatrixXd offset = with_spectrum(kRows, D, spectrum(D, exp20), rng).rowwise() + off;
+  // Each edit makes one descriptor fail one check (its case gives the block and the output sizes).
+  using Job = CompressJob;
+  const struct {
+    const char* what;
+    int rank;
+    bool mean_center;
+    void (*edit)(Job&, int max_rank);
+  } bad[] = {
+      {"rank 0", 16, false, [](Job& j, int) { j.rank = 0; }},
+      {"rank -7", 8, true, [](Job& j, int) { j.rank = -7; }},
+      {"rank max_rank + 1", 32, false, [](Job& j, int m) { j.rank = m + 1; }},
+      {"rank INT_MAX", 16, false, [](Job& j, int) { j.rank = std::numeric_limits<int>::max(); }},
+      {"x misaligned", 16, false, [](Job& j, int) { j.x = static_cast<const Half*>(j.x) + 1; }},
+      {"x null", 16, false, [](Job& j, int) { j.x = nullptr; }},
+      {"x_row_stride 130", 32, false, [](Job& j, int) { j.x_row_stride = 130; }},
+      {"x_row_stride 64 < D", 16, false, [](Job& j, int) { j.x_row_stride = 64; }},
+      {"basis_out null", 16, false, [](Job& j, int) { j.basis_out = nullptr; }},
+      {"scale_out misaligned", 8, false,
+       [](Job& j, int) { j.scale_out = reinterpret_cast<float*>(reinterpret_cast<char*>(j.scale_out) + 2); }},
+      {"coeff_out null", 16, false, [](Job& j, int) { j.coeff_out = nullptr; }},
+      {"mean_out null, centred", 16, true, [](Job& j, int) { j.mean_out = nullptr; }},
+      {"basis_f32_out misaligned", 16, false,
+       [](Job& j, int) { j.basis_f32_out = reinterpret_cast<float*>(reinterpret_cast<char*>(j.basis_f32_out) + 1); }},
+  };
+  std::vector<Case> cs, good;
+  std::vector<std::size_t> good_at;
+  const Case good_cases[] = {
+      {"decay exp(-i/20)", 16, false, round_to<Half>(with_spectrum(kRows, D, spectrum(D, exp20), rng))},
+      {"decay i^-0.5, centred", 32, true, round_to<Half>(offset)},
+      {"decay i^-0.5", 8, false, round_to<Half>(plain)},
+  };
+  for (std::size_t k = 0; k < std::size(bad); ++k) {  // a good job after every fourth bad one
+    if (k % 4 == 1) {
+      good_at.push_back(cs.size());
+      cs.push_back(good_cases[good.size()]);
+      good.push_back(cs.back());
+    }
+    cs.push_back(Case{bad[k].what, bad[k].rank, bad[k].mean_center, round_to<Half>(bad[k].mean_center ? offset : plain)});
+  }
+  ASSERT_EQ(good.size(), std::size(good_cases));
+  std::vector<std::size_t> bad_at;
+  for (std::size_t b = 0, g = 0; b < cs.size(); ++b) {
+    if (g < good_at.size() && good_at[g] == b) ++g;
+    else bad_at.push_back(b);
+  }
   Batch<Half> mixed(cs, kRows, D), alone(good, kRows, D);
   // The separate kernels take max_rank 40: their workspace holds every job's Gram.
   ASSERT_GT(workspace_bytes(kRows, D, static_cast<int>(cs.size()), 40), cs.size() * D * D * 4);
@@ -722,24 +758,24 @@ TEST_F(CompressGpu, DeviceJobsOfRankOutOfRangeAreRejectedAndCounted) {
   for (const auto& path : paths) {
     SCOPED_TRACE(std::string(algorithm_name(path.algorithm)) + ", max_rank " + std::to_string(path.max_rank));
     const Outputs oa = alone.run(path.algorithm, ElementType::kHalf, stream_);
-    std::vector<int> ranks;
-    for (const Case& c : cs) ranks.push_back(c.rank);
-    const int bad_ranks[] = {0, -7, path.max_rank + 1, std::numeric_limits<int>::max()};
-    for (std::size_t k = 0; k < bad_at.size(); ++k) ranks[bad_at[k]] = bad_ranks[k];
     int rejected = -1;
-    const Outputs om = mixed.run_device_jobs(path.algorithm, path.max_rank, ranks, stream_, &rejected);
-    EXPECT_EQ(rejected, 4);
+    const Outputs om = mixed.run_device_jobs(
+        path.algorithm, path.max_rank,
+        [&](std::vector<Job>& jobs) {
+          for (std::size_t k = 0; k < bad_at.size(); ++k) bad[k].edit(jobs[bad_at[k]], path.max_rank);
+        },
+        stream_, &rejected);
+    EXPECT_EQ(rejected, static_cast<int>(bad_at.size()));
     for (std::size_t k = 0; k < bad_at.size(); ++k) {
-      SCOPED_TRACE("rejected job " + std::to_string(bad_at[k]) + ", rank " + std::to_string(bad_ranks[k]));
+      SCOPED_TRACE(std::string("rejected job ") + std::to_string(bad_at[k]) + ": " + bad[k].what);
       expect_untouched(mixed, om, bad_at[k], kRows, D);
     }
     for (std::size_t j = 0; j < good.size(); ++j) {
       SCOPED_TRACE(good[j].name);
       expect_same_outputs(alone, oa, j, mixed, om, good_at[j]);
     }
-    // Valid ranks everywhere: nothing rejected, and the count is this run's.
-    for (std::size_t b = 0; b < cs.size(); ++b) ranks[b] = cs[b].rank;
-    mixed.run_device_jobs(path.algorithm, path.max_rank, ranks, stream_, &rejected);
+    // The same descriptors unedited: nothing rejected, and the count is this run's.
+    mixed.run_device_jobs(path.algorithm, path.max_rank, [](std::vector<Job>&) {}, stream_, &rejected);
     EXPECT_EQ(rejected, 0);
   }
 }

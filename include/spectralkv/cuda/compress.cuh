@@ -166,7 +166,8 @@ class BatchedCompressor {
   static void can_implement(const CompressProblem& problem);
 
   /// Throws InvalidArgument naming the first bad field of `jobs[i]` (null pointers, rank, alignment,
-  /// row stride). run_host_jobs() calls it; run() cannot (its jobs live on the device).
+  /// row stride). run_host_jobs() calls it; run() cannot (its jobs live on the device), and its kernels
+  /// skip and count the jobs it would reject instead.
   static void validate_jobs(const CompressProblem& problem, const CompressJob* jobs, int num_jobs);
 
   explicit BatchedCompressor(const CompressProblem& problem);
@@ -186,17 +187,18 @@ class BatchedCompressor {
 
   /// Compresses `num_jobs` jobs whose descriptors are already in device memory (e.g. built by a kernel
   /// or uploaded once). Asynchronous on `stream`; inputs and outputs must stay valid until it completes.
-  /// The job descriptors must satisfy validate_jobs(), which run() cannot call on them. The kernels
-  /// check the one field that sizes their shared memory: a job whose rank lies outside
-  /// [1, problem().max_rank] is rejected (none of its outputs is written, the other jobs are not
-  /// affected) and counted, see rejected_jobs(). Other faults in a descriptor (null or misaligned
-  /// pointers, a short row stride) are not caught: the launch faults or reads outside the block.
+  /// The descriptors should satisfy validate_jobs(), which run() cannot call on them before the
+  /// launch: the kernels make its checks instead, and a job that fails one (a rank outside
+  /// [1, problem().max_rank], a null or misaligned pointer, a row stride that is short or not a
+  /// multiple of 8) is rejected: nothing of it is read or written and the other jobs are not affected.
+  /// rejected_jobs() counts them. Pointers that pass the checks must point to memory of the sizes
+  /// CompressJob gives.
   void run(const CompressJob* device_jobs, int num_jobs, void* workspace, std::size_t workspace_bytes,
            cudaStream_t stream);
 
-  /// How many jobs the last run() with num_jobs > 0 on `workspace` rejected for their rank (0 after
-  /// run_host_jobs(), which throws on such a job instead). Waits for `stream`, which must be the
-  /// stream of that run() or one ordered after it; off the hot path (a 4-byte copy and a synchronise).
+  /// How many jobs the last run() with num_jobs > 0 on `workspace` rejected (0 after run_host_jobs(),
+  /// which throws on such a job instead). Waits for `stream`, which must be the stream of that run() or
+  /// one ordered after it; off the hot path (a 4-byte copy and a synchronise).
   int rejected_jobs(const void* workspace, cudaStream_t stream) const;
 
   /// Validates host-side job descriptors, copies them into the workspace (cudaMemcpyAsync on `stream`;
