@@ -1,6 +1,8 @@
 // Batched truncated SVD + INT8 quantisation (see include/spectralkv/cuda/compress.cuh for the
 // interface and the algorithm overview). Kernels of the fast path:
-//   order_kernel    the order in which the jobs are taken: widest subspace first
+//   order_kernel    the order in which the jobs are taken (widest subspace first), and the count of the
+//                   jobs that fail validate_jobs's checks (job_check), which every kernel skips; it runs
+//                   first on every path
 //   gram_kernel     G = (X − m)ᵀ(X − m) (+ column sums), tensor cores, FP32 accumulation → workspace
 //                   (m = 0, or for centred jobs a provisional per-column shift, see below)
 //   eigen_kernel    centring, subspace iteration (CholQR), Rayleigh–Ritz + Jacobi, basis → basis_out, mean_out
@@ -10,7 +12,7 @@
 //   compress_fused_kernel  Gram, eigen-solve and one-pass projection in one CTA per job, G kept in shared
 //                   memory: used whenever C fits in shared memory (order_kernel + this kernel per run)
 // The cuSOLVER path replaces the Gram and eigen kernels by gather + cuBLAS SGEMM + cusolverDnXsyevBatched
-// + select.
+// + select (after order_kernel, for the count).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -406,6 +408,11 @@ __host__ __device__ inline bool rank(const CompressJob& j, int max_rank) { retur
 __host__ __device__ inline bool basis_out(const CompressJob& j) { return j.basis_out != nullptr && aligned(j.basis_out, 4); }
 __host__ __device__ inline bool scale_out(const CompressJob& j) { return j.scale_out != nullptr && aligned(j.scale_out, 4); }
 __host__ __device__ inline bool coeff_out(const CompressJob& j) { return j.coeff_out != nullptr; }
+/// The flag's byte is 0 or 1: a descriptor written by a kernel or copied as bytes could hold another
+/// value, which a bool may not (the kernels' tests of it could then disagree).
+__host__ __device__ inline bool mean_center(const CompressJob& j) {
+  return *reinterpret_cast<const unsigned char*>(&j.mean_center) <= 1;
+}
 __host__ __device__ inline bool mean_out(const CompressJob& j) {
   return !j.mean_center || (j.mean_out != nullptr && aligned(j.mean_out, 2));
 }
@@ -414,7 +421,7 @@ __host__ __device__ inline bool optional_outs(const CompressJob& j) {
 }
 __host__ __device__ inline bool all(const CompressJob& j, int d, int max_rank) {
   return x(j) && x_row_stride(j, d) && rank(j, max_rank) && basis_out(j) && scale_out(j) && coeff_out(j) &&
-         mean_out(j) && optional_outs(j);
+         mean_center(j) && mean_out(j) && optional_outs(j);
 }
 /// all() on a descriptor in global memory, as a call: inlined into gram_kernel<…, 128>, its loads of
 /// every field made the kernel spill 68 bytes instead of 8 (ptxas, CUDA 13).
@@ -1928,7 +1935,12 @@ __global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, i
                               float* __restrict__ out) {
   extern __shared__ float gmu[];
   const CompressJob job = jobs[first + blockIdx.x];
-  if (!job_check::all(job, dim, max_rank)) return;  // its slot of the chunk is left as it was
+  float* o = out + static_cast<std::int64_t>(blockIdx.x) * rows * dim;
+  if (!job_check::all(job, dim, max_rank)) {
+    // Zeros, so that cuBLAS and cuSOLVER read defined values in the rejected job's slot of the chunk.
+    for (int e = threadIdx.x; e < rows * dim; e += blockDim.x) o[e] = 0.0f;
+    return;
+  }
   const T* x = static_cast<const T*>(job.x);
   for (int d = threadIdx.x; d < dim; d += blockDim.x) {
     float m = 0.0f;
@@ -1942,7 +1954,6 @@ __global__ void gather_kernel(const CompressJob* __restrict__ jobs, int first, i
     gmu[d] = m;
   }
   __syncthreads();
-  float* o = out + static_cast<std::int64_t>(blockIdx.x) * rows * dim;
   for (int e = threadIdx.x; e < rows * dim; e += blockDim.x) {
     const int t = e / dim, d = e % dim;
     o[e] = to_float1(x[t * job.x_row_stride + d]) - gmu[d];
@@ -2137,6 +2148,10 @@ void BatchedCompressor::validate_jobs(const CompressProblem& p, const CompressJo
     if (!job_check::scale_out(j))
       fail_field("scale_out", static_cast<const void*>(j.scale_out), "must be non-null and 4-byte aligned");
     if (!job_check::coeff_out(j)) fail_field("coeff_out", "nullptr", "must be non-null");
+    if (!job_check::mean_center(j)) {
+      fail_field("mean_center", static_cast<int>(*reinterpret_cast<const unsigned char*>(&j.mean_center)),
+                 "must be a bool: 0 or 1");
+    }
     if (!job_check::mean_out(j)) {
       fail_field("mean_out", static_cast<const void*>(j.mean_out),
                  "must be non-null and 2-byte aligned when mean_center is set");

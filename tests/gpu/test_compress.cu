@@ -690,8 +690,8 @@ void expect_untouched(const Batch<T>& batch, const Outputs& o, std::size_t b, in
 
 /// run() takes descriptors that live on the device and cannot validate them before the launch; the
 /// kernels make validate_jobs()'s checks instead. A job that fails one (rank 0, negative or above
-/// max_rank, a null or misaligned pointer, a row stride not a multiple of 8 or below D) writes none of
-/// its outputs and is counted, and the other jobs get the bytes they get alone, on every path: the
+/// max_rank, a null or misaligned pointer, a row stride not a multiple of 8 or below D, a mean_center
+/// byte other than 0 or 1) writes none of its outputs and is counted, and the other jobs get the bytes they get alone, on every path: the
 /// fused kernel (max_rank 32), the separate kernels (max_rank 40: C no longer fits in shared memory),
 /// the tridiagonal solve and cuSOLVER. The count is that of the last run.
 TEST_F(CompressGpu, DeviceJobsThatFailValidationAreRejectedAndCounted) {
@@ -723,6 +723,13 @@ TEST_F(CompressGpu, DeviceJobsThatFailValidationAreRejectedAndCounted) {
       {"mean_out null, centred", 16, true, [](Job& j, int) { j.mean_out = nullptr; }},
       {"basis_f32_out misaligned", 16, false,
        [](Job& j, int) { j.basis_f32_out = reinterpret_cast<float*>(reinterpret_cast<char*>(j.basis_f32_out) + 1); }},
+      {"mean_out misaligned, centred", 8, true,
+       [](Job& j, int) { j.mean_out = reinterpret_cast<__half*>(reinterpret_cast<char*>(j.mean_out) + 1); }},
+      {"coeff_f32_out misaligned", 16, false,
+       [](Job& j, int) { j.coeff_f32_out = reinterpret_cast<float*>(reinterpret_cast<char*>(j.coeff_f32_out) + 2); }},
+      {"eigenvalues_out misaligned", 16, false,
+       [](Job& j, int) { j.eigenvalues_out = reinterpret_cast<float*>(reinterpret_cast<char*>(j.eigenvalues_out) + 3); }},
+      {"mean_center byte 2", 16, false, [](Job& j, int) { std::memset(&j.mean_center, 2, 1); }},
   };
   std::vector<Case> cs, good;
   std::vector<std::size_t> good_at;
@@ -731,8 +738,8 @@ TEST_F(CompressGpu, DeviceJobsThatFailValidationAreRejectedAndCounted) {
       {"decay i^-0.5, centred", 32, true, round_to<Half>(offset)},
       {"decay i^-0.5", 8, false, round_to<Half>(plain)},
   };
-  for (std::size_t k = 0; k < std::size(bad); ++k) {  // a good job after every fourth bad one
-    if (k % 4 == 1) {
+  for (std::size_t k = 0; k < std::size(bad); ++k) {  // good jobs before bad[1], bad[5], bad[9]
+    if (k % 4 == 1 && good.size() < std::size(good_cases)) {
       good_at.push_back(cs.size());
       cs.push_back(good_cases[good.size()]);
       good.push_back(cs.back());
@@ -1190,6 +1197,9 @@ TEST_F(CompressGpu, RejectsBadProblemsAndJobs) {
   b = j;
   b.coeff_out = nullptr;
   expect_bad_job(b, "argument jobs[1].coeff_out = nullptr (must be non-null)");
+  b = j;
+  std::memset(&b.mean_center, 2, 1);  // e.g. a descriptor written as bytes
+  expect_bad_job(b, "argument jobs[1].mean_center = 2 (must be a bool: 0 or 1)");
   try {
     BatchedCompressor::validate_jobs(p, &j, 5);
     ADD_FAILURE() << "accepted 5 jobs of at most 4";

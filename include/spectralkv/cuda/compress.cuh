@@ -196,9 +196,10 @@ class BatchedCompressor {
   void run(const CompressJob* device_jobs, int num_jobs, void* workspace, std::size_t workspace_bytes,
            cudaStream_t stream);
 
-  /// How many jobs the last run() with num_jobs > 0 on `workspace` rejected (0 after run_host_jobs(),
-  /// which throws on such a job instead). Waits for `stream`, which must be the stream of that run() or
-  /// one ordered after it; off the hot path (a 4-byte copy and a synchronise).
+  /// How many jobs the last run() with num_jobs > 0 on `workspace` rejected; undefined before the first
+  /// such run. run_host_jobs() throws on a job that would be rejected, so its runs count 0. Waits for
+  /// `stream`, which must be the stream of that run() or one ordered after it: a 4-byte copy and a
+  /// stream synchronise, so not inside a CUDA graph capture (read the count after the graph's launch).
   int rejected_jobs(const void* workspace, cudaStream_t stream) const;
 
   /// Validates host-side job descriptors, copies them into the workspace (cudaMemcpyAsync on `stream`;
