@@ -190,7 +190,8 @@ class BatchedCompressor {
   /// The descriptors should satisfy validate_jobs(), which run() cannot call on them before the
   /// launch: the kernels make its checks instead, and a job that fails one (a rank outside
   /// [1, problem().max_rank], a null or misaligned pointer, a row stride that is short or not a
-  /// multiple of 8) is rejected: nothing of it is read or written and the other jobs are not affected.
+  /// multiple of 8, a mean_center byte other than 0 or 1) is rejected: nothing of it is read or written
+  /// and the other jobs are not affected.
   /// rejected_jobs() counts them. Pointers that pass the checks must point to memory of the sizes
   /// CompressJob gives.
   void run(const CompressJob* device_jobs, int num_jobs, void* workspace, std::size_t workspace_bytes,
