@@ -691,9 +691,10 @@ void expect_untouched(const Batch<T>& batch, const Outputs& o, std::size_t b, in
 /// run() takes descriptors that live on the device and cannot validate them before the launch; the
 /// kernels make validate_jobs()'s checks instead. A job that fails one (rank 0, negative or above
 /// max_rank, a null or misaligned pointer, a row stride not a multiple of 8 or below D, a mean_center
-/// byte other than 0 or 1) writes none of its outputs and is counted, and the other jobs get the bytes they get alone, on every path: the
-/// fused kernel (max_rank 32), the separate kernels (max_rank 40: C no longer fits in shared memory),
-/// the tridiagonal solve and cuSOLVER. The count is that of the last run.
+/// byte other than 0 or 1) writes none of its outputs and is counted, and the other jobs get the bytes
+/// they get alone, on every path: the fused kernel (max_rank 32), the separate kernels (max_rank 40: C
+/// no longer fits in shared memory), the tridiagonal solve and cuSOLVER. The count is that of the last
+/// run.
 TEST_F(CompressGpu, DeviceJobsThatFailValidationAreRejectedAndCounted) {
   Rng rng(20261202);
   const int D = 128;
