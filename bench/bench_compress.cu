@@ -5,7 +5,8 @@
 // iteration, the default; 1 the cuSOLVER path; 2 the tridiagonal eigen-solve for every job); N = 512
 // mixed also with mean centring (`centre` = 1), which adds the shifted-Gram work, and N = 512 at ranks
 // 36, 40, 64 and 120 (subspaces wider than ℓ = 48: the default takes the tridiagonal eigen-solve, in the
-// separate kernels) and mixed 32/64 (`rank` −64: both eigen-solves in one launch).
+// separate kernels) and mixed 32/64 (`rank` -64: under the default algorithm, both eigen-solves in one
+// launch).
 // Each iteration is timed with CUDA events around one run() on a stream (manual time); the counters
 // report the median over the iterations (per batch and per matrix), the input bandwidth, and
 // the worst optimality ratio ‖X − X·B32ᵀB32‖_F / sqrt(Σ_{i>r} σ_i²) over sampled jobs, against Eigen's
@@ -122,7 +123,7 @@ const DeviceMemory& device_inputs(int n) {
 }
 
 /// rank_mode: a rank for every job (16, 32, 64 or 120 below), 0 for mixed (even jobs 16, odd jobs 32),
-/// or −R for even jobs 32 and odd jobs R; centre: mean-centred jobs; options: the subspace-iteration
+/// or -R for even jobs 32 and odd jobs R; centre: mean-centred jobs; options: the subspace-iteration
 /// knobs (defaults unless a benchmark sweeps them).
 void run_compress(benchmark::State& state, int n, int rank_mode, CompressAlgorithm algorithm, bool centre,
                   const spectralkv::cuda::CompressOptions& options) {
@@ -133,7 +134,7 @@ void run_compress(benchmark::State& state, int n, int rank_mode, CompressAlgorit
   };
 
   const DeviceMemory& x = device_inputs(n);
-  const int kMaxRank = rank_mode > 0 ? rank_mode : rank_mode < 0 ? -rank_mode : 32;  // the problem's max_rank
+  const int kMaxRank = rank_mode > 0 ? rank_mode : std::max(32, -rank_mode);  // the problem's max_rank
   DeviceMemory basis(static_cast<std::size_t>(n) * kMaxRank * kDim * sizeof(Half));
   DeviceMemory scale(static_cast<std::size_t>(n) * kMaxRank * sizeof(float));
   DeviceMemory coeff(static_cast<std::size_t>(n) * kMaxRank * kRows);

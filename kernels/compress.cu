@@ -36,9 +36,13 @@
 #include "spectralkv/cuda/error.cuh"
 #include "spectralkv/cuda/quantize.cuh"
 #include "spectralkv/error.hpp"
+
+#include "compress/common.cuh"
 #include "compress/eigen.cuh"
 #include "compress/gram.cuh"
+#include "compress/job_check.cuh"
 #include "compress/projection.cuh"
+#include "compress/subspace_products.cuh"
 
 namespace spectralkv::cuda {
 namespace {

@@ -4,6 +4,7 @@
 // Private to kernels/compress.cu: reopens that translation unit's anonymous namespace, so the
 // kernels and their helpers keep internal linkage.
 
+#include "common.cuh"
 #include "subspace_products.cuh"
 
 namespace spectralkv::cuda {

@@ -1,6 +1,6 @@
 #pragma once
-// PTX wrappers (sm_80+: cp.async, ldmatrix, mma.sync), the numeric helpers and the X-streaming
-// constants that the compression kernels share.
+// PTX wrappers (sm_80+: cp.async, ldmatrix, mma.sync), the numeric helpers and the chunk height of
+// X's streaming that the compression kernels share.
 // Private to kernels/compress.cu: reopens that translation unit's anonymous namespace, so the
 // kernels and their helpers keep internal linkage.
 
@@ -152,8 +152,7 @@ __device__ __forceinline__ unsigned pack_half2(float a, float b) {
   return *reinterpret_cast<const unsigned*>(&h);
 }
 
-constexpr int kChunkRows = 64;  // rows of X staged per pipeline step
-constexpr int kStages = 4;      // cp.async pipeline depth of the projection: ~48 KB in flight per CTA
+constexpr int kChunkRows = 64;  // rows of X staged per pipeline step (the Gram's and the projection's)
 
 }  // namespace
 }  // namespace spectralkv::cuda

@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <cstddef>
 
+#include "spectralkv/cuda/compress.cuh"
+
 #include "cholqr.cuh"
+#include "common.cuh"
 #include "jacobi.cuh"
 #include "job_check.cuh"
-#include "spectralkv/cuda/compress.cuh"
 #include "subspace_products.cuh"
 #include "tridiagonal_eigen.cuh"
 

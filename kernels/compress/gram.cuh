@@ -5,9 +5,13 @@
 // Private to kernels/compress.cu: reopens that translation unit's anonymous namespace, so the
 // kernels and their helpers keep internal linkage.
 
+#include <cstddef>
+#include <cstdint>
+
+#include "spectralkv/cuda/compress.cuh"
+
 #include "common.cuh"
 #include "job_check.cuh"
-#include "spectralkv/cuda/compress.cuh"
 
 namespace spectralkv::cuda {
 namespace {

@@ -4,13 +4,19 @@
 // Private to kernels/compress.cu: reopens that translation unit's anonymous namespace, so the
 // kernels and their helpers keep internal linkage.
 
-#include "common.cuh"
-#include "job_check.cuh"
+#include <cstddef>
+#include <cstdint>
+
 #include "spectralkv/cuda/compress.cuh"
 #include "spectralkv/cuda/quantize.cuh"
 
+#include "common.cuh"
+#include "job_check.cuh"
+
 namespace spectralkv::cuda {
 namespace {
+
+constexpr int kStages = 4;  // cp.async pipeline depth of project_kernel: ~48 KB in flight per CTA
 
 /// Column maxima → quantisation scales, shared by both projection kernels. Each lane holds the running
 /// max |C| of its two columns (2t, 2t + 1) of the n-tiles ng, ng + 2, ...; they are reduced over the

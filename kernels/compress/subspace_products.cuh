@@ -1,6 +1,7 @@
 #pragma once
-// The eigen CTA's shape and its swizzled panels, and the products of subspace iteration with the
-// Gram (3×TF32 mma): G·Q, Qᵀ·Z and the Rayleigh–Ritz projection.
+// The eigen CTA's shape and its swizzled panels, the products of subspace iteration with the Gram
+// (3×TF32 mma: G·Q, Qᵀ·Z and the Rayleigh–Ritz projection), and which subspace widths take subspace
+// iteration at all (kFastMaxEll, takes_subspace_iteration).
 // Private to kernels/compress.cu: reopens that translation unit's anonymous namespace, so the
 // kernels and their helpers keep internal linkage.
 
@@ -143,8 +144,8 @@ __device__ void rayleigh_ritz(const float* Gs, const float* Q, float* Z, float* 
 
 /// Largest ℓ that takes subspace iteration (CholQR + one-barrier Jacobi); wider jobs take the
 /// tridiagonal solve. The path works up to ℓ = 64 (its FP64 ℓ×ℓ Gram fits in one panel, the Jacobi's
-/// two H buffers in the Gram's space and its two W buffers in one panel; see JacobiSlots and
-/// EigenSmem), but at ℓ = 56 and 64 its panels keep the eigen kernel to one CTA per SM, where the
+/// two H buffers in the Gram's space and its two W buffers in one panel; see JacobiSlots in jacobi.cuh
+/// and EigenSmem in eigen.cuh), but at ℓ = 56 and 64 its panels keep the eigen kernel to one CTA per SM, where the
 /// tridiagonal solve's scratch allows two: 512 jobs of rank 36 (ℓ = 56) 0.96 → 0.69 ms, rank 40
 /// (ℓ = 64) 1.11 → 0.69 ms on an H200 (docs/PERFORMANCE.md).
 template <int D>
